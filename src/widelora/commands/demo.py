@@ -1,0 +1,7 @@
+"""`widelora demo` command (not yet implemented)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Attach this module's commands to the main app."""

@@ -1,0 +1,136 @@
+"""The LoRA linear layer: a frozen base projection plus a trainable low-rank update `s · B A`.
+
+Kept deliberately small (forward is a handful of lines, as in loralib): everything that initializes, optimizes,
+monitors or saves adapters goes through `widelora.lora.pairs.LoRAPair` instead of poking at this class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the fused autograd path (widelora.lora.fused); the plain path below is always available
+    from widelora.lora import fused as _fused
+except ImportError:  # pragma: no cover - only while the fused module is absent
+    _fused = None
+
+SCALINGS = ("standard", "rslora")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether `attach` can wrap this module."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        in_f, out_f = module.weight.shape
+        return out_f, in_f
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """`alpha / r` (standard) or `alpha / sqrt(r)` (rsLoRA)."""
+    if scaling == "standard":
+        return alpha / rank
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")
+
+
+class LoRALinear(nn.Module):
+    """`y = base(x) + s · B (A dropout(x))` around a frozen nn.Linear or Conv1D.
+
+    Parameter names follow PEFT (`lora_A`, `lora_B`, `base_layer`) so adapters map one-to-one onto PEFT's format.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        out_f, in_f = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.weight_transposed = _is_conv1d(base_layer)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling_mode = scaling
+        self.scale = lora_scale(alpha, rank, scaling)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_f, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=w.dtype, device=w.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.use_fused = True
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight as stored by the base layer (lets code that reads `.weight` keep working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def delta_weight(self) -> torch.Tensor:
+        """`s · B A` in (out, in) orientation."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        if self.use_fused and _fused is not None and isinstance(self.dropout, nn.Identity):
+            if _fused.can_fuse(x, 0.0):
+                return _fused.fused_lora_linear(
+                    x, self.base_layer.weight, self.bias, self.lora_A, self.lora_B, self.scale,
+                    weight_transposed=self.weight_transposed,
+                )
+        y = self.base_layer(x)
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold `s · B A` into the base weight (inference without adapter overhead)."""
+        if self.merged:
+            return
+        delta = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight.add_(delta.T if self.weight_transposed else delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        delta = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight.sub_(delta.T if self.weight_transposed else delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+            f"scale={self.scale:g}, scaling={self.scaling_mode}, merged={self.merged}"
+        )

@@ -1,0 +1,168 @@
+"""Optimizers for LoRA: plain AdamW and LoRA+ (lr_B = ratio · lr_A), as a registry of methods.
+
+Parameter groups are built from the LoRA pair view (B matrices are found by identity, not by name), so they are
+right for widelora and PEFT models alike. Two bugs seen in peers are avoided on purpose: the user's weight decay is
+always honoured, and adapters on embeddings really get `embedding_lr`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from widelora.lora.pairs import lora_pairs
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    lr: float
+    ratio: float = 16.0
+    weight_decay: float = 0.0
+    embedding_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+OptimizerBuilder = Callable[[nn.Module, OptimizerSpec], torch.optim.Optimizer]
+_METHODS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Register `fn(model, spec) -> torch.optim.Optimizer` as a method of `create_optimizer`."""
+
+    def decorator(fn: OptimizerBuilder) -> OptimizerBuilder:
+        _METHODS[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """Map each parameter (by id) to its full name and the module that owns it."""
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), (f"{mod_name}.{p_name}" if mod_name else p_name, module))
+    return owners
+
+
+def _is_no_decay(name: str, module: nn.Module) -> bool:
+    """Biases and normalization weights take no weight decay (HF Trainer's and PEFT's rule)."""
+    return "bias" in name.rsplit(".", 1)[-1] or "norm" in type(module).__name__.lower()
+
+
+def _embedding_adapter_ids(model: nn.Module) -> set[int]:
+    try:
+        from peft.tuners.lora import Embedding as PeftLoraEmbedding
+    except ImportError:  # pragma: no cover
+        return set()
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PeftLoraEmbedding):
+            for p in module.parameters():
+                if p.requires_grad:
+                    ids.add(id(p))
+    return ids
+
+
+def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[dict[str, Any]]:
+    """Trainable parameters in named groups.
+
+    LoRA+ (loraplus=True): `B` matrices and 1-D parameters at `lr · ratio` (decay unless bias/norm), adapters on
+    embeddings at `embedding_lr`, everything else (A matrices, 2-D heads) at `lr`. Plain (False): one `lr`, with
+    the decay / no-decay split only.
+    """
+    b_ids = {id(p.B) for p in lora_pairs(model)}
+    emb_ids = _embedding_adapter_ids(model) if loraplus else set()
+    owners = _owners(model)
+    buckets: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "B_no_decay": [], "embedding": [], "no_decay": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        name, owner = owners.get(id(p), ("", model))
+        no_decay = _is_no_decay(name, owner)
+        if id(p) in emb_ids:
+            buckets["embedding"].append(p)
+        elif loraplus and (id(p) in b_ids or p.ndim == 1):
+            buckets["B_no_decay" if no_decay else "B"].append(p)
+        elif no_decay:
+            buckets["no_decay"].append(p)
+        else:
+            buckets["A"].append(p)
+    ratio = spec.ratio if loraplus else 1.0
+    settings = {
+        "A": (spec.lr, spec.weight_decay),
+        "B": (spec.lr * ratio, spec.weight_decay),
+        "B_no_decay": (spec.lr * ratio, 0.0),
+        "embedding": (spec.embedding_lr, spec.weight_decay),
+        "no_decay": (spec.lr, 0.0),
+    }
+    groups = [
+        {"params": params, "lr": settings[key][0], "weight_decay": settings[key][1], "name": key}
+        for key, params in buckets.items()
+        if params
+    ]
+    if not groups:
+        raise ValueError(f"model ({type(model).__name__}) has no trainable parameters; attach adapters first")
+    return groups
+
+
+@register_optimizer("adamw")
+def _adamw(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """AdamW with one learning rate for A and B (vanilla LoRA)."""
+    return torch.optim.AdamW(param_groups(model, spec, loraplus=False), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+@register_optimizer("loraplus")
+def _loraplus(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """LoRA+: AdamW with lr_B = ratio · lr_A."""
+    return torch.optim.AdamW(param_groups(model, spec, loraplus=True), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
+
+
+def create_optimizer(
+    model: nn.Module,
+    lr: float,
+    method: str = "adamw",
+    ratio: float = 16.0,
+    weight_decay: float = 0.0,
+    embedding_lr: float = 1e-6,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    **options: Any,
+) -> torch.optim.Optimizer:
+    """An optimizer over the trainable parameters of `model` (widelora or PEFT adapters).
+
+    `method`: "adamw" (one lr), "loraplus" (lr_B = ratio · lr), or any registered method (e.g. the
+    preconditioned "lora_one" / "scaled_gd"). `options` go to the method.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"optimizer method {method!r} is unknown; valid methods: {available_methods()}")
+    _positive("lr", lr)
+    _positive("ratio", ratio)
+    _positive("eps", eps)
+    _positive("embedding_lr", embedding_lr)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay!r} is not valid; it must be a number >= 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={betas!r} is not valid; it must be two numbers in [0, 1)")
+    spec = OptimizerSpec(lr=float(lr), ratio=float(ratio), weight_decay=float(weight_decay),
+                         embedding_lr=float(embedding_lr), betas=(float(betas[0]), float(betas[1])),
+                         eps=float(eps), options=dict(options))
+    return _METHODS[method](model, spec)
