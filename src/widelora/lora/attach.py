@@ -6,6 +6,7 @@ model, so a failing call leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -85,7 +86,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
 def _check_hyperparameters(rank: object, alpha: object, scaling: str, dropout: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank={rank!r} is not valid; rank must be a positive integer")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or alpha != alpha:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha={alpha!r} is not valid; alpha must be a positive number")
     if scaling not in SCALINGS:
         raise ValueError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")

@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # the fused autograd path (widelora.lora.fused); the plain path below is always available
-    from widelora.lora import fused as _fused
-except ImportError:  # pragma: no cover - only while the fused module is absent
-    _fused = None
+from widelora.lora import fused as _fused
 
 SCALINGS = ("standard", "rslora")
 
@@ -103,12 +100,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.use_fused and _fused is not None and isinstance(self.dropout, nn.Identity):
-            if _fused.can_fuse(x, 0.0):
-                return _fused.fused_lora_linear(
-                    x, self.base_layer.weight, self.bias, self.lora_A, self.lora_B, self.scale,
-                    weight_transposed=self.weight_transposed,
-                )
+        if self.use_fused:
+            # Dropout only acts in training mode; in eval the fused path is exact whatever p is.
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            w = self.base_layer.weight
+            if _fused.can_fuse(x, p, w, self.lora_A, self.lora_B):
+                return _fused.fused_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scale,
+                                                weight_transposed=self.weight_transposed)
         y = self.base_layer(x)
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
