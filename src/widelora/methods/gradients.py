@@ -1,0 +1,256 @@
+"""Full-gradient estimation for frozen weights, shared by the gradient-informed inits (LoRA-One, LoRA-GA).
+
+Why hooks instead of ``requires_grad`` on every weight: for a linear map ``y = W x`` the gradient is
+``dL/dW = sum_tokens grad_y^T x``, so capturing the layer's input in a forward hook and its output gradient
+in the backward pass gives ``G`` directly, without autograd keeping a gradient buffer for every frozen
+parameter of the model (embeddings and heads included). When a memory budget is given, the target modules
+are processed in groups (each group a full pass over the batches), so at most one group's ``G`` matrices
+are being accumulated at a time beyond the results already finished.
+
+``G`` is returned in the ``(out, in)`` orientation of ``LoRAPair.weight`` whatever the layer stores
+(``nn.Linear`` or GPT-2's ``Conv1D``), averaged over batches as the references do: each batch contributes the
+gradient of its own mean loss, and the sum is divided by the number of batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+__all__ = ["estimate_gradients", "group_by_budget", "compute_loss", "move_batch"]
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Move a batch (tensor, mapping or sequence of tensors) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """The scalar training loss of ``model`` on ``batch``: ``loss_fn(model, batch)`` or ``outputs.loss``."""
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    else:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"batches must be mappings of model inputs (e.g. input_ids, attention_mask, labels) when no "
+                f"loss_fn is given; got a batch of type {type(batch).__name__}. Pass loss_fn=(model, batch) -> loss."
+            )
+        outputs = model(**batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        if loss is None:
+            raise ValueError(
+                "the model returned no loss for the batch (keys: "
+                f"{sorted(batch)}); include 'labels' in each batch or pass loss_fn=(model, batch) -> loss"
+            )
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"the loss must be a scalar tensor; got {type(loss).__name__} "
+                         f"{getattr(loss, 'shape', '')}")
+    return loss
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear-like module (nn.Linear or transformers' Conv1D, which stores (in, out))."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"module {type(module).__name__} has no 2-D weight; only linear layers can be adapted")
+    if type(module).__name__ == "Conv1D":
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def group_by_budget(
+    shapes: Mapping[str, tuple[int, int]], memory_budget: int | None, bytes_per_element: int = 4
+) -> list[list[str]]:
+    """Split module names into consecutive groups whose fp32 gradients fit in ``memory_budget`` bytes.
+
+    ``None`` means one group. A single module larger than the budget still gets a group of its own.
+    """
+    names = list(shapes)
+    if memory_budget is None:
+        return [names] if names else []
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes or None; got {memory_budget}")
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name in names:
+        size = shapes[name][0] * shapes[name][1] * bytes_per_element
+        if current and used + size > memory_budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Temporarily turn off requires_grad everywhere (hooks supply the only needed graph), then restore."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Tap:
+    """Forward hook on one linear module: keeps (input, output) of every call in the current pass."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0].detach()
+        if not output.requires_grad:  # upstream of everything trainable: make it a graph leaf
+            output = output.detach().requires_grad_(True)
+        self.calls.append((x, output))
+        return output
+
+
+def estimate_gradients(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module] | Sequence[Any],
+    batches: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
+    memory_budget: int | None = None,
+    train_mode: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Average full gradient ``dL/dW`` (fp32, ``(out, in)``, on CPU) of each target module's frozen weight.
+
+    ``modules`` is either ``{name: linear module}`` or a sequence of LoRA pairs (the adapted module is
+    hooked; its input is the base layer's input and its output gradient the base output's, so the result is
+    the gradient of the base weight ``W``; the caller makes the adapted model compute the base function, e.g.
+    by zeroing ``B`` during the estimate, as ``widelora.methods.gradient_inits`` does). ``batches`` yields model-input mappings with ``labels``,
+    or anything ``loss_fn(model, batch)`` understands; at most ``num_batches`` are used. ``memory_budget``
+    (bytes) bounds the gradient matrices accumulated per pass. The model is put in eval mode during
+    estimation unless ``train_mode`` (the references use train mode; it only matters with dropout) and
+    restored afterwards; no parameter's ``requires_grad`` or ``.grad`` is changed.
+    """
+    targets = _resolve_modules(modules)
+    if not targets:
+        raise ValueError("modules is empty: there is no adapted weight to estimate a gradient for")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches}")
+    if batches is None:
+        raise ValueError("batches is None: gradient estimation needs data (an iterable of batches)")
+    data = list(itertools.islice(iter(batches), num_batches))
+    if not data:
+        raise ValueError("batches yielded no batch: gradient estimation needs at least one batch")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    shapes = {name: _weight_shape(mod) for name, mod in targets.items()}
+    groups = group_by_budget(shapes, memory_budget)
+
+    grads: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.train(train_mode)
+    try:
+        with _frozen(model):
+            bar = _progress(len(groups) * len(data), progress)
+            try:
+                for group in groups:
+                    grads.update(_estimate_group(model, {n: targets[n] for n in group}, shapes, data,
+                                                 loss_fn, device, bar))
+            finally:
+                bar.close()
+    finally:
+        model.train(was_training)
+    return {name: grads[name] for name in targets}
+
+
+def _resolve_modules(modules: Mapping[str, nn.Module] | Sequence[Any]) -> dict[str, nn.Module]:
+    if isinstance(modules, Mapping):
+        return dict(modules)
+    resolved: dict[str, nn.Module] = {}
+    for item in modules:
+        # Hook the adapted wrapper, not its base layer: a fused forward may never call base_layer, while the
+        # wrapper always sees x and, with y = W x + s·B A x, its output gradient is the base output's gradient.
+        base = getattr(item, "module", None)
+        name = getattr(item, "name", None)
+        if base is None or name is None:
+            raise TypeError(f"modules must be a mapping name -> module or a sequence of LoRA pairs; "
+                            f"got an item of type {type(item).__name__}")
+        resolved[name] = base
+    return resolved
+
+
+def _estimate_group(
+    model: nn.Module,
+    group: dict[str, nn.Module],
+    shapes: Mapping[str, tuple[int, int]],
+    data: list[Any],
+    loss_fn: LossFn | None,
+    device: torch.device | str,
+    bar: Any,
+) -> dict[str, torch.Tensor]:
+    sums = {name: torch.zeros(shapes[name], dtype=torch.float32, device=device) for name in group}
+    taps = {name: _Tap() for name in group}
+    handles = [group[name].register_forward_hook(taps[name]) for name in group]
+    try:
+        for batch in data:
+            for tap in taps.values():
+                tap.calls.clear()
+            loss = compute_loss(model, move_batch(batch, device), loss_fn)
+            outs = [(name, i) for name, tap in taps.items() for i in range(len(tap.calls))]
+            if not outs:
+                raise ValueError(f"none of the target modules ({', '.join(list(group)[:3])}, ...) ran in the "
+                                 "forward pass; check that they belong to this model")
+            tensors = [taps[name].calls[i][1] for name, i in outs]
+            if not loss.requires_grad:
+                raise ValueError("the loss does not depend on any target module's output; check loss_fn")
+            out_grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for (name, i), g in zip(outs, out_grads):
+                if g is None:
+                    continue
+                x = taps[name].calls[i][0]
+                g2 = g.reshape(-1, g.shape[-1]).float()
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                sums[name].add_(g2.T @ x2)
+            bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+        for tap in taps.values():
+            tap.calls.clear()
+    return {name: (s / len(data)).cpu() for name, s in sums.items()}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="estimating gradients", unit="batch", leave=False)
