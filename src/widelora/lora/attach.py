@@ -135,7 +135,9 @@ def attach(
     if unknown:
         raise ValueError(f"trainable={unknown} match no module; modules: {sorted(all_names)[:30]}")
 
-    # Validated: now change the model.
+    # Validated: now change the model (remembering enough to undo it if the initialization fails).
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    previous_trainable = getattr(model, "_widelora_trainable", None)
     for p in model.parameters():
         p.requires_grad_(False)
     new_layers: list[LoRALinear] = []
@@ -154,6 +156,12 @@ def attach(
         initialize(model, init, seed=seed, only={id(layer) for layer in new_layers})
     except Exception:
         _unwrap(model, new_layers)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        if previous_trainable is None:
+            del model._widelora_trainable
+        else:
+            model._widelora_trainable = previous_trainable
         raise
     return model
 
