@@ -10,11 +10,15 @@ from widelora.lora.layer import LoRALinear
 from widelora.lora.pairs import LoRAPair, lora_pairs
 from widelora.methods.init import InitUpdate, available_schemes, initialize, register_init
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
+from widelora.methods import gradient_inits as _gradient_inits  # noqa: F401,I001  registers lora_one, lora_ga
+from widelora.methods import precondition as _precondition  # noqa: F401  registers the preconditioned optimizers
+from widelora.methods.placement import PlacementResult, place
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InitUpdate",
+    "PlacementResult",
     "LoRALinear",
     "LoRAPair",
     "attach",
@@ -26,6 +30,7 @@ __all__ = [
     "lora_pairs",
     "match_targets",
     "merge",
+    "place",
     "register_init",
     "register_optimizer",
     "save_adapter",
