@@ -8,19 +8,19 @@ from widelora.lora.attach import attach, match_targets, merge, set_fused, unload
 from widelora.lora.io import load_adapter, save_adapter
 from widelora.lora.layer import LoRALinear
 from widelora.lora.pairs import LoRAPair, lora_pairs
+from widelora.methods import gradient_inits as _gradient_inits  # noqa: F401  registers lora_one, lora_ga
+from widelora.methods import precondition as _precondition  # noqa: F401  registers the preconditioned optimizers
 from widelora.methods.init import InitUpdate, available_schemes, initialize, register_init
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
-from widelora.methods import gradient_inits as _gradient_inits  # noqa: F401,I001  registers lora_one, lora_ga
-from widelora.methods import precondition as _precondition  # noqa: F401  registers the preconditioned optimizers
 from widelora.methods.placement import PlacementResult, place
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InitUpdate",
-    "PlacementResult",
     "LoRALinear",
     "LoRAPair",
+    "PlacementResult",
     "attach",
     "available_methods",
     "available_schemes",
