@@ -144,11 +144,11 @@ def _read_csv(path: Path, task: str, text_field: str, label_field: str, name: st
         columns = reader.fieldnames or []
         if not columns:
             raise ValueError(f"file {str(path)!r} is empty")
-        needed = [text_field] + ([label_field] if task == "classification" else [])
+        needed = _fields(text_field) + ([label_field] if task == "classification" else [])
         for col in needed:
             if col not in columns:
                 raise ValueError(f"file {str(path)!r} has no column {col!r}; columns: {columns}")
-        rows = [r for r in reader if (r.get(text_field) or "").strip()]
+        rows = list(reader)
     return _rows_to_corpus(name or path.name, rows, task, text_field, label_field, str(path))
 
 
@@ -163,19 +163,28 @@ def _read_jsonl(path: Path, task: str, text_field: str, label_field: str) -> Cor
             raise ValueError(f"file {str(path)!r} line {lineno} is not valid JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise ValueError(f"file {str(path)!r} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        for field in [text_field] + ([label_field] if task == "classification" else []):
+        for field in _fields(text_field) + ([label_field] if task == "classification" else []):
             if field not in obj:
                 raise ValueError(f"file {str(path)!r} line {lineno} has no field {field!r}; fields: {sorted(obj)}")
-        if str(obj[text_field]).strip():
-            rows.append(obj)
+        rows.append(obj)
     return _rows_to_corpus(path.name, rows, task, text_field, label_field, str(path))
+
+
+def _fields(text_field: str) -> list[str]:
+    """"a,b" names several text fields, joined with a newline (e.g. a premise and its hypothesis)."""
+    return [f.strip() for f in text_field.split(",") if f.strip()]
+
+
+def _row_text(row: dict, text_field: str) -> str:
+    return "\n".join(str(row[f]).strip() for f in _fields(text_field) if row.get(f) is not None).strip()
 
 
 def _rows_to_corpus(name: str, rows: list[dict], task: str, text_field: str, label_field: str,
                     where: str) -> Corpus:
+    rows = [r for r in rows if _row_text(r, text_field)]
     if not rows:
         raise ValueError(f"file {where!r} is empty (no non-blank {text_field!r} values)")
-    texts = [str(r[text_field]).strip() for r in rows]
+    texts = [_row_text(r, text_field) for r in rows]
     if task == "causal_lm":
         return Corpus(name, texts)
     labels = [str(r[label_field]).strip() for r in rows]
@@ -198,6 +207,8 @@ def load_corpus(name_or_path: str | os.PathLike, task: str = "causal_lm", text_f
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
     key = str(name_or_path)
+    if key.startswith("hf:"):
+        return _hub_dataset(key, task, text_field, label_field)
     if key in DATASETS:
         if task not in DATASETS[key].tasks:
             raise ValueError(f"dataset {key!r} supports task(s) {list(DATASETS[key].tasks)}, not {task!r}")
@@ -218,6 +229,27 @@ def load_corpus(name_or_path: str | os.PathLike, task: str = "causal_lm", text_f
             raise ValueError(f"file {key!r}: plain text has no labels; use .csv or .jsonl for classification")
         return _read_text(path)
     raise ValueError(f"file {key!r} has suffix {suffix!r}; valid: {list(FILE_SUFFIXES)}")
+
+
+def _hub_dataset(key: str, task: str, text_field: str, label_field: str) -> Corpus:
+    """`hf:<path>[:<config>]` through the `datasets` library (online users); all of its splits are pooled and
+    re-split by our seed so every source is treated alike."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"dataset {key!r} needs the `datasets` library: `pip install datasets`") from exc
+    parts = key[3:].split(":")
+    if not parts[0] or len(parts) > 2:
+        raise ValueError(f"dataset={key!r}: expected hf:<path> or hf:<path>:<config>")
+    loaded = datasets.load_dataset(parts[0], parts[1] if len(parts) == 2 else None)
+    rows: list[dict] = []
+    for split in sorted(loaded):
+        columns = loaded[split].column_names
+        for col in _fields(text_field) + ([label_field] if task == "classification" else []):
+            if col not in columns:
+                raise ValueError(f"dataset {key!r} split {split!r} has no column {col!r}; columns: {columns}")
+        rows.extend(r for r in loaded[split] if task == "causal_lm" or int(r[label_field]) >= 0)
+    return _rows_to_corpus(key, rows, task, text_field, label_field, key)
 
 
 def split_corpus(corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1

@@ -134,6 +134,20 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     )
 
 
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """Just the tokenizer (with a pad token): data preparation needs it before the model is built."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    _ensure_pad(tokenizer)
+    return tokenizer
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: str = "causal_lm",
@@ -174,8 +188,7 @@ def load_model(
                 f"shipped models that work offline: {sorted(SHIPPED)}. Cause: {exc}"
             ) from exc
         raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    _ensure_pad(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()

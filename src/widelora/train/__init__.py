@@ -1,1 +1,63 @@
-"""widelora.train."""
+"""widelora.train: finetune real models (loop, checkpoints, HF Trainer glue, DDP) behind one stable entry point.
+
+`run_trial(config, run_dir, on_metrics=None) -> dict` is the contract sweeps build on: it never raises for a bad
+run; it returns `{"status": "done" | "diverged" | "failed", "final": {metric: value}, "error": str | None,
+"checkpoint": str | None, ...}` and resumes from `run_dir`'s checkpoint when one is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from widelora.train.config import PRESETS, RunConfig, build_config, preset
+
+__all__ = ["run_trial", "train", "RunConfig", "build_config", "preset", "PRESETS"]
+
+
+def _as_config(config: dict | RunConfig) -> RunConfig:
+    if isinstance(config, RunConfig):
+        config.validate()
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or RunConfig; got {type(config).__name__}")
+    data = dict(config)
+    return build_config(preset_name=data.pop("preset", None), overrides=data)
+
+
+def train(config: dict | RunConfig, run_dir: str | os.PathLike,
+          on_metrics: Callable[[int, dict], None] | None = None, resume: bool = True) -> dict[str, Any]:
+    """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback)."""
+    from widelora.train.loop import train as _train
+
+    return _train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume)
+
+
+def run_trial(config: dict | RunConfig, run_dir: str | Path,
+              on_metrics: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Run one trial to completion (or resume it); failures come back as `status="failed"`, never raised.
+
+    `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks the
+    base). `on_metrics(step, row)` receives every logged row (rows have a "kind": train / eval / monitor).
+    """
+    try:
+        return train(config, run_dir, on_metrics=on_metrics, resume=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a sweep must see a status, not a traceback
+        result = {"status": "failed", "final": {}, "error": f"{type(exc).__name__}: {exc}",
+                  "checkpoint": None, "run_dir": str(run_dir), "traceback": traceback.format_exc()}
+        try:
+            from widelora.train.checkpoint import atomic_write_text, latest_checkpoint
+
+            ckpt = latest_checkpoint(run_dir)
+            result["checkpoint"] = str(ckpt) if ckpt else None
+            if int(os.environ.get("RANK", 0)) == 0:
+                atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=1))
+        except OSError:
+            pass
+        return result
