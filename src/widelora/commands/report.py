@@ -1,7 +1,40 @@
-"""`widelora report` command (not yet implemented)."""
+"""`widelora report RESULTS`: paper-style PNG figures and one self-contained index.html for a sweep store."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to the main app."""
+    """Attach `widelora report` to the main app."""
+
+    @app.command("report")
+    def report(
+        results: Path = typer.Argument(..., help="A sweep's .sqlite store, or the folder holding it."),
+        out: Path | None = typer.Option(None, help="Output folder (default: 'report' beside the store)."),
+        metric: str | None = typer.Option(None, help="Headline metric (default: the spec's, else inferred)."),
+        goal: str | None = typer.Option(None, help="max or min: which direction of the metric is better."),
+    ) -> None:
+        """Write metric-vs-LR, heatmap and training-curve PNGs plus index.html; print the best configurations."""
+        from widelora.report import build_report
+        from widelora.report.summary import display_scale
+
+        try:
+            page, figures, res = build_report(results, out, metric=metric, goal=goal)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        scale = display_scale(res.metric)
+        typer.echo(f"{res.name}: {len(res.trials)} trials ({res.counts}); headline {res.metric} ({res.goal})")
+        for g in res.groups():
+            best = g.best(res.goal)
+            if best is None:
+                typer.echo(f"  {g.label:<32} no finished trial")
+            else:
+                typer.echo(f"  {g.label:<32} best lr {best.lr:<8.3g} {res.metric} {best.mean * scale:.4g} "
+                           f"± {best.se * scale:.2g} ({best.n} seed(s))")
+        for path in figures.values():
+            typer.echo(f"figure: {path}")
+        typer.echo(f"report: {page}")

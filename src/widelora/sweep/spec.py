@@ -56,7 +56,9 @@ DEFAULT_CONFIG_KEYS: frozenset[str] = frozenset(
         "max_length", "warmup", "warmup_ratio", "weight_decay", "dropout", "scaling", "eval_every",
         "eval_batches", "eval_size", "train_size", "betas", "eps", "schedule", "log_every",
         "checkpoint_every", "embedding_lr", "init_options", "method_options", "init_batches", "placement",
-        "threads", "monitor", "trainable", "num_labels",
+        "threads", "monitor", "trainable", "num_labels", "text_field", "label_field", "decay", "max_grad_norm",
+        "eval_examples", "eval_split", "max_train_examples", "monitor_every", "progress", "dtype", "device",
+        "out_dir", "preset",
     }
 )
 
@@ -238,13 +240,17 @@ def parse_spec(text: str, source: str = "<spec>", config_keys: Iterable[str] | N
 
 
 def config_keys_of(trial_fn: str) -> frozenset[str]:
-    """The run-config keys the trial function accepts: its module's ``CONFIG_KEYS`` if it declares them."""
+    """The run-config keys the trial function accepts: ``fn.config_keys``, the module's ``CONFIG_KEYS`` or its
+    ``RunConfig.keys()``, else :data:`DEFAULT_CONFIG_KEYS`."""
     module_name, _, func_name = trial_fn.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception:  # noqa: BLE001 - a missing trial module is reported when the sweep runs, not here
         return DEFAULT_CONFIG_KEYS
     keys = getattr(getattr(module, func_name, None), "config_keys", None) or getattr(module, "CONFIG_KEYS", None)
+    run_config = getattr(module, "RunConfig", None)
+    if not keys and run_config is not None and callable(getattr(run_config, "keys", None)):
+        keys = set(run_config.keys()) | {"preset"}
     return frozenset(keys) if keys else DEFAULT_CONFIG_KEYS
 
 

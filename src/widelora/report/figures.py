@@ -1,0 +1,203 @@
+"""Paper-style PNG figures of a sweep: metric vs learning rate (seed mean ± standard error, optimum marked — the
+initialization paper's Figures 4/5), an LR × group heatmap, and training curves at each group's best LR.
+
+Figures are written atomically (temp file, then rename) with the non-interactive Agg backend, so a report can be
+built on a headless machine while a sweep still runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from widelora.report.summary import (  # noqa: E402
+    Group,
+    SweepResults,
+    display_scale,
+    metric_label,
+    pretty,
+)
+
+STYLE = {
+    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9.5, "xtick.labelsize": 10,
+    "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+    "grid.alpha": 0.3, "grid.linestyle": "-", "savefig.bbox": "tight", "figure.dpi": 100,
+}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+DPI = 150
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Write a PNG atomically and close the figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -> Path | None:
+    """Metric vs learning rate, one line per group: seed mean, ±1 standard-error band, best LR starred."""
+    groups = [g for g in res.groups() if g.points]
+    if not groups:
+        return None
+    scale = display_scale(res.metric)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.6, 4.3))
+        all_lrs = sorted({p.lr for g in groups for p in g.points})
+        div_y = None
+        finite = [p.mean * scale for g in groups for p in g.points if p.n]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
+            div_y = lo - pad if res.goal == "max" else hi + pad
+        seeds = max((p.n + p.diverged for g in groups for p in g.points), default=0)
+        for i, g in enumerate(groups):
+            color = COLORS[i % len(COLORS)]
+            pts = [p for p in g.points if p.n]
+            if pts:
+                x = np.array([p.lr for p in pts])
+                m = np.array([p.mean for p in pts]) * scale
+                se = np.array([p.se for p in pts]) * scale
+                best = g.best(res.goal)
+                label = g.label if best is None else f"{g.label}  (best {best.mean * scale:.4g} @ lr {best.lr:.2g})"
+                ax.plot(x, m, "-o", color=color, lw=1.8, ms=4.5, label=label)
+                ax.fill_between(x, m - se, m + se, color=color, alpha=0.18, lw=0)
+                if best is not None:
+                    ax.plot([best.lr], [best.mean * scale], marker="*", ms=16, color=color, mec="black", mew=0.7,
+                            zorder=5, alpha=0.9)
+            dead = [p.lr for p in g.points if p.diverged and not p.n]
+            if dead and div_y is not None:
+                ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8, mew=2,
+                        label=f"{g.label}: diverged")
+        ax.set_xscale("log")
+        if res.goal == "min" and finite and min(finite) > 0 and max(finite) / min(finite) > 30:
+            ax.set_yscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(metric_label(res.metric))
+        if len(all_lrs) <= 12:
+            ax.set_xticks(all_lrs)
+            ax.set_xticklabels([f"{v:.2g}" for v in all_lrs], rotation=35 if len(all_lrs) > 6 else 0)
+            ax.minorticks_off()
+        band = "±1 s.e. over seeds" if seeds > 1 else "single seed"
+        ax.set_title(title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)")
+        ax.legend(frameon=False, loc="best")
+        return save(fig, path)
+
+
+def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
+    """Groups × learning rates, cell = seed-mean metric; the best LR of each row is boxed, diverged cells grey."""
+    groups = [g for g in res.groups() if g.points]
+    if not groups:
+        return None
+    lrs = sorted({p.lr for g in groups for p in g.points})
+    scale = display_scale(res.metric)
+    grid = np.full((len(groups), len(lrs)), np.nan)
+    dead = np.zeros_like(grid, dtype=bool)
+    for i, g in enumerate(groups):
+        for p in g.points:
+            j = lrs.index(p.lr)
+            if p.n:
+                grid[i, j] = p.mean * scale
+            elif p.diverged:
+                dead[i, j] = True
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.85 * len(lrs) + 2.6), 0.6 * len(groups) + 1.9))
+        cmap = plt.get_cmap("viridis" if res.goal == "max" else "viridis_r").copy()
+        cmap.set_bad("#dddddd")
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap)
+        finite = grid[np.isfinite(grid)]
+        mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+        for i in range(len(groups)):
+            for j in range(len(lrs)):
+                v = grid[i, j]
+                if np.isfinite(v):
+                    dark = (v < mid) == (res.goal == "max")
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=9,
+                            color="white" if dark else "black")
+                elif dead[i, j]:
+                    ax.text(j, i, "div.", ha="center", va="center", fontsize=9, color="#aa0000")
+            best = groups[i].best(res.goal)
+            if best is not None:
+                j = lrs.index(best.lr)
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.2))
+        ax.set_xticks(range(len(lrs)))
+        ax.set_xticklabels([f"{v:.2g}" for v in lrs], rotation=35 if len(lrs) > 6 else 0)
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([g.label for g in groups])
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{res.name}: {res.metric} (seed mean; red box = best LR per row)")
+        cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cbar.set_label(metric_label(res.metric))
+        return save(fig, path)
+
+
+def curve_names(res: SweepResults, limit: int = 2) -> list[str]:
+    """Metrics logged over time worth plotting: a training loss and the headline metric when logged."""
+    names: dict[str, int] = {}
+    for per in res.curves.values():
+        for name, pts in per.items():
+            names[name] = max(names.get(name, 0), len(pts))
+    multi = [n for n, k in names.items() if k > 1]
+    order = sorted(multi, key=lambda n: (n != res.metric, "loss" not in n, n))
+    preferred = [n for n in order if n == res.metric or "loss" in n or "acc" in n or "ppl" in n]
+    return (preferred or order)[:limit]
+
+
+def plot_curves(res: SweepResults, path: Path) -> Path | None:
+    """Logged metrics vs step for each group at its best learning rate (seed mean, thin lines per seed)."""
+    names = curve_names(res)
+    groups = [g for g in res.groups() if g.best(res.goal) is not None]
+    if not names or not groups:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.0), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            scale = display_scale(name)
+            for i, g in enumerate(groups):
+                best = g.best(res.goal)
+                color = COLORS[i % len(COLORS)]
+                series = [res.curves[t.id][name] for t in res.trials_of(g, best.lr)
+                          if t.status == "done" and name in res.curves.get(t.id, {})]
+                if not series:
+                    continue
+                for s in series:
+                    ax.plot([p[0] for p in s], [p[1] * scale for p in s], color=color, lw=0.6, alpha=0.35)
+                steps = sorted(set.intersection(*(set(p[0] for p in s) for s in series)))
+                if steps:
+                    mean = [np.mean([dict(s)[k] for s in series]) * scale for k in steps]
+                    ax.plot(steps, mean, color=color, lw=2, label=f"{g.label} (lr {best.lr:.2g})")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(metric_label(name))
+            if "loss" in name and _span(res, name) > 30:
+                ax.set_yscale("log")
+            ax.set_title(f"{name.replace('_', ' ')} at each group's best LR")
+            ax.legend(frameon=False)
+        return save(fig, path)
+
+
+def _span(res: SweepResults, name: str) -> float:
+    vals = [v for per in res.curves.values() for s, v in per.get(name, []) if math.isfinite(v) and v > 0]
+    return max(vals) / min(vals) if vals else 1.0
+
+
+def make_figures(res: SweepResults, out_dir: str | Path) -> dict[str, Path]:
+    """Write every figure that the data supports; returns {kind: path}."""
+    out = Path(out_dir)
+    made: dict[str, Path] = {}
+    for kind, fn in (("metric_vs_lr", plot_metric_vs_lr), ("heatmap", plot_heatmap), ("curves", plot_curves)):
+        p = fn(res, out / f"{res.name}_{kind}.png")
+        if p is not None:
+            made[kind] = p
+    return made
+
+
+__all__ = ["Group", "make_figures", "plot_curves", "plot_heatmap", "plot_metric_vs_lr", "pretty", "save"]
