@@ -155,6 +155,15 @@ def _inputs(batch: Any) -> dict[str, torch.Tensor]:
                     f"got {type(batch).__name__}")
 
 
+def _runner(model: nn.Module, targets: Mapping[str, nn.Module]) -> nn.Module:
+    """The transformers backbone when it holds every target (skips computing LM-head logits), else the model."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model or type(base).__name__ == "LoraModel":
+        return model
+    inside = {id(m) for m in base.modules()}
+    return base if all(id(m) in inside for m in targets.values()) else model
+
+
 def nfn_modules(
     model: nn.Module,
     batches: Iterable[Any],
@@ -200,6 +209,7 @@ def nfn_modules(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    runner = _runner(model, targets)
     n_batches = n_tokens = 0
     bar = None
     if progress:
@@ -214,7 +224,7 @@ def nfn_modules(
                 mask = inputs.get("attention_mask")
                 state["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
                 state["acc"], state["calls"] = {}, {}
-                model(**inputs)
+                runner(**inputs)
                 for name in targets:
                     if state["calls"].get(name):
                         sums[name] += state["acc"][name] / state["calls"][name]
