@@ -115,29 +115,55 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         parts = name.split(".")
         if any(p.startswith("lora_") for p in parts):
             continue
-        weight = getattr(mod, "weight", None)
-        is_linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
-        if not is_linear or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        base = _base_linear(mod)
+        if base is None or parts[-1] == "base_layer" and name.rsplit(".", 1)[0] in found:
             continue
         if parts[-1] == "base_layer":
             parts = parts[:-1]
         if parts[-1] in _OUTPUT_HEADS:
             continue
+        # an adapted layer is scored through its wrapper: a fused forward may never call the base layer,
+        # while the wrapper always receives the base layer's input
         found[".".join(parts)] = mod
     return found
 
 
+def _is_linear(mod: nn.Module) -> bool:
+    weight = getattr(mod, "weight", None)
+    is_linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+    return is_linear and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def _base_linear(mod: nn.Module) -> nn.Module | None:
+    """The frozen linear layer of ``mod``: itself, or the end of its ``base_layer`` chain (LoRA wrappers)."""
+    seen = 0
+    while not _is_linear(mod):
+        child = mod._modules.get("base_layer") if hasattr(mod, "_modules") else None
+        if child is None or seen > 4:
+            return None
+        mod, seen = child, seen + 1
+    return mod
+
+
 def module_nfn(weight: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
-               conv1d: bool = False) -> tuple[float, float]:
-    """(actual, random) feature norms of one module on tokens ``z`` (n_tokens × d_in); NFN = actual/random."""
+               conv1d: bool = False, wz: torch.Tensor | None = None) -> tuple[float, float]:
+    """(actual, random) feature norms of one module on tokens ``z`` (n_tokens × d_in); NFN = actual/random.
+
+    ``wz``, when given, is ``W z`` already computed (the module's own output without bias), saving a matmul.
+    """
     w = weight.detach().float()
     if conv1d:
         w = w.T
-    w_n = w / w.pow(2).mean().sqrt().clamp_min(1e-30)
+    rms = w.pow(2).mean().sqrt().clamp_min(1e-30)
+    w_n = w / rms
     z = z.detach().float()
     d_in = z.shape[-1]
-    z_hat = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    actual = (z_hat @ w_n.T).norm(dim=-1).mean() / math.sqrt(d_in)
+    z_norm = z.norm(dim=-1).clamp_min(1e-30)
+    if wz is None:
+        token_norms = (z @ w_n.T).norm(dim=-1) / z_norm
+    else:
+        token_norms = wz.detach().float().norm(dim=-1) / (rms * z_norm)
+    actual = token_norms.mean() / math.sqrt(d_in)
     g = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
     g_hat = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     random = (g_hat @ w_n.T).norm(dim=-1).mean() / math.sqrt(d_in)
@@ -188,18 +214,24 @@ def nfn_modules(
     state: dict[str, Any] = {"mask": None}
 
     def make_hook(name: str, module: nn.Module):
-        conv1d = type(module).__name__ == "Conv1D"
+        base = _base_linear(module)
+        conv1d = type(base).__name__ == "Conv1D"
 
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             z = args[0]
+            # a plain bias-free layer's output is W z: reuse it instead of recomputing
+            wz = output if (mod is base and getattr(base, "bias", None) is None
+                            and isinstance(output, torch.Tensor)) else None
             mask = state["mask"]
             if mask is not None and tuple(z.shape[:-1]) == tuple(mask.shape):
                 z = z[mask]
+                wz = wz[mask] if wz is not None else None
             else:
                 z = z.reshape(-1, z.shape[-1])
+                wz = wz.reshape(-1, wz.shape[-1]) if wz is not None else None
             if z.shape[0] == 0:
                 return
-            actual, rnd = module_nfn(mod.weight, z, generator, conv1d=conv1d)
+            actual, rnd = module_nfn(base.weight, z, generator, conv1d=conv1d, wz=wz)
             state["acc"][name] = state["acc"].get(name, 0.0) + actual / rnd
             state["calls"][name] = state["calls"].get(name, 0) + 1
 
