@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("local", help="local (worker processes) or ray (a Ray cluster)."),
         address: str | None = typer.Option(None, help="Ray cluster address (e.g. ray://head:10001 or auto); "
                                            "with --backend ray and no address a local Ray instance is started."),
-        workers: int = typer.Option(1, help="Trials run at once (local processes or concurrent Ray tasks)."),
+        workers: int = typer.Option(1, help="Trials run at once (local processes or concurrent Ray tasks); 0 = one by one in this process."),
         threads: int | None = typer.Option(None, help="Torch threads per trial (default: cores / workers); "
                                            "also the num_cpus each Ray task asks for."),
         gpus: float = typer.Option(0.0, help="GPUs per trial (Ray backend)."),

@@ -60,6 +60,7 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
             pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
             div_y = lo - pad if res.goal == "max" else hi + pad
         seeds = max((p.n + p.diverged for g in groups for p in g.points), default=0)
+        dead_labelled = False
         for i, g in enumerate(groups):
             color = COLORS[i % len(COLORS)]
             pts = [p for p in g.points if p.n]
@@ -76,8 +77,9 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
                             zorder=5, alpha=0.9)
             dead = [p.lr for p in g.points if p.diverged and not p.n]
             if dead and div_y is not None:
-                ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8, mew=2,
-                        label=f"{g.label}: diverged")
+                ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8 + 3 * i, mew=2, alpha=0.85,
+                        label=None if dead_labelled else "× every seed diverged")
+                dead_labelled = True
         ax.set_xscale("log")
         if res.goal == "min" and finite and min(finite) > 0 and max(finite) / min(finite) > 30:
             ax.set_yscale("log")
@@ -111,8 +113,7 @@ def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
                 dead[i, j] = True
     with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, ax = plt.subplots(figsize=(max(5.0, 0.85 * len(lrs) + 2.6), 0.6 * len(groups) + 1.9))
-        cmap = plt.get_cmap("viridis" if res.goal == "max" else "viridis_r").copy()
-        cmap.set_bad("#dddddd")
+        cmap = plt.get_cmap("viridis" if res.goal == "max" else "viridis_r").with_extremes(bad="#dddddd")
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap)
         finite = grid[np.isfinite(grid)]
         mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0

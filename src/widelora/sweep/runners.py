@@ -117,14 +117,17 @@ def run_sweep(
     """Register the spec's trials in ``store`` and run those not finished yet; safe to call again after a crash.
 
     ``workers`` processes (local) or concurrent Ray tasks each use ``threads`` torch threads (default: the
-    machine's cores divided among the workers). ``runs_dir`` holds one folder per trial (checkpoints, logs).
+    machine's cores divided among the workers); ``workers=0`` runs the trials one by one in this process (for
+    debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds one folder per trial (checkpoints, logs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers: {workers!r} must be an integer >= 1")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"workers: {workers!r} must be an integer >= 1 (or 0: run in this process)")
+    if backend == "ray" and workers == 0:
+        raise ValueError("workers: 0 (in-process) is only for the local backend")
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads: {threads!r} must be an integer >= 1")
     if gpus_per_trial < 0:
@@ -147,7 +150,9 @@ def run_sweep(
     todo = [r for r in records if r.status == "pending"]
     skipped = sum(r.status in FINISHED or r.status == "failed" for r in records)
     if todo:
-        if backend == "local":
+        if backend == "local" and workers == 0:
+            _run_inline(todo, store, fn_path, threads, progress, len(records), skipped)
+        elif backend == "local":
             _run_local(todo, store, fn_path, workers, threads, progress, len(records), skipped)
         else:
             _run_ray(todo, store, fn_path, workers, threads, address, gpus_per_trial, progress, len(records),
@@ -159,6 +164,36 @@ def run_sweep(
     store.set_meta("invocations", runs)
     return SweepOutcome(store=store.path, counts=store.counts(), ran=[r.id for r in todo], skipped=skipped,
                         seconds=seconds)
+
+
+# -- in-process (workers=0) ---------------------------------------------------------------------------------
+def _run_inline(todo: list[TrialRecord], store: ResultStore, fn_path: str, threads: int,
+                progress: ProgressFn | None, total: int, already: int) -> None:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    done_count = already
+    try:
+        for rec in todo:
+            store.mark_running(rec.id, worker=f"{socket.gethostname()}:inline")
+            if progress:
+                progress("running", store.trial(rec.id), done_count, total)
+
+            def on_metrics(step: int, metrics: dict[str, Any], _tid: str = rec.id) -> None:
+                store.log_metrics(_tid, step, _plain(metrics))
+
+            result = execute_trial(fn_path, rec.config, rec.run_dir or str(store.path.parent / "runs" / rec.id),
+                                   on_metrics)
+            store.finish(rec.id, result["status"], _plain(result["final"]), result["error"], result["checkpoint"])
+            done_count += 1
+            if progress:
+                progress(result["status"], store.trial(rec.id), done_count, total)
+    except BaseException:
+        store.recover()
+        raise
+    finally:
+        torch.set_num_threads(old)
 
 
 # -- local backend -------------------------------------------------------------------------------------------
@@ -215,6 +250,8 @@ def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as plain floats (tensors and numpy scalars do not cross processes cheaply)."""
     out: dict[str, Any] = {}
     for k, v in metrics.items():
+        if k == "step":
+            continue
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CONFIG_KEYS = frozenset(
-    {"lr", "init", "method", "ratio", "rank", "width", "seed", "steps", "eval_every", "sleep", "fail", "n_train"}
+    {"lr", "init", "method", "ratio", "rank", "width", "seed", "steps", "eval_every", "sleep", "fail", "n_train",
+     "exit"}
 )
 INITS = ("init_a", "init_b", "kaiming")
 METHODS = ("adamw", "loraplus")
@@ -31,6 +32,8 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
         raise ValueError(f"config: unknown keys {sorted(unknown)}; valid: {sorted(CONFIG_KEYS)}")
     if config.get("fail"):
         raise RuntimeError(str(config["fail"]))
+    if config.get("exit") is not None:  # simulates a hard crash of the worker (segfault, OOM kill)
+        os._exit(int(config["exit"]))
     init = config.get("init", "init_a")
     if init not in INITS:
         raise ValueError(f"init: {init!r} is not one of {', '.join(INITS)}")

@@ -1,0 +1,112 @@
+"""Reports: seed statistics, figures and the self-contained HTML page, on a toy sweep run in-process."""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from widelora.report import build_report, load_results
+from widelora.report.summary import Point, choose_metric, find_store, metric_label
+from widelora.sweep import ResultStore, parse_spec, run_sweep
+
+SPEC = textwrap.dedent("""\
+    name: toy-report
+    trial_fn: widelora.sweep.toy:run_toy_trial
+    metric: test_loss
+    goal: min
+    base: {steps: 20, width: 16, eval_every: 5}
+    axes:
+      init: [init_a, init_b]
+      lr: [1e-2, 3e-2, 1e4]
+      seed: [0, 1]
+    """)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rep") / "results.sqlite"
+    with ResultStore(path) as store:
+        out = run_sweep(parse_spec(SPEC), store, workers=0, threads=1)
+    assert out.counts["done"] == 8 and out.counts["diverged"] == 4
+    return path
+
+
+def test_point_statistics() -> None:
+    p = Point(lr=1e-3, values=[1.0, 2.0, 3.0])
+    assert p.mean == 2.0 and p.n == 3
+    assert p.se == pytest.approx(1.0 / math.sqrt(3))
+    assert Point(lr=1.0, values=[5.0]).se == 0.0
+    assert math.isnan(Point(lr=1.0, values=[]).mean)
+
+
+def test_groups_best_and_divergence(store_path: Path) -> None:
+    res = load_results(store_path)
+    assert (res.metric, res.goal) == ("test_loss", "min")
+    groups = res.groups()
+    assert [g.label for g in groups] == ["Init[A]", "Init[B]"]
+    with ResultStore(store_path) as store:
+        trials = store.trials()
+    for g in groups:
+        assert [p.lr for p in g.points] == [1e-2, 3e-2, 1e4]
+        huge = g.points[-1]
+        assert huge.n == 0 and huge.diverged == 2  # diverged seeds are counted, never averaged
+        best = g.best("min")
+        init = "init_a" if g.label == "Init[A]" else "init_b"
+        vals = {lr: [t.final["test_loss"] for t in trials
+                     if t.labels["init"] == init and t.labels["lr"] == lr and t.status == "done"]
+                for lr in (1e-2, 3e-2)}
+        expected = min(vals, key=lambda lr: sum(vals[lr]) / 2)
+        assert best.lr == expected and best.mean == pytest.approx(sum(vals[expected]) / 2)
+        assert g.best("max").lr != best.lr or vals[1e-2] == vals[3e-2]
+
+
+def test_report_writes_pngs_and_self_contained_html(store_path: Path, tmp_path: Path) -> None:
+    page, figures, res = build_report(store_path, tmp_path / "out")
+    assert set(figures) == {"metric_vs_lr", "heatmap", "curves"}
+    for path in figures.values():
+        data = path.read_bytes()
+        assert data[:8] == PNG and len(data) > 10_000
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 3
+    assert not re.search(r'src="(?!data:)', text)  # nothing external: the page is the only file needed
+    assert "Best configuration per group" in text and "Init[A]" in text and "diverged" in text
+    assert res.name in text and str(len(res.trials)) in text
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_report_cli(store_path: Path, tmp_path: Path) -> None:
+    from widelora.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(store_path.parent), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "Init[A]" in result.output and "best lr" in result.output
+    assert (tmp_path / "r" / "index.html").is_file()
+    bad = CliRunner().invoke(app, ["report", str(store_path), "--metric", "bleu"])
+    assert bad.exit_code == 2 and "'bleu' is not among the final metrics" in bad.output
+
+
+def test_inputs_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        find_store(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no \\*.sqlite store"):
+        find_store(tmp_path)
+    with ResultStore(tmp_path / "empty.sqlite"):
+        pass
+    with pytest.raises(ValueError, match="holds no trials"):
+        load_results(tmp_path / "empty.sqlite")
+
+
+def test_metric_choice_and_labels() -> None:
+    class T:
+        def __init__(self, final: dict) -> None:
+            self.final = final
+
+    assert choose_metric([T({"train_loss": 1.0, "accuracy": 0.5})], None) == ("accuracy", "max")
+    assert choose_metric([T({"perplexity": 9.0, "eval_loss": 2.0})], None) == ("perplexity", "min")
+    assert metric_label("accuracy") == "accuracy (%)"
