@@ -179,7 +179,7 @@ def load_model(
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    source, num_labels=num_labels, dtype=dtype
+                    source, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
                 )
     except OSError as exc:
         if source == str(name_or_path) and not Path(source).exists():

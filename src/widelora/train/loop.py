@@ -204,6 +204,10 @@ class _Log:
         if enabled and self.path.is_file() and keep_until is not None:  # resume: drop rows past the checkpoint
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_until]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            mon = run_dir / "monitor.jsonl"
+            if mon.is_file():
+                kept = [r for r in mon.read_text().splitlines() if json.loads(r)["step"] <= keep_until]
+                atomic_write_text(mon, "".join(r + "\n" for r in kept))
         elif enabled:
             atomic_write_text(self.path, "")
 
@@ -312,24 +316,35 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
             optimizer.step()
             scheduler.step()
             step += 1
+            if not all(bool(torch.isfinite(p).all()) for p in params):  # weights blew up: never checkpoint them
+                status = "diverged"
+                error = (f"adapter weights became non-finite at step {step} (lr={lr_used:.3g}); the run stopped; "
+                         f"last good checkpoint: {last_ckpt}. Lower the learning rate.")
+                emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr_used})
+                break
             tok_rate = tokens * world / max(1e-9, time.time() - t0)
-            if monitor is not None and step % cfg.monitor_every == 0:
-                emit({"step": step, "kind": "monitor", **monitor.summary()})
+            if monitor is not None:
+                records = monitor.step(step)
+                if records and main:
+                    with open(run_dir / "monitor.jsonl", "a", encoding="utf-8") as fh:
+                        fh.writelines(json.dumps(r.as_row()) + "\n" for r in records)
+                    emit({"step": step, "kind": "monitor", **monitor_row(records)})
             if step % cfg.log_every == 0 or step == total:
                 emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr_used,
                       "grad_norm": grad_norm, "tokens_per_s": tok_rate})
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_rate:.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                emit({"step": step, "kind": "eval", "split": "val",
-                      **evaluate(model, eval_loader["val"], cfg.task, device)})
+                with _paused(monitor):
+                    val = evaluate(model, eval_loader["val"], cfg.task, device)
+                emit({"step": step, "kind": "eval", "split": "val", **val})
                 last_ckpt = checkpoint() or last_ckpt
             elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 last_ckpt = checkpoint() or last_ckpt
     finally:
         bar.close()
         if monitor is not None:
-            monitor.close()
+            monitor.detach()
     final: dict[str, Any] = {"step": step, "train_loss": train_loss, "tokens_per_s": tok_rate}
     final.update({f"before_{k}": v for k, v in before.items()})
     if status == "done":
@@ -368,11 +383,26 @@ def _progress(cfg: RunConfig, main: bool, total: int, start: int):
 
 
 def _make_monitor(cfg: RunConfig, model: nn.Module):
-    """The feature monitor (widelora.monitor), when asked for and installed."""
+    """The feature monitor (widelora.monitor.FeatureMonitor) when `cfg.monitor`; None otherwise."""
     if not cfg.monitor:
         return None
-    try:
-        from widelora.train.monitoring import RunMonitor
-    except ImportError:
-        return None
-    return RunMonitor(model)
+    from widelora.monitor import FeatureMonitor
+
+    return FeatureMonitor(model, every=cfg.monitor_every).attach()
+
+
+def _paused(monitor):
+    return monitor.paused() if monitor is not None else _null()
+
+
+def monitor_row(records: list) -> dict[str, float]:
+    """Layer-averaged monitor statistics of one recorded step (per-layer rows go to monitor.jsonl)."""
+    def mean(key: str) -> float | None:
+        vals = [getattr(r, key) for r in records if getattr(r, key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    row = {k: mean(k) for k in ("z_a", "z_b", "delta1", "delta2", "delta3")}
+    row["z_a_ratio"] = sum(r.z_a_ratio for r in records) / len(records)
+    if row["delta1"] is not None and row["delta2"] is not None and row["delta1"] + row["delta2"] > 0:
+        row["delta2_share"] = row["delta2"] / (row["delta1"] + row["delta2"])
+    return row

