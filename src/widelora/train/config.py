@@ -63,6 +63,7 @@ class RunConfig:
     max_train_examples: int | None = None
     log_every: int = 1
     checkpoint_every: int = 0  # 0: checkpoint at the end (and at every periodic eval)
+    keep_checkpoints: int = 1  # newest checkpoints kept on disk
     monitor: bool = False  # log feature-learning statistics (widelora.monitor)
     monitor_every: int = 10
     progress: bool = True
@@ -104,7 +105,8 @@ class RunConfig:
         _choice("decay", self.decay, DECAYS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("eval_split", self.eval_split, EVAL_SPLITS)
-        for name in ("rank", "batch_size", "grad_accum", "seq_len", "log_every", "init_batches", "monitor_every"):
+        for name in ("rank", "batch_size", "grad_accum", "seq_len", "log_every", "init_batches", "monitor_every",
+                     "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "seed"):
             v = getattr(self, name)

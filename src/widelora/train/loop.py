@@ -26,7 +26,8 @@ from widelora.train.config import RunConfig
 
 MetricsCallback = Callable[[int, dict], None]
 # Keys that may differ between a run and its resumption without changing the numbers.
-_RESUME_FREE = {"progress", "out_dir", "device", "log_every", "eval_every", "checkpoint_every", "monitor_every"}
+_RESUME_FREE = {"progress", "out_dir", "device", "log_every", "eval_every", "checkpoint_every", "monitor_every",
+                "keep_checkpoints"}
 _HEADS = ("classifier", "score")
 
 
@@ -47,7 +48,18 @@ def _setup(cfg: RunConfig) -> tuple[torch.device, int, int]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _OWN_GROUP.append(True)
     return device, rank, world
+
+
+_OWN_GROUP: list[bool] = []  # non-empty when train() created the process group (and so must destroy it)
+
+
+def _teardown(world: int) -> None:
+    if world > 1 and _OWN_GROUP and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        _OWN_GROUP.clear()
 
 
 def _mean_across(value: float, world: int, device: torch.device) -> float:
@@ -281,7 +293,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
     extra = {"before": before, "targets": targets, "total_steps": total}
 
     def checkpoint() -> str | None:
-        return str(save_checkpoint(run_dir, model, optimizer, scheduler, step, micro, extra)) if main else None
+        return str(save_checkpoint(run_dir, model, optimizer, scheduler, step, micro, extra,
+                                   keep=cfg.keep_checkpoints)) if main else None
 
     last_ckpt = str(ckpt) if ckpt is not None else checkpoint()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -364,6 +377,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
         if error:
             print(f"widelora: run diverged: {error}", flush=True)
+    _teardown(world)
     return result
 
 

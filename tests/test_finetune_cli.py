@@ -1,0 +1,83 @@
+"""`widelora finetune` through the real typer app: flags, YAML + overrides, presets, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from widelora import models
+from widelora.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(1)
+    words = "to be or not that is the question whether tis nobler in mind".split()
+    (root / "c.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60)))
+    models.save_tiny_folder(root / "llama", "llama")
+    return root
+
+
+def _args(root, out, *extra):
+    return ["finetune", "--model", str(root / "llama"), "--dataset", str(root / "c.txt"), "--targets",
+            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_finetune_runs_and_reports(setup, tmp_path):
+    res = runner.invoke(app, _args(setup, tmp_path / "run", "--steps", "3", "--lr", "5e-3"))
+    assert res.exit_code == 0, res.output
+    assert "status: done" in res.output and "perplexity:" in res.output
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["final"]["step"] == 3
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    # The same folder again without --resume is refused, with the fix in the message.
+    res = runner.invoke(app, _args(setup, tmp_path / "run", "--steps", "3"))
+    assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_yaml_config_with_flag_overrides(setup, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"preset: cpu-smollm2-wiki\nmodel: {setup / 'llama'}\nrank: 3\nlr: 1e-4\n")
+    res = runner.invoke(app, ["finetune", "--config", str(cfg), "--lr", "2e-3", "--set", "max_grad_norm=0.5",
+                              "--dry-run"])
+    assert res.exit_code == 0, res.output
+    resolved = json.loads(res.output)
+    assert resolved["rank"] == 3 and resolved["lr"] == 2e-3 and resolved["max_grad_norm"] == 0.5
+    assert resolved["dataset"] == "wikipedia"  # from the preset
+    res = runner.invoke(app, ["finetune", "--preset", "cpu-minilm-topics", "--epochs", "2", "--dry-run"])
+    assert json.loads(res.output)["steps"] is None and json.loads(res.output)["epochs"] == 2.0
+
+
+def test_resume_continues_an_interrupted_run(setup, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, _args(setup, out, "--steps", "4", "--checkpoint-every", "2",
+                                                "--set", "keep_checkpoints=3")).exit_code == 0
+    # Simulate an interruption after step 2: drop the later checkpoint and the result.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-000004", ignore_errors=True)
+    (out / "result.json").unlink()
+    (out / "checkpoints" / "latest").write_text("step-000002")
+    res = runner.invoke(app, ["finetune", "--resume", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "result.json").read_text())["final"]["step"] == 4
+
+
+def test_cli_errors_are_clear(setup, tmp_path):
+    res = runner.invoke(app, ["finetune", "--preset", "nope", "--dry-run"])
+    assert res.exit_code == 2 and "valid presets" in res.output
+    res = runner.invoke(app, ["finetune", "--set", "lr_b=3", "--dry-run"])
+    assert res.exit_code == 2 and "unknown config key" in res.output
+    res = runner.invoke(app, ["finetune", "--model", "gpt-17", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert res.exit_code == 2 and "shipped models" in res.output
+    res = runner.invoke(app, ["finetune", "--resume", str(tmp_path)])
+    assert res.exit_code == 2 and "no config.json" in res.output
+    res = runner.invoke(app, ["finetune", "--list-presets"])
+    assert res.exit_code == 0 and "paper-tinyllama-wikitext2" in res.output and "cpu-minilm-topics" in res.output
