@@ -148,3 +148,24 @@ def test_plop_ranking_is_stable_across_seeds_on_smollm2():
     first, second = results
     assert set(first.targets) == set(second.targets)
     assert [t for t, _ in first.ranking()] == [t for t, _ in second.ranking()]
+
+
+def test_place_command_prints_the_table_and_writes_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from widelora.cli import app
+    from widelora.models import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "tiny")
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"document number {i} says something about topic {i % 3}." for i in range(30)))
+    out = tmp_path / "plop.json"
+    res = CliRunner().invoke(app, ["place", "--model", str(folder), "--dataset", str(text), "--samples", "6",
+                                   "--batch", "3", "--seq-len", "24", "--k", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert len(data["targets"]) == 2 and data["num_batches"] == 2
+    assert all(t in res.output for t in data["targets"]) and "PLoP ranking" in res.output
+    bad = CliRunner().invoke(app, ["place", "--model", str(folder), "--dataset", str(text), "--k", "99",
+                                   "--samples", "3", "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and "k=99" in bad.output and not (tmp_path / "x.json").exists()
