@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR  # noqa: E402
+from common import OUT_DIR
 
-import widelora.methods.gradient_inits  # noqa: E402,F401  (registers lora_one / lora_ga)
-import widelora.methods.precondition  # noqa: E402,F401  (registers the preconditioned optimizers)
-from widelora.methods.placement import place  # noqa: E402
+import widelora.methods.gradient_inits  # registers the lora_one / lora_ga init schemes
+import widelora.methods.precondition  # noqa: F401 - registers the lora_one / scaled_gd optimizers
+from widelora.methods.placement import place
 
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -95,17 +95,17 @@ def main() -> None:
     from rich.table import Table
 
     console = Console()
-    base = dict(model=args.model, task="causal_lm", dataset="wikipedia", targets=["q_proj", "v_proj"], rank=8,
-                alpha=16, steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
-                eval_examples=args.eval_blocks, max_train_examples=args.steps * args.batch,
-                init_batches=args.init_batches, seed=args.seed, progress=False, warmup=0.1, decay="linear",
-                eval_every=0, checkpoint_every=0)
+    base = {"model": args.model, "task": "causal_lm", "dataset": "wikipedia", "targets": ["q_proj", "v_proj"], "rank": 8,
+                "alpha": 16, "steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+                "eval_examples": args.eval_blocks, "max_train_examples": args.steps * args.batch,
+                "init_batches": args.init_batches, "seed": args.seed, "progress": False, "warmup": 0.1, "decay": "linear",
+                "eval_every": 0, "checkpoint_every": 0}
     methods = [
-        ("PEFT-default LoRA", dict(init="kaiming", method="adamw")),
-        ("Init[A] + LoRA+", dict(init="init_a", method="loraplus", lr=args.lr / 2, ratio=16.0)),
-        ("LoRA-GA", dict(init="lora_ga", method="adamw")),
-        ("LoRA-One", dict(init="lora_one", method="adamw")),
-        ("LoRA-One + precond", dict(init="lora_one", method="lora_one")),
+        ("PEFT-default LoRA", {"init": "kaiming", "method": "adamw"}),
+        ("Init[A] + LoRA+", {"init": "init_a", "method": "loraplus", "lr": args.lr / 2, "ratio": 16.0}),
+        ("LoRA-GA", {"init": "lora_ga", "method": "adamw"}),
+        ("LoRA-One", {"init": "lora_one", "method": "adamw"}),
+        ("LoRA-One + precond", {"init": "lora_one", "method": "lora_one"}),
     ]
     t_all = time.time()
     out: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
@@ -130,7 +130,7 @@ def main() -> None:
                 ("MLP-only (gate,up,down)", ["gate_proj", "up_proj", "down_proj"]),
             ]
             out["placement"]["runs"] = [
-                _run(name, dict(init="init_a", method="loraplus", lr=args.lr / 2, ratio=16.0, targets=targets),
+                _run(name, {"init": "init_a", "method": "loraplus", "lr": args.lr / 2, "ratio": 16.0, "targets": targets},
                      base, root)
                 for name, targets in placements
             ]

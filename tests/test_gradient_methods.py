@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import widelora as wl
-import widelora.methods.gradient_inits  # noqa: F401  (registers lora_one / lora_ga)
-import widelora.methods.precondition  # noqa: F401  (registers the lora_one / scaled_gd optimizers)
+import widelora.methods.gradient_inits  # registers the lora_one / lora_ga init schemes
+import widelora.methods.precondition  # registers the lora_one / scaled_gd optimizers
 from tests.conftest import TinyMLP, tiny_llama
 from widelora.methods.gradient_inits import lora_ga_factors, lora_one_factors
 from widelora.methods.gradients import estimate_gradients, group_by_budget
@@ -165,7 +165,7 @@ def test_lora_ga_factors_follow_the_reference_formula():
     g = torch.randn(20, 16, generator=gen)
     r, gamma = 3, 16.0
     b0, a0 = lora_ga_factors(g, r, gamma=gamma, svd="exact")
-    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    u, _s, vh = torch.linalg.svd(g.double(), full_matrices=False)
     factor = 20 ** 0.25 / gamma ** 0.5
     # singular vectors are defined up to sign: compare the sign-invariant projectors and the scale
     torch.testing.assert_close((a0.T @ a0).double(), factor ** 2 * vh[:r].T @ vh[:r], rtol=1e-4, atol=1e-6)

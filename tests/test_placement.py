@@ -32,7 +32,7 @@ def _hand_nfn(model, batches, seed):
     gen = torch.Generator().manual_seed(seed)
     for batch in batches:
         calls = []
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: calls.append((n, a[0].detach())))
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n, calls=calls: calls.append((n, a[0].detach())))
                    for n, m in mods.items()]
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -8,7 +8,6 @@ sequence 256, k = 3).
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import typer
 
@@ -43,7 +42,7 @@ def place_command(
     types: str = typer.Option(None, help="Comma-separated candidate types (default: every linear type)."),
     seed: int = typer.Option(0, help="Seed for the document sample and the random reference vectors."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's choice)."),
-    out: Path = typer.Option(Path("plop.json"), "--out", "-o", help="JSON file for the ranking and all scores."),
+    out: str = typer.Option("plop.json", "--out", "-o", help="JSON file for the ranking and all scores."),
 ) -> None:
     """PLoP: score every module type by normalized feature norm and print where adapters should go."""
     import torch

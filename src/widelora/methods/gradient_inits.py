@@ -31,7 +31,7 @@ from widelora.lora.pairs import LoRAPair
 from widelora.methods.gradients import estimate_gradients
 from widelora.methods.init import InitContext, InitUpdate, register_init
 
-__all__ = ["lora_one_factors", "lora_ga_factors", "pair_gradients", "SVD_MODES"]
+__all__ = ["SVD_MODES", "lora_ga_factors", "lora_one_factors", "pair_gradients"]
 
 SVD_MODES = ("auto", "exact", "lowrank")
 _EXACT_MAX_DIM = 1024  # "auto": exact SVD when min(out, in) is at most this, randomized otherwise

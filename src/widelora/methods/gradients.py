@@ -24,7 +24,7 @@ from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["estimate_gradients", "group_by_budget", "compute_loss", "move_batch"]
+__all__ = ["compute_loss", "estimate_gradients", "group_by_budget", "move_batch"]
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PlacementResult", "place", "nfn_modules", "module_nfn", "linear_modules"]
+__all__ = ["PlacementResult", "linear_modules", "module_nfn", "nfn_modules", "place"]
 
 _OUTPUT_HEADS = ("lm_head", "embed_out", "score", "classifier")
 

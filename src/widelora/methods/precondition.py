@@ -43,7 +43,7 @@ from torch import nn
 from widelora.lora.pairs import LoRAPair, lora_pairs
 from widelora.methods.optim import OptimizerSpec, param_groups, register_optimizer
 
-__all__ = ["PreconditionedAdamW", "precondition_gradients", "METHOD_OPTIONS"]
+__all__ = ["METHOD_OPTIONS", "PreconditionedAdamW", "precondition_gradients"]
 
 METHOD_OPTIONS = ("lam", "bias_correction", "sequential", "loraplus", "adam")
 
@@ -102,7 +102,7 @@ class PreconditionedAdamW(torch.optim.Optimizer):
         for flag_name, flag in (("bias_correction", bias_correction), ("sequential", sequential), ("adam", adam)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{flag_name}={flag!r} is not valid; {flag_name} must be True or False")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.partners = dict(partners)
         self.lam = float(lam)
