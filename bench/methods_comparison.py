@@ -7,17 +7,23 @@ Part 2 (placement, Init[A] + LoRA+): PLoP's NFN ranking of q,k,v,o,gate,up,down 
   second data sample, to show its stability), then perplexity for PLoP's k=3 choice vs attention-only (q,k,v,o)
   vs MLP-only (gate,up,down).
 
-Every run goes through `widelora.train` (the library's own loop: warmup + linear decay, grad clipping 1.0,
-held-out perplexity on the test split before and after). One learning rate per setup (no sweep fits the
-budget): that is the main caveat of the comparison. Prints tables, writes bench/out/methods_comparison.json.
+Each run trains a deep copy of one loaded base model on the same batches, with the library's public API
+(`attach`, `initialize`, `create_optimizer`, `place`) and `widelora.train.loop.evaluate` for held-out
+perplexity: warmup 10 % + linear decay, grad clipping 1.0, like `widelora.train`, but the model is loaded,
+the data tokenized and the base perplexity measured once instead of once per run (which `widelora.train`
+does and which this budget cannot afford on a shared 2-core machine). One learning rate per setup (no sweep
+fits the budget): that is the main caveat. Prints tables, writes bench/out/methods_comparison.json after
+every run (so a cut-off run keeps what it measured).
 
-    .venv/bin/python bench/methods_comparison.py                 # defaults: ~15 min on 2 idle cores
-    .venv/bin/python bench/methods_comparison.py --steps 4 --eval-blocks 4 --quick   # smoke run
+    .venv/bin/python bench/methods_comparison.py            # defaults: 24 steps of 4x64 tokens, ~15 min idle
+    .venv/bin/python bench/methods_comparison.py --steps 16 --init-batches 2 --eval-blocks 24 --plop-batches 2
+    .venv/bin/python bench/methods_comparison.py --part placement   # only PLoP + the three placement runs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -49,106 +55,154 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--plop-batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="methods part only, no placement runs")
+    ap.add_argument("--plop-seq-len", type=int, default=128)
+    ap.add_argument("--part", choices=["all", "methods", "placement"], default="all")
     ap.add_argument("--out", type=Path, default=OUT_DIR / "methods_comparison.json")
     return ap.parse_args()
 
 
-def _run(name: str, overrides: dict, base: dict, root: Path) -> dict:
-    from widelora.train import train
+def _lm_batches(ds, batch: int, collate) -> list[dict]:
+    return [collate([ds[i] for i in range(j, min(j + batch, len(ds)))]) for j in range(0, len(ds), batch)]
 
-    cfg = {**base, **overrides}
+
+@torch.no_grad()
+def _perplexity(model, batches: list[dict]) -> float:
+    from widelora.train.loop import evaluate
+
+    return evaluate(model, batches, "causal_lm", torch.device("cpu"))["perplexity"]
+
+
+def _run(name: str, setup: dict, base_model, train_batches: list[dict], eval_batches: list[dict],
+         args: argparse.Namespace) -> dict:
+    """One finetuning run on a copy of the base model: attach, initialize, train, held-out perplexity."""
+    import widelora as wl
+
     t0 = time.time()
-    result = train(cfg, root / name.replace(" ", "_").replace("+", "p").replace("/", "_"), resume=False)
-    final = result["final"]
-    row = {
-        "setup": name, "status": result["status"], "targets": result["targets"],
-        "init": cfg["init"], "method": cfg["method"], "lr": cfg["lr"],
-        "ppl_before": final.get("before_perplexity"), "ppl_after": final.get("perplexity"),
-        "train_loss": final.get("train_loss"), "wall_s": time.time() - t0,
-    }
-    print(f"  {name:<26} ppl {row['ppl_before']:.3f} -> {row['ppl_after'] if row['ppl_after'] is None else round(row['ppl_after'], 3)}"
-          f"  ({row['wall_s']:.0f} s)", flush=True)
+    model = copy.deepcopy(base_model)
+    targets = setup.get("targets", ["q_proj", "v_proj"])
+    init = setup["init"]
+    needs_data = init in ("lora_one", "lora_ga")
+    wl.attach(model, targets, rank=8, alpha=16, init="init_a" if needs_data else init, seed=args.seed)
+    if needs_data:
+        wl.initialize(model, init, seed=args.seed, batches=train_batches[:args.init_batches], progress=False)
+    ppl_init = _perplexity(model, eval_batches) if needs_data else None
+    lr = setup.get("lr", args.lr)
+    opt = wl.create_optimizer(model, lr=lr, method=setup["method"], ratio=setup.get("ratio", 16.0))
+    warm = max(1, round(0.1 * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (args.steps - k) / max(1, args.steps - warm)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses = []
+    for step in range(args.steps):
+        batch = train_batches[step % len(train_batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    ppl = _perplexity(model, eval_batches)
+    row = {"setup": name, "targets": list(targets), "init": init, "method": setup["method"], "lr": lr,
+           "trainable_params": sum(p.numel() for p in params), "ppl_after_init": ppl_init, "ppl_after": ppl,
+           "train_loss_first": losses[0], "train_loss_last": losses[-1], "wall_s": time.time() - t0}
+    print(f"  {name:<30} ppl {ppl:8.3f}" + (f"  (after init only: {ppl_init:.3f})" if ppl_init else "")
+          + f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}  ({row['wall_s']:.0f} s)", flush=True)
+    del model, opt
     return row
 
 
-def _plop(model_name: str, seq_len: int, batch: int, n_batches: int, seed: int) -> dict:
-    from widelora.data import make_loader, prepare
-    from widelora.models import load_model
+def _plop(model, tok, args: argparse.Namespace) -> list[dict]:
+    """PLoP on whole Wikipedia training documents (padded, mask respected), for two data/random seeds."""
+    from widelora.commands.place import sample_batches
+    from widelora.data import load_corpus, split_corpus
 
-    model, tok = load_model(model_name)
-    rankings = []
-    for data_seed in (seed, seed + 1):
-        data = prepare("wikipedia", tok, seq_len=seq_len, seed=data_seed, max_train=batch * n_batches, max_eval=1)
-        loader = make_loader(data.train, batch, data.collate, shuffle=True, seed=data_seed)
+    texts = split_corpus(load_corpus("wikipedia"), seed=args.seed)["train"].texts
+    out = []
+    for data_seed in (args.seed, args.seed + 1):
+        batches = sample_batches(tok, texts, args.plop_batches * args.batch, args.batch, args.plop_seq_len,
+                                 data_seed)
         t0 = time.time()
-        res = place(model, list(loader), k=3, types=TYPES, seed=data_seed, progress=False)
-        rankings.append({"data_seed": data_seed, "targets": res.targets, "ranking": res.ranking(),
-                         "tokens": res.num_tokens, "wall_s": time.time() - t0, "result": res})
-    return {"model": model, "rankings": rankings}
+        res = place(model, batches, k=3, types=TYPES, seed=data_seed, progress=False)
+        out.append({"data_seed": data_seed, "targets": res.targets, "ranking": res.ranking(),
+                    "tokens": res.num_tokens, "wall_s": time.time() - t0, "result": res})
+    return out
+
+
+def _write(out: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def main() -> None:
     args = _args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     from rich.console import Console
     from rich.table import Table
 
+    from widelora.data import prepare
+    from widelora.models import load_model
+
     console = Console()
-    base = {"model": args.model, "task": "causal_lm", "dataset": "wikipedia", "targets": ["q_proj", "v_proj"], "rank": 8,
-                "alpha": 16, "steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "lr": args.lr,
-                "eval_examples": args.eval_blocks, "max_train_examples": args.steps * args.batch,
-                "init_batches": args.init_batches, "seed": args.seed, "progress": False, "warmup": 0.1, "decay": "linear",
-                "eval_every": 0, "checkpoint_every": 0}
+    t_all = time.time()
+    base_model, tok = load_model(args.model)
+    data = prepare("wikipedia", tok, seq_len=args.seq_len, seed=args.seed, max_train=args.steps * args.batch,
+                   max_eval=args.eval_blocks)
+    train_batches = _lm_batches(data.train, args.batch, data.collate)
+    eval_batches = _lm_batches(data.test, args.batch, data.collate)
+    out: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 "torch_threads": torch.get_num_threads(), "methods": [], "placement": {}}
+    out["ppl_base"] = _perplexity(base_model, eval_batches)
+    console.print(f"base model held-out perplexity: {out['ppl_base']:.3f} "
+                  f"({len(eval_batches)} batches of {args.batch}x{args.seq_len} test tokens)")
+    lr2 = args.lr / 2
     methods = [
         ("PEFT-default LoRA", {"init": "kaiming", "method": "adamw"}),
-        ("Init[A] + LoRA+", {"init": "init_a", "method": "loraplus", "lr": args.lr / 2, "ratio": 16.0}),
+        ("Init[A] + LoRA+", {"init": "init_a", "method": "loraplus", "lr": lr2, "ratio": 16.0}),
         ("LoRA-GA", {"init": "lora_ga", "method": "adamw"}),
         ("LoRA-One", {"init": "lora_one", "method": "adamw"}),
         ("LoRA-One + precond", {"init": "lora_one", "method": "lora_one"}),
     ]
-    t_all = time.time()
-    out: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
-                 "torch_threads": torch.get_num_threads(), "methods": [], "placement": {}}
-    with tempfile.TemporaryDirectory(prefix="widelora-bench-") as tmp:
-        root = Path(tmp)
+    if args.part in ("all", "methods"):
         console.print(f"[bold]methods[/] (q_proj,v_proj, r=8, alpha=16, {args.steps} steps of "
                       f"{args.batch}x{args.seq_len} tokens, lr {args.lr:g})")
-        for name, over in methods:
-            out["methods"].append(_run(name, over, base, root))
-        if not args.quick:
-            console.print("[bold]placement[/] (PLoP NFN ranking, then Init[A] + LoRA+ on each choice)")
-            plop = _plop(args.model, args.seq_len, args.batch, args.plop_batches, args.seed)
-            del plop["model"]
-            for r in plop["rankings"]:
-                console.print(r.pop("result").table(title=f"PLoP ranking, data seed {r['data_seed']}"))
-            chosen = plop["rankings"][0]["targets"]
-            out["placement"]["plop"] = plop["rankings"]
-            placements = [
-                (f"PLoP choice ({','.join(t.removesuffix('_proj') for t in chosen)})", chosen),
-                ("attention-only (q,k,v,o)", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-                ("MLP-only (gate,up,down)", ["gate_proj", "up_proj", "down_proj"]),
-            ]
-            out["placement"]["runs"] = [
-                _run(name, {"init": "init_a", "method": "loraplus", "lr": args.lr / 2, "ratio": 16.0, "targets": targets},
-                     base, root)
-                for name, targets in placements
-            ]
+        for name, setup in methods:
+            out["methods"].append(_run(name, setup, base_model, train_batches, eval_batches, args))
+            _write(out, args.out)
+    if args.part in ("all", "placement"):
+        console.print("[bold]placement[/] (PLoP NFN ranking, then Init[A] + LoRA+ on each choice)")
+        rankings = _plop(base_model, tok, args)
+        for r in rankings:
+            console.print(r.pop("result").table(title=f"PLoP ranking, data seed {r['data_seed']}"))
+        out["placement"]["plop"] = rankings
+        chosen = rankings[0]["targets"]
+        placements = [
+            (f"PLoP choice ({','.join(t.removesuffix('_proj') for t in chosen)})", chosen),
+            ("attention-only (q,k,v,o)", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            ("MLP-only (gate,up,down)", ["gate_proj", "up_proj", "down_proj"]),
+        ]
+        out["placement"]["runs"] = []
+        for name, targets in placements:
+            setup = {"init": "init_a", "method": "loraplus", "lr": lr2, "ratio": 16.0, "targets": targets}
+            out["placement"]["runs"].append(_run(name, setup, base_model, train_batches, eval_batches, args))
+            _write(out, args.out)
     out["wall_s"] = time.time() - t_all
 
-    table = Table(title=f"held-out perplexity (Wikipedia test blocks) after {args.steps} steps")
-    for col in ("setup", "init", "optimizer", "lr (A)", "ppl before", "ppl after", "wall s"):
+    table = Table(title=f"held-out perplexity (Wikipedia test, base {out['ppl_base']:.3f}) after {args.steps} steps")
+    for col in ("setup", "init", "optimizer", "lr (A)", "params", "ppl after init", "ppl after", "wall s"):
         table.add_column(col)
     for row in out["methods"] + out["placement"].get("runs", []):
-        table.add_row(row["setup"], row["init"], row["method"], f"{row['lr']:g}", f"{row['ppl_before']:.3f}",
-                      "n/a" if row["ppl_after"] is None else f"{row['ppl_after']:.3f}", f"{row['wall_s']:.0f}")
+        table.add_row(row["setup"], row["init"], row["method"], f"{row['lr']:g}", str(row["trainable_params"]),
+                      "" if row["ppl_after_init"] is None else f"{row['ppl_after_init']:.3f}",
+                      f"{row['ppl_after']:.3f}", f"{row['wall_s']:.0f}")
     console.print(table)
     console.print(f"total {out['wall_s']:.0f} s on {torch.get_num_threads()} threads")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".methods_comparison.", dir=args.out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
-    os.replace(tmp_path, args.out)
+    _write(out, args.out)
     console.print(f"wrote {args.out}")
 
 
