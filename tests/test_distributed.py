@@ -38,16 +38,39 @@ with open(f"{out}/rank{rank}.json", "w") as fh:
 
 def test_two_process_torchrun_gives_identical_adapters(tmp_path):
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    (tmp_path / "c.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(80)))
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    (tmp_path / "c.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(80))
+    )
     models.save_tiny_folder(tmp_path / "llama", "llama")
     (tmp_path / "run.py").write_text(SCRIPT)
-    cfg = dict(model=str(tmp_path / "llama"), dataset=str(tmp_path / "c.txt"), targets=["q_proj", "v_proj"],
-               rank=4, steps=3, batch_size=2, seq_len=32, lr=1e-2, eval_examples=4, progress=False, dropout=0.1)
+    cfg = {
+        "model": str(tmp_path / "llama"),
+        "dataset": str(tmp_path / "c.txt"),
+        "targets": ["q_proj", "v_proj"],
+        "rank": 4,
+        "steps": 3,
+        "batch_size": 2,
+        "seq_len": 32,
+        "lr": 1e-2,
+        "eval_examples": 4,
+        "progress": False,
+        "dropout": 0.1,
+    }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "run.py"), json.dumps(cfg), str(tmp_path / "run"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "run.py"),
+        json.dumps(cfg),
+        str(tmp_path / "run"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(tmp_path / "rank0.safetensors")
     b = load_file(tmp_path / "rank1.safetensors")

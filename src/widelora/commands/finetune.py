@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -36,8 +36,10 @@ def _summary(result: dict, task: str) -> str:
     lines = [f"status: {result['status']}"]
     if f"before_{metric}" in final:
         after = final.get(metric)
-        lines.append(f"{metric}: {final[f'before_{metric}']:.4g} -> "
-                     f"{'n/a' if after is None else format(after, '.4g')} (held-out, {final.get('step')} steps)")
+        lines.append(
+            f"{metric}: {final[f'before_{metric}']:.4g} -> "
+            f"{'n/a' if after is None else format(after, '.4g')} (held-out, {final.get('step')} steps)"
+        )
     if result.get("error"):
         lines.append(f"error: {result['error']}")
     lines.append(f"run dir: {result.get('run_dir')}  (metrics.jsonl, metrics.csv, result.json, adapter/)")
@@ -47,19 +49,25 @@ def _summary(result: dict, task: str) -> str:
 
 
 def finetune(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML/JSON file of RunConfig keys (flags override)."),
+    config: str = typer.Option(
+        None, "--config", "-c", help="YAML/JSON file of RunConfig keys (flags override)."
+    ),
     preset: str = typer.Option(None, "--preset", "-p", help=f"Named preset: {', '.join(sorted(PRESETS))}."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json)."),
     out: str = typer.Option(None, "--out", "-o", help="Run folder (metrics, checkpoints, adapter)."),
     model: str = typer.Option(None, help="Shipped name (smollm2-135m, minilm-l6), local folder or hub id."),
     task: str = typer.Option(None, help="causal_lm | classification."),
-    dataset: str = typer.Option(None, help="wikipedia | shakespeare | tweets | a .txt/.jsonl/.csv file | hf:path[:config]."),
+    dataset: str = typer.Option(
+        None, help="wikipedia | shakespeare | tweets | a .txt/.jsonl/.csv file | hf:path[:config]."
+    ),
     text_field: str = typer.Option(None, help="Text column/field of a user file ('a,b' joins fields)."),
     label_field: str = typer.Option(None, help="Label column/field of a user file."),
     targets: str = typer.Option(None, help="'q_proj,v_proj', a regex, 'all-linear', or 'auto' (PLoP)."),
     rank: int = typer.Option(None, help="LoRA rank r."),
     alpha: float = typer.Option(None, help="LoRA alpha (scale alpha/r); default alpha = r."),
-    init: str = typer.Option(None, help="init_a | init_b | kaiming | gaussian | pissa | lora_one | lora_ga ..."),
+    init: str = typer.Option(
+        None, help="init_a | init_b | kaiming | gaussian | pissa | lora_one | lora_ga ..."
+    ),
     method: str = typer.Option(None, help="Optimizer: adamw | loraplus | lora_one | scaled_gd ..."),
     lr: float = typer.Option(None, help="Learning rate (of A under LoRA+)."),
     ratio: float = typer.Option(None, help="LoRA+ ratio lr_B / lr_A."),
@@ -73,7 +81,9 @@ def finetune(
     warmup: float = typer.Option(None, help="Warmup: fraction of steps if < 1, else steps."),
     decay: str = typer.Option(None, help="linear | cosine | constant."),
     seed: int = typer.Option(None, help="Seed for data split, order, init and dropout."),
-    eval_every: int = typer.Option(None, help="Evaluate on the validation split every N steps (0: only at the end)."),
+    eval_every: int = typer.Option(
+        None, help="Evaluate on the validation split every N steps (0: only at the end)."
+    ),
     eval_examples: int = typer.Option(None, help="Held-out examples (LM: blocks) per evaluation."),
     max_train_examples: int = typer.Option(None, help="Cap on training examples (LM: blocks)."),
     checkpoint_every: int = typer.Option(None, help="Checkpoint every N steps (0: at the end and at evals)."),
@@ -81,7 +91,9 @@ def finetune(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
     dtype: str = typer.Option(None, help="float32 | bfloat16 | float16."),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    set_: list[str] = typer.Option(None, "--set", help="Any other RunConfig key: --set max_grad_norm=0.5."),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any other RunConfig key: --set max_grad_norm=0.5.")
+    ] = None,
     list_presets: bool = typer.Option(False, "--list-presets", help="Print the presets and exit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
 ) -> None:
@@ -91,19 +103,47 @@ def finetune(
             p = PRESETS[name]
             typer.echo(f"{name:28s} model={p['model']} dataset={p['dataset']} task={p['task']}")
         return
-    flags = dict(model=model, task=task, dataset=dataset, text_field=text_field, label_field=label_field,
-                 targets=parse_targets(targets) if targets else None, rank=rank, alpha=alpha, init=init,
-                 method=method, lr=lr, ratio=ratio, weight_decay=weight_decay, dropout=dropout, steps=steps,
-                 epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, warmup=warmup,
-                 decay=decay, seed=seed, eval_every=eval_every, eval_examples=eval_examples,
-                 max_train_examples=max_train_examples, checkpoint_every=checkpoint_every, monitor=monitor,
-                 progress=progress, dtype=dtype, device=device, out_dir=out)
+    flags = dict(  # noqa: C408
+        model=model,
+        task=task,
+        dataset=dataset,
+        text_field=text_field,
+        label_field=label_field,
+        targets=parse_targets(targets) if targets else None,
+        rank=rank,
+        alpha=alpha,
+        init=init,
+        method=method,
+        lr=lr,
+        ratio=ratio,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        warmup=warmup,
+        decay=decay,
+        seed=seed,
+        eval_every=eval_every,
+        eval_examples=eval_examples,
+        max_train_examples=max_train_examples,
+        checkpoint_every=checkpoint_every,
+        monitor=monitor,
+        progress=progress,
+        dtype=dtype,
+        device=device,
+        out_dir=out,
+    )
     try:
         flags.update(_parse_set(set_ or []))
         if resume is not None:
-            saved = resume / "config.json"
+            saved = Path(resume) / "config.json"
             if not saved.is_file():
-                raise ValueError(f"--resume {str(resume)!r}: no config.json there (not a widelora run folder)")
+                raise ValueError(
+                    f"--resume {str(resume)!r}: no config.json there (not a widelora run folder)"
+                )
             data = json.loads(saved.read_text())
             data.update({k: v for k, v in flags.items() if v is not None})
             data["out_dir"] = str(resume)
@@ -119,8 +159,10 @@ def finetune(
 
         run_dir = Path(cfg.out_dir)
         if resume is None and (run_dir / "checkpoints" / "latest").is_file():
-            raise ValueError(f"run folder {str(run_dir)!r} already holds a run; continue it with "
-                             f"--resume {run_dir} or choose another --out")
+            raise ValueError(
+                f"run folder {str(run_dir)!r} already holds a run; continue it with "
+                f"--resume {run_dir} or choose another --out"
+            )
         result = train(cfg, run_dir, resume=resume is not None)
     except _USER_ERRORS as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)

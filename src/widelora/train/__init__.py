@@ -16,7 +16,7 @@ from typing import Any
 
 from widelora.train.config import PRESETS, RunConfig, build_config, preset
 
-__all__ = ["run_trial", "train", "RunConfig", "build_config", "preset", "PRESETS"]
+__all__ = ["PRESETS", "RunConfig", "build_config", "preset", "run_trial", "train"]
 
 
 def _as_config(config: dict | RunConfig) -> RunConfig:
@@ -29,16 +29,21 @@ def _as_config(config: dict | RunConfig) -> RunConfig:
     return build_config(preset_name=data.pop("preset", None), overrides=data)
 
 
-def train(config: dict | RunConfig, run_dir: str | os.PathLike,
-          on_metrics: Callable[[int, dict], None] | None = None, resume: bool = True) -> dict[str, Any]:
+def train(
+    config: dict | RunConfig,
+    run_dir: str | os.PathLike,
+    on_metrics: Callable[[int, dict], None] | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
     """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback)."""
     from widelora.train.loop import train as _train
 
     return _train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume)
 
 
-def run_trial(config: dict | RunConfig, run_dir: str | Path,
-              on_metrics: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+def run_trial(
+    config: dict | RunConfig, run_dir: str | Path, on_metrics: Callable[[int, dict], None] | None = None
+) -> dict[str, Any]:
     """Run one trial to completion (or resume it); failures come back as `status="failed"`, never raised.
 
     `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks the
@@ -48,15 +53,21 @@ def run_trial(config: dict | RunConfig, run_dir: str | Path,
         return train(config, run_dir, on_metrics=on_metrics, resume=True)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # a sweep must see a status, not a traceback
-        result = {"status": "failed", "final": {}, "error": f"{type(exc).__name__}: {exc}",
-                  "checkpoint": None, "run_dir": str(run_dir), "traceback": traceback.format_exc()}
+    except Exception as exc:  # noqa: BLE001  a sweep must see a status, not a traceback
+        result = {
+            "status": "failed",
+            "final": {},
+            "error": f"{type(exc).__name__}: {exc}",
+            "checkpoint": None,
+            "run_dir": str(run_dir),
+            "traceback": traceback.format_exc(),
+        }
         try:
             from widelora.train.checkpoint import atomic_write_text, latest_checkpoint
 
             ckpt = latest_checkpoint(run_dir)
             result["checkpoint"] = str(ckpt) if ckpt else None
-            if int(os.environ.get("RANK", 0)) == 0:
+            if int(os.environ.get("RANK", "0")) == 0:
                 atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=1))
         except OSError:
             pass

@@ -86,9 +86,16 @@ def _json_safe(obj: Any) -> Any:
     return None  # callables (lr lambdas) are rebuilt from the config, not stored
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, step: int, micro: int, extra: dict[str, Any] | None = None,
-                    keep: int = 1) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    micro: int,
+    extra: dict[str, Any] | None = None,
+    keep: int = 1,
+) -> Path:
     """Write a complete checkpoint for `step`; keep the newest `keep` of them. Returns its folder."""
     from widelora.lora.io import save_adapter
 
@@ -106,8 +113,12 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: tor
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
-        state = {"step": step, "micro": micro, "scheduler": _json_safe(scheduler.state_dict()),
-                 **(extra or {})}
+        state = {
+            "step": step,
+            "micro": micro,
+            "scheduler": _json_safe(scheduler.state_dict()),
+            **(extra or {}),
+        }
         (tmp / "state.json").write_text(json.dumps(_json_safe(state), indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -132,8 +143,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     """Restore tensors, optimizer, scheduler and RNG from `path`; returns its state.json."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
@@ -145,8 +157,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor.to(params[name].device))
-    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
-                          json.loads((path / "optimizer.json").read_text()))
+    _optimizer_from_files(
+        optimizer,
+        load_file(str(path / "optimizer.safetensors")),
+        json.loads((path / "optimizer.json").read_text()),
+    )
     sched = dict(state.get("scheduler") or {})
     sched.pop("lr_lambdas", None)
     scheduler.__dict__.update({k: v for k, v in sched.items()})

@@ -38,7 +38,9 @@ class RunConfig:
     dropout: float = 0.0
     init: str = "init_a"
     init_batches: int = 8  # batches for data-driven inits (e.g. lora_one)
-    trainable: list[str] = field(default_factory=list)  # extra trainable modules; classification adds the head
+    trainable: list[str] = field(
+        default_factory=list
+    )  # extra trainable modules; classification adds the head
     # the optimizer and schedule
     method: str = "adamw"
     lr: float = 2e-4
@@ -105,8 +107,16 @@ class RunConfig:
         _choice("decay", self.decay, DECAYS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("eval_split", self.eval_split, EVAL_SPLITS)
-        for name in ("rank", "batch_size", "grad_accum", "seq_len", "log_every", "init_batches", "monitor_every",
-                     "keep_checkpoints"):
+        for name in (
+            "rank",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "log_every",
+            "init_batches",
+            "monitor_every",
+            "keep_checkpoints",
+        ):
             _positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "seed"):
             v = getattr(self, name)
@@ -140,8 +150,10 @@ class RunConfig:
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         if isinstance(self.targets, list):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-                raise ValueError(f"targets={self.targets!r} must be non-empty module names, a regex, "
-                                 "'all-linear' or 'auto'")
+                raise ValueError(
+                    f"targets={self.targets!r} must be non-empty module names, a regex, "
+                    "'all-linear' or 'auto'"
+                )
         elif not (isinstance(self.targets, str) and self.targets):
             raise ValueError(f"targets={self.targets!r} must be a list of names or a string")
         if not self.device == "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -163,7 +175,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def parse_targets(value: str | list[str]) -> list[str] | str:
-    """"q_proj,v_proj" → ["q_proj", "v_proj"]; "all-linear", "auto" and regexes (with any of `^$*+?[(|\\`)
+    """ "q_proj,v_proj" → ["q_proj", "v_proj"]; "all-linear", "auto" and regexes (with any of `^$*+?[(|\\`)
     stay strings."""
     if isinstance(value, list):
         return value
@@ -206,7 +218,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         raise ValueError(f"config file {str(path)!r} is empty")
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")  # noqa: TRY004
     if "preset" in data:
         base = preset(data.pop("preset")).to_dict()
         base.update(data)
@@ -214,8 +226,11 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def build_config(preset_name: str | None = None, config_file: str | os.PathLike | None = None,
-                 overrides: dict[str, Any] | None = None) -> RunConfig:
+def build_config(
+    preset_name: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
     """Defaults ← preset ← config file ← overrides (flags); None-valued overrides are "not given"."""
     data = preset(preset_name).to_dict() if preset_name else RunConfig().to_dict()
     if config_file is not None:
@@ -230,42 +245,146 @@ def build_config(preset_name: str | None = None, config_file: str | os.PathLike 
 _ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper-tinyllama-wikitext2": dict(
-        model="TinyLlama/TinyLlama_v1.1", task="causal_lm", dataset="hf:Salesforce/wikitext:wikitext-2-raw-v1",
-        targets=_ALL_LLAMA, rank=64, alpha=16, dropout=0.0, lr=2e-4, batch_size=8, steps=None, epochs=1,
-        seq_len=1024, warmup=0.03, eps=1e-6, dtype="bfloat16", eval_examples=None, max_grad_norm=1.0,
-        out_dir="runs/paper-tinyllama-wikitext2"),
-    "paper-roberta-large-sst2": dict(
-        model="FacebookAI/roberta-large", task="classification", dataset="hf:nyu-mll/glue:sst2",
-        text_field="sentence", label_field="label", targets=["query", "value"], rank=8, alpha=16, dropout=0.1,
-        lr=8e-5, batch_size=4, steps=None, epochs=10, seq_len=128, warmup=0.06, dtype="float16",
-        eval_examples=None, out_dir="runs/paper-roberta-large-sst2"),
-    "paper-roberta-large-mnli": dict(
-        model="FacebookAI/roberta-large", task="classification", dataset="hf:nyu-mll/glue:mnli",
-        text_field="premise,hypothesis", label_field="label", targets=["query", "value"], rank=8, alpha=16,
-        dropout=0.1, lr=8e-5, batch_size=4, steps=None, epochs=10, seq_len=128, warmup=0.06, dtype="float16",
-        eval_examples=None, out_dir="runs/paper-roberta-large-mnli"),
-    "paper-llama7b-gsm8k": dict(
-        model="huggyllama/llama-7b", task="causal_lm", dataset="hf:openai/gsm8k:main",
-        text_field="question,answer", targets=_ALL_LLAMA, rank=64, alpha=16, dropout=0.0, lr=1e-4,
-        batch_size=16, steps=None, epochs=1, seq_len=1024, warmup=0.03, eps=1e-6, dtype="bfloat16",
-        eval_examples=None, out_dir="runs/paper-llama7b-gsm8k"),
-    "cpu-smollm2-wiki": dict(
-        model="smollm2-135m", task="causal_lm", dataset="wikipedia", targets=["q_proj", "v_proj"], rank=8,
-        alpha=16, lr=1e-3, batch_size=4, seq_len=128, steps=30, warmup=0.1, eval_examples=32,
-        out_dir="runs/cpu-smollm2-wiki"),
-    "cpu-smollm2-shakespeare": dict(
-        model="smollm2-135m", task="causal_lm", dataset="shakespeare", targets=["q_proj", "v_proj"], rank=8,
-        alpha=16, lr=1e-3, batch_size=4, seq_len=128, steps=30, warmup=0.1, eval_examples=32,
-        out_dir="runs/cpu-smollm2-shakespeare"),
-    "cpu-minilm-topics": dict(
-        model="minilm-l6", task="classification", dataset="wikipedia", targets=["query", "value"], rank=8,
-        alpha=16, lr=1e-3, batch_size=16, seq_len=128, steps=60, warmup=0.06, eval_examples=256,
-        out_dir="runs/cpu-minilm-topics"),
-    "cpu-minilm-tweets": dict(
-        model="minilm-l6", task="classification", dataset="tweets", targets=["query", "value"], rank=8,
-        alpha=16, lr=1e-3, batch_size=16, seq_len=64, steps=60, warmup=0.06, eval_examples=256,
-        out_dir="runs/cpu-minilm-tweets"),
+    "paper-tinyllama-wikitext2": {
+        "model": "TinyLlama/TinyLlama_v1.1",
+        "task": "causal_lm",
+        "dataset": "hf:Salesforce/wikitext:wikitext-2-raw-v1",
+        "targets": _ALL_LLAMA,
+        "rank": 64,
+        "alpha": 16,
+        "dropout": 0.0,
+        "lr": 2e-4,
+        "batch_size": 8,
+        "steps": None,
+        "epochs": 1,
+        "seq_len": 1024,
+        "warmup": 0.03,
+        "eps": 1e-6,
+        "dtype": "bfloat16",
+        "eval_examples": None,
+        "max_grad_norm": 1.0,
+        "out_dir": "runs/paper-tinyllama-wikitext2",
+    },
+    "paper-roberta-large-sst2": {
+        "model": "FacebookAI/roberta-large",
+        "task": "classification",
+        "dataset": "hf:nyu-mll/glue:sst2",
+        "text_field": "sentence",
+        "label_field": "label",
+        "targets": ["query", "value"],
+        "rank": 8,
+        "alpha": 16,
+        "dropout": 0.1,
+        "lr": 8e-5,
+        "batch_size": 4,
+        "steps": None,
+        "epochs": 10,
+        "seq_len": 128,
+        "warmup": 0.06,
+        "dtype": "float16",
+        "eval_examples": None,
+        "out_dir": "runs/paper-roberta-large-sst2",
+    },
+    "paper-roberta-large-mnli": {
+        "model": "FacebookAI/roberta-large",
+        "task": "classification",
+        "dataset": "hf:nyu-mll/glue:mnli",
+        "text_field": "premise,hypothesis",
+        "label_field": "label",
+        "targets": ["query", "value"],
+        "rank": 8,
+        "alpha": 16,
+        "dropout": 0.1,
+        "lr": 8e-5,
+        "batch_size": 4,
+        "steps": None,
+        "epochs": 10,
+        "seq_len": 128,
+        "warmup": 0.06,
+        "dtype": "float16",
+        "eval_examples": None,
+        "out_dir": "runs/paper-roberta-large-mnli",
+    },
+    "paper-llama7b-gsm8k": {
+        "model": "huggyllama/llama-7b",
+        "task": "causal_lm",
+        "dataset": "hf:openai/gsm8k:main",
+        "text_field": "question,answer",
+        "targets": _ALL_LLAMA,
+        "rank": 64,
+        "alpha": 16,
+        "dropout": 0.0,
+        "lr": 1e-4,
+        "batch_size": 16,
+        "steps": None,
+        "epochs": 1,
+        "seq_len": 1024,
+        "warmup": 0.03,
+        "eps": 1e-6,
+        "dtype": "bfloat16",
+        "eval_examples": None,
+        "out_dir": "runs/paper-llama7b-gsm8k",
+    },
+    "cpu-smollm2-wiki": {
+        "model": "smollm2-135m",
+        "task": "causal_lm",
+        "dataset": "wikipedia",
+        "targets": ["q_proj", "v_proj"],
+        "rank": 8,
+        "alpha": 16,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "seq_len": 128,
+        "steps": 30,
+        "warmup": 0.1,
+        "eval_examples": 32,
+        "out_dir": "runs/cpu-smollm2-wiki",
+    },
+    "cpu-smollm2-shakespeare": {
+        "model": "smollm2-135m",
+        "task": "causal_lm",
+        "dataset": "shakespeare",
+        "targets": ["q_proj", "v_proj"],
+        "rank": 8,
+        "alpha": 16,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "seq_len": 128,
+        "steps": 30,
+        "warmup": 0.1,
+        "eval_examples": 32,
+        "out_dir": "runs/cpu-smollm2-shakespeare",
+    },
+    "cpu-minilm-topics": {
+        "model": "minilm-l6",
+        "task": "classification",
+        "dataset": "wikipedia",
+        "targets": ["query", "value"],
+        "rank": 8,
+        "alpha": 16,
+        "lr": 1e-3,
+        "batch_size": 16,
+        "seq_len": 128,
+        "steps": 60,
+        "warmup": 0.06,
+        "eval_examples": 256,
+        "out_dir": "runs/cpu-minilm-topics",
+    },
+    "cpu-minilm-tweets": {
+        "model": "minilm-l6",
+        "task": "classification",
+        "dataset": "tweets",
+        "targets": ["query", "value"],
+        "rank": 8,
+        "alpha": 16,
+        "lr": 1e-3,
+        "batch_size": 16,
+        "seq_len": 64,
+        "steps": 60,
+        "warmup": 0.06,
+        "eval_examples": 256,
+        "out_dir": "runs/cpu-minilm-tweets",
+    },
 }
 
 

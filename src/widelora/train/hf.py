@@ -27,9 +27,15 @@ class _Sched:
         self.warmup, self.decay = warmup, decay
 
 
-def optimizers(model: nn.Module, lr: float, num_training_steps: int, method: str = "adamw",
-               warmup: float = 0.0, decay: str = "linear", **optimizer_options: Any
-               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def optimizers(
+    model: nn.Module,
+    lr: float,
+    num_training_steps: int,
+    method: str = "adamw",
+    warmup: float = 0.0,
+    decay: str = "linear",
+    **optimizer_options: Any,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """`(optimizer, scheduler)` for `Trainer(optimizers=...)`: `widelora.create_optimizer` + warmup/decay.
 
     `warmup` < 1 is a fraction of `num_training_steps`, otherwise a number of steps; `optimizer_options` go to

@@ -26,16 +26,27 @@ from widelora.train.config import RunConfig
 
 MetricsCallback = Callable[[int, dict], None]
 # Keys that may differ between a run and its resumption without changing the numbers.
-_RESUME_FREE = {"progress", "out_dir", "device", "log_every", "eval_every", "checkpoint_every", "monitor_every",
-                "keep_checkpoints"}
+_RESUME_FREE = {
+    "progress",
+    "out_dir",
+    "device",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "monitor_every",
+    "keep_checkpoints",
+}
 _HEADS = ("classifier", "score")
 
 
 # ------------------------------------------------------------------------------------------------- distributed
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when not distributed)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def _setup(cfg: RunConfig) -> tuple[torch.device, int, int]:
@@ -72,7 +83,7 @@ def _mean_across(value: float, world: int, device: torch.device) -> float:
 
 # ------------------------------------------------------------------------------------------------- schedule
 def warmup_steps(cfg: RunConfig, total: int) -> int:
-    return int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
+    return round(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
 
 
 def make_schedule(cfg: RunConfig, total: int) -> Callable[[int], float]:
@@ -101,8 +112,10 @@ class BatchOrder:
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
-            raise ValueError(f"the training set has {n} examples, fewer than batch_size*world_size = "
-                             f"{batch_size * world}; lower batch_size or add data")
+            raise ValueError(
+                f"the training set has {n} examples, fewer than batch_size*world_size = "
+                f"{batch_size * world}; lower batch_size or add data"
+            )
         self._epoch, self._perm = -1, None
 
     def indices(self, m: int) -> list[int]:
@@ -111,7 +124,7 @@ class BatchOrder:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
         start = (pos * self.world + self.rank) * self.bs
-        return self._perm[start:start + self.bs].tolist()
+        return self._perm[start : start + self.bs].tolist()
 
 
 def _move(batch: dict, device: torch.device) -> dict:
@@ -131,8 +144,9 @@ def evaluate(model: nn.Module, loader, task: str, device: torch.device) -> dict[
         labels = batch["labels"]
         if task == "causal_lm":
             logits, labels = logits[:, :-1], labels[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels != -100).sum())
         else:
             total += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -164,7 +178,9 @@ def _resolve_targets(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> l
     try:
         from widelora.methods.placement import place
     except ImportError as exc:
-        raise ValueError("targets='auto' needs widelora.methods.placement (PLoP), which is not available") from exc
+        raise ValueError(
+            "targets='auto' needs widelora.methods.placement (PLoP), which is not available"
+        ) from exc
     result = place(model, batches, progress=False)
     return list(result.targets)
 
@@ -178,19 +194,38 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
 
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.dataset, tokenizer, task=cfg.task, seq_len=cfg.seq_len, seed=cfg.seed,
-                   max_train=cfg.max_train_examples, max_eval=cfg.eval_examples,
-                   text_field=cfg.text_field, label_field=cfg.label_field)
+    data = prepare(
+        cfg.dataset,
+        tokenizer,
+        task=cfg.task,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        max_train=cfg.max_train_examples,
+        max_eval=cfg.eval_examples,
+        text_field=cfg.text_field,
+        label_field=cfg.label_field,
+    )
     dtype = getattr(torch, cfg.dtype)
     model, _ = load_model(cfg.model, task=cfg.task, num_labels=data.num_labels, dtype=dtype, seed=cfg.seed)
     model.to(device)
     order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, rank, world)
-    probe = [_move(data.collate([data.train[i] for i in order.indices(m)]), device)
-             for m in range(min(cfg.init_batches, order.per_epoch))]
+    probe = [
+        _move(data.collate([data.train[i] for i in order.indices(m)]), device)
+        for m in range(min(cfg.init_batches, order.per_epoch))
+    ]
     targets = _resolve_targets(cfg, model, probe)
     needs_data = get_scheme(cfg.init).needs_data
-    wl.attach(model, targets=targets, rank=cfg.rank, alpha=cfg.alpha, init="init_a" if needs_data else cfg.init,
-              scaling=cfg.scaling, dropout=cfg.dropout, seed=cfg.seed, trainable=_head_modules(model, cfg))
+    wl.attach(
+        model,
+        targets=targets,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        init="init_a" if needs_data else cfg.init,
+        scaling=cfg.scaling,
+        dropout=cfg.dropout,
+        seed=cfg.seed,
+        trainable=_head_modules(model, cfg),
+    )
     if needs_data:
         wl.initialize(model, cfg.init, seed=cfg.seed, batches=probe)
     if dtype != torch.float32:  # keep the adapter (and the optimizer state) in fp32
@@ -198,9 +233,20 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
             if p.requires_grad:
                 p.data = p.data.float()
     model.train()
-    optimizer = wl.create_optimizer(model, lr=cfg.lr, method=cfg.method, ratio=cfg.ratio,
-                                    weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
+    optimizer = wl.create_optimizer(
+        model,
+        lr=cfg.lr,
+        method=cfg.method,
+        ratio=cfg.ratio,
+        weight_decay=cfg.weight_decay,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+    )
+    total = (
+        cfg.steps
+        if cfg.steps is not None
+        else max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg, total))
     return tokenizer, data, model, optimizer, scheduler, order, total, targets
 
@@ -213,8 +259,12 @@ class _Log:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.rows: list[dict] = []
-        if enabled and self.path.is_file() and keep_until is not None:  # resume: drop rows past the checkpoint
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_until]
+        if (
+            enabled and self.path.is_file() and keep_until is not None
+        ):  # resume: drop rows past the checkpoint
+            self.rows = [
+                r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= keep_until
+            ]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
             mon = run_dir / "monitor.jsonl"
             if mon.is_file():
@@ -235,7 +285,9 @@ class _Log:
         keys: list[str] = []
         for r in self.rows:
             keys.extend(k for k in r if k not in keys)
-        lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in self.rows]
+        lines = [",".join(keys)] + [
+            ",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in self.rows
+        ]
         atomic_write_text(self.path.with_suffix(".csv"), "\n".join(lines) + "\n")
 
 
@@ -247,12 +299,15 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in _RESUME_FREE and json.dumps(saved.get(k)) != json.dumps(now[k]))
     if diff:
-        raise ValueError(f"run_dir {str(run_dir)!r} holds a run with a different config (keys {diff}); "
-                         "resume with the same config or use a new run_dir")
+        raise ValueError(
+            f"run_dir {str(run_dir)!r} holds a run with a different config (keys {diff}); "
+            "resume with the same config or use a new run_dir"
+        )
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallback | None = None,
-          resume: bool = True) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallback | None = None, resume: bool = True
+) -> dict[str, Any]:
     """Run (or resume) one finetuning run in `run_dir`; returns the result dict (also written to result.json)."""
     cfg.validate()
     run_dir = Path(run_dir)
@@ -270,11 +325,13 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
     t_start = time.time()
-    tokenizer, data, model, optimizer, scheduler, order, total, targets = build(cfg, device, rank, world)
+    _tokenizer, data, model, optimizer, scheduler, order, total, targets = build(cfg, device, rank, world)
     from widelora.data import make_loader
 
-    eval_loader = {s: make_loader(getattr(data, s), cfg.eval_batch_size or cfg.batch_size, data.collate)
-                   for s in ("val", "test")}
+    eval_loader = {
+        s: make_loader(getattr(data, s), cfg.eval_batch_size or cfg.batch_size, data.collate)
+        for s in ("val", "test")
+    }
     step, micro, before = 0, 0, {}
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -293,8 +350,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
     extra = {"before": before, "targets": targets, "total_steps": total}
 
     def checkpoint() -> str | None:
-        return str(save_checkpoint(run_dir, model, optimizer, scheduler, step, micro, extra,
-                                   keep=cfg.keep_checkpoints)) if main else None
+        return (
+            str(
+                save_checkpoint(
+                    run_dir, model, optimizer, scheduler, step, micro, extra, keep=cfg.keep_checkpoints
+                )
+            )
+            if main
+            else None
+        )
 
     last_ckpt = str(ckpt) if ckpt is not None else checkpoint()
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -319,20 +383,29 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
             train_loss = _mean_across(sum(losses) / len(losses), world, device)
             if not math.isfinite(train_loss):
                 status = "diverged"
-                error = (f"loss became {train_loss} at step {step + 1} (lr={scheduler.get_last_lr()[0]:.3g}); "
-                         f"the run stopped; last good checkpoint: {last_ckpt}. Lower the learning rate.")
+                error = (
+                    f"loss became {train_loss} at step {step + 1} (lr={scheduler.get_last_lr()[0]:.3g}); "
+                    f"the run stopped; last good checkpoint: {last_ckpt}. Lower the learning rate."
+                )
                 emit({"step": step + 1, "kind": "train", "loss": train_loss})
                 break
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-                         if cfg.max_grad_norm else None)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+                if cfg.max_grad_norm
+                else None
+            )
             lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             step += 1
-            if not all(bool(torch.isfinite(p).all()) for p in params):  # weights blew up: never checkpoint them
+            if not all(
+                bool(torch.isfinite(p).all()) for p in params
+            ):  # weights blew up: never checkpoint them
                 status = "diverged"
-                error = (f"adapter weights became non-finite at step {step} (lr={lr_used:.3g}); the run stopped; "
-                         f"last good checkpoint: {last_ckpt}. Lower the learning rate.")
+                error = (
+                    f"adapter weights became non-finite at step {step} (lr={lr_used:.3g}); the run stopped; "
+                    f"last good checkpoint: {last_ckpt}. Lower the learning rate."
+                )
                 emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr_used})
                 break
             tok_rate = tokens * world / max(1e-9, time.time() - t0)
@@ -343,8 +416,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
                         fh.writelines(json.dumps(r.as_row()) + "\n" for r in records)
                     emit({"step": step, "kind": "monitor", **monitor_row(records)})
             if step % cfg.log_every == 0 or step == total:
-                emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr_used,
-                      "grad_norm": grad_norm, "tokens_per_s": tok_rate})
+                emit(
+                    {
+                        "step": step,
+                        "kind": "train",
+                        "loss": train_loss,
+                        "lr": lr_used,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tok_rate,
+                    }
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_rate:.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -370,8 +451,14 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallbac
 
             save_adapter(model, run_dir / "adapter")
     final["wall_s"] = time.time() - t_start
-    result = {"status": status, "final": final, "error": error, "checkpoint": last_ckpt,
-              "run_dir": str(run_dir), "targets": targets}
+    result = {
+        "status": status,
+        "final": final,
+        "error": error,
+        "checkpoint": last_ckpt,
+        "run_dir": str(run_dir),
+        "targets": targets,
+    }
     if main:
         log.write_csv()
         atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
@@ -392,8 +479,14 @@ class _null:
 def _progress(cfg: RunConfig, main: bool, total: int, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not (cfg.progress and main), desc="finetune",
-                unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not (cfg.progress and main),
+        desc="finetune",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def _make_monitor(cfg: RunConfig, model: nn.Module):
@@ -411,6 +504,7 @@ def _paused(monitor):
 
 def monitor_row(records: list) -> dict[str, float]:
     """Layer-averaged monitor statistics of one recorded step (per-layer rows go to monitor.jsonl)."""
+
     def mean(key: str) -> float | None:
         vals = [getattr(r, key) for r in records if getattr(r, key) is not None]
         return sum(vals) / len(vals) if vals else None
