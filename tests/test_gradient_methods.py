@@ -361,3 +361,24 @@ def test_preconditioned_training_on_a_peft_model_reduces_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_lora_one_on_gpt2_conv1d_and_with_a_memory_budget():
+    """Conv1D stores W as (in, out): G must still come out (out, in); grouping must not change the result."""
+    from tests.conftest import tiny_gpt2
+
+    base = tiny_gpt2()
+    batches = _batches()
+    ref = copy.deepcopy(base)
+    grads: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        ref.zero_grad()
+        ref(**batch).loss.backward()
+        for name, mod in ref.named_modules():
+            if name.endswith(("c_attn", "c_fc")):
+                grads[name] = grads.get(name, 0) + mod.weight.grad.T.double() / len(batches)  # to (out, in)
+    model = wl.attach(base, ["c_attn", "c_fc"], rank=3, alpha=3, seed=0)
+    wl.initialize(model, "lora_one", batches=batches, gamma=8.0, memory_budget=32 * 96 * 4, progress=False)
+    for p in wl.lora_pairs(model):
+        g_r, sigma1 = _truncated(grads[p.name], 3)
+        torch.testing.assert_close(p.delta().double(), -(p.scale / (8.0 * sigma1)) * g_r, rtol=1e-4, atol=1e-8)

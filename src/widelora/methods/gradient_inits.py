@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 import torch
 
 from widelora.lora.pairs import LoRAPair
-from widelora.methods.gradients import estimate_gradients
+from widelora.methods.gradients import iter_gradients
 from widelora.methods.init import InitContext, InitUpdate, register_init
 
 __all__ = ["SVD_MODES", "lora_ga_factors", "lora_one_factors", "pair_gradients"]
@@ -149,17 +149,37 @@ def _base_function(pairs: list[LoRAPair], ctx: InitContext) -> Iterator[None]:
                     p.set_weight(w)
 
 
-def pair_gradients(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, torch.Tensor]:
-    """``G = dL/dW`` (out × in, fp32) for every pair, estimated on the base function from ``ctx.batches``."""
+def _gradient_groups(pairs: list[LoRAPair], ctx: InitContext):
     if ctx.batches is None:
         raise ValueError("gradient-informed init schemes need data: pass batches=<an iterable of model inputs>")
     opts = ctx.options
-    with _base_function(pairs, ctx):
-        return estimate_gradients(
-            ctx.model, pairs, ctx.batches, loss_fn=ctx.loss_fn, num_batches=opts.get("num_batches"),
-            memory_budget=opts.get("memory_budget"), train_mode=bool(opts.get("train_mode", False)),
-            progress=bool(opts.get("progress", True)),
-        )
+    return iter_gradients(
+        ctx.model, pairs, ctx.batches, loss_fn=ctx.loss_fn, num_batches=opts.get("num_batches"),
+        memory_budget=opts.get("memory_budget"), train_mode=bool(opts.get("train_mode", False)),
+        progress=bool(opts.get("progress", True)),
+    )
+
+
+def pair_gradients(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, torch.Tensor]:
+    """``G = dL/dW`` (out × in, fp32) for every pair, estimated on the base function from ``ctx.batches``."""
+    grads: dict[str, torch.Tensor] = {}
+    with _base_function(pairs, ctx), closing(_gradient_groups(pairs, ctx)) as groups:
+        for group in groups:
+            grads.update(group)
+    return grads
+
+
+def _factors(pairs: list[LoRAPair], ctx: InitContext,
+             fn: Callable[[LoRAPair, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(B0, A0) per pair, each group's gradients turned into factors before the next group is estimated."""
+    by_name = {p.name: p for p in pairs}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with _base_function(pairs, ctx), closing(_gradient_groups(pairs, ctx)) as groups:
+        for group in groups:
+            for name in list(group):
+                out[name] = fn(by_name[name], group.pop(name))
+    return out
 
 
 def _seed(ctx: InitContext) -> int:
@@ -180,15 +200,12 @@ def lora_one(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     gamma = ctx.options.get("gamma", 128.0)
     _check_positive("gamma", gamma)
     _precheck(pairs, 1, "lora_one")
-    grads = pair_gradients(pairs, ctx)
     seed = _seed(ctx)
-    updates = {}
-    for p in pairs:
-        b0, a0 = lora_one_factors(grads[p.name], p.rank, gamma=gamma, svd=ctx.options.get("svd", "auto"),
-                                  q=ctx.options.get("q"), niter=ctx.options.get("niter", 16), seed=seed,
-                                  name=p.name)
-        updates[p.name] = InitUpdate(A=a0, B=b0)
-    return updates
+    opts = ctx.options
+    factors = _factors(pairs, ctx, lambda p, g: lora_one_factors(
+        g, p.rank, gamma=gamma, svd=opts.get("svd", "auto"), q=opts.get("q"), niter=opts.get("niter", 16),
+        seed=seed, name=p.name))
+    return {p.name: InitUpdate(A=factors[p.name][1], B=factors[p.name][0]) for p in pairs}
 
 
 @register_init("lora_ga", needs_data=True,
@@ -199,13 +216,14 @@ def lora_ga(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     gamma = ctx.options.get("gamma", 16.0)
     _check_positive("gamma", gamma)
     _precheck(pairs, 2, "lora_ga")
-    grads = pair_gradients(pairs, ctx)
     seed = _seed(ctx)
+    opts = ctx.options
+    factors = _factors(pairs, ctx, lambda p, g: lora_ga_factors(
+        g, p.rank, gamma=gamma, svd=opts.get("svd", "auto"), q=opts.get("q"), niter=opts.get("niter", 4),
+        seed=seed, name=p.name))
     updates = {}
     for p in pairs:
-        b0, a0 = lora_ga_factors(grads[p.name], p.rank, gamma=gamma, svd=ctx.options.get("svd", "auto"),
-                                 q=ctx.options.get("q"), niter=ctx.options.get("niter", 4), seed=seed,
-                                 name=p.name)
+        b0, a0 = factors[p.name]
         w = ctx.original_weight(p)
         new_w = (w.double() - p.scale * (b0.double() @ a0.double())).float()
         updates[p.name] = InitUpdate(A=a0, B=b0, weight=new_w, offset=(b0.clone(), a0.clone()))

@@ -15,7 +15,7 @@ gradient of its own mean loss, and the sum is divided by the number of batches.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["compute_loss", "estimate_gradients", "group_by_budget", "move_batch"]
+__all__ = ["compute_loss", "estimate_gradients", "group_by_budget", "iter_gradients", "move_batch"]
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
@@ -144,17 +144,44 @@ def estimate_gradients(
     ``modules`` is either ``{name: linear module}`` or a sequence of LoRA pairs (the adapted module is
     hooked; its input is the base layer's input and its output gradient the base output's, so the result is
     the gradient of the base weight ``W``; the caller makes the adapted model compute the base function, e.g.
-    by zeroing ``B`` during the estimate, as ``widelora.methods.gradient_inits`` does). ``batches`` yields model-input mappings with ``labels``,
-    or anything ``loss_fn(model, batch)`` understands; at most ``num_batches`` are used. ``memory_budget``
-    (bytes) bounds the gradient matrices accumulated per pass. The model is put in eval mode during
-    estimation unless ``train_mode`` (the references use train mode; it only matters with dropout) and
-    restored afterwards; no parameter's ``requires_grad`` or ``.grad`` is changed.
+    by zeroing ``B`` during the estimate, as ``widelora.methods.gradient_inits`` does). ``batches`` yields
+    model-input mappings with ``labels``, or anything ``loss_fn(model, batch)`` understands; at most
+    ``num_batches`` are used. ``memory_budget`` (bytes) bounds the gradient matrices accumulated per pass;
+    use :func:`iter_gradients` to also consume each group before the next is computed. The model is put in
+    eval mode during estimation unless ``train_mode`` (the references use train mode; it only matters with
+    dropout) and restored afterwards; no parameter's ``requires_grad`` or ``.grad`` is changed.
+    """
+    grads: dict[str, torch.Tensor] = {}
+    for group in iter_gradients(model, modules, batches, loss_fn=loss_fn, num_batches=num_batches,
+                                memory_budget=memory_budget, train_mode=train_mode, progress=progress,
+                                device=device):
+        grads.update(group)
+    return grads
+
+
+def iter_gradients(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module] | Sequence[Any],
+    batches: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
+    memory_budget: int | None = None,
+    train_mode: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Like :func:`estimate_gradients`, one memory-budget group at a time (``{name: G}`` per group).
+
+    A consumer that turns each ``G`` into small factors before asking for the next group never holds more
+    than one group's gradients.
     """
     targets = _resolve_modules(modules)
     if not targets:
         raise ValueError("modules is empty: there is no adapted weight to estimate a gradient for")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches!r}")
     if batches is None:
         raise ValueError("batches is None: gradient estimation needs data (an iterable of batches)")
     data = list(itertools.islice(iter(batches), num_batches))
@@ -163,39 +190,38 @@ def estimate_gradients(
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    shapes = {name: _weight_shape(mod) for name, mod in targets.items()}
+    shapes = {name: shape for name, (_, shape) in targets.items()}
     groups = group_by_budget(shapes, memory_budget)
 
-    grads: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.train(train_mode)
+    bar = _progress(len(groups) * len(data), progress)
     try:
         with _frozen(model):
-            bar = _progress(len(groups) * len(data), progress)
-            try:
-                for group in groups:
-                    grads.update(_estimate_group(model, {n: targets[n] for n in group}, shapes, data,
-                                                 loss_fn, device, bar))
-            finally:
-                bar.close()
+            for group in groups:
+                result = _estimate_group(model, {n: targets[n][0] for n in group}, shapes, data, loss_fn,
+                                         device, bar)
+                yield {name: result[name] for name in group}
     finally:
+        bar.close()
         model.train(was_training)
-    return {name: grads[name] for name in targets}
 
 
-def _resolve_modules(modules: Mapping[str, nn.Module] | Sequence[Any]) -> dict[str, nn.Module]:
+def _resolve_modules(modules: Mapping[str, nn.Module] | Sequence[Any]
+                     ) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
+    """{name: (module to hook, (out, in))}."""
     if isinstance(modules, Mapping):
-        return dict(modules)
-    resolved: dict[str, nn.Module] = {}
+        return {name: (mod, _weight_shape(mod)) for name, mod in modules.items()}
+    resolved: dict[str, tuple[nn.Module, tuple[int, int]]] = {}
     for item in modules:
         # Hook the adapted wrapper, not its base layer: a fused forward may never call base_layer, while the
         # wrapper always sees x and, with y = W x + s·B A x, its output gradient is the base output's gradient.
-        base = getattr(item, "module", None)
+        module = getattr(item, "module", None)
         name = getattr(item, "name", None)
-        if base is None or name is None:
+        if module is None or name is None:
             raise TypeError(f"modules must be a mapping name -> module or a sequence of LoRA pairs; "
                             f"got an item of type {type(item).__name__}")
-        resolved[name] = base
+        resolved[name] = (module, (int(item.fan_out), int(item.fan_in)))
     return resolved
 
 
