@@ -72,3 +72,7 @@ def run_trial(
         except OSError:
             pass
         return result
+
+
+#: Keys `run_trial` accepts (the sweep engine validates specs against them).
+run_trial.config_keys = frozenset(RunConfig.keys()) | {"preset"}
