@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-import widelora as wl  # noqa: E402
-from widelora.lora.fused import fused_lora_linear  # noqa: E402
+import widelora as wl
+from widelora.lora.fused import fused_lora_linear
 
 HEADS = ("lm_head", "classifier", "score")
 
@@ -180,7 +180,7 @@ def bench_layer(args) -> dict:
         b = (torch.randn(fout, r, generator=g) * 0.01).requires_grad_()
         gy = torch.randn(n, fout, generator=g)
 
-        def run(kind: str) -> None:
+        def run(kind: str, x0=x0, w=w, a=a, b=b, gy=gy) -> None:
             x = x0.clone().requires_grad_()  # same (tiny) clone cost in every variant
             if kind == "plain":
                 y = F.linear(x, w) + F.linear(F.linear(x, a), b) * 1.0
