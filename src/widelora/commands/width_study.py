@@ -1,7 +1,107 @@
-"""`widelora width-study` command (not yet implemented)."""
+"""`widelora width-study`: the teacher–student width study of the initialization paper (Figures 2–3)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import typer
 
+_POW_RANGE = re.compile(r"^2\^(-?\d+)\.\.2\^(-?\d+)(?:/(\d+))?$")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """"128,256,512" or "2^7..2^13" (every power of two in between)."""
+    m = _POW_RANGE.match(text.replace(" ", ""))
+    if m:
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if lo < 0 or hi < lo:
+            raise ValueError(f"widths: bad range {text!r}; expected e.g. 2^7..2^13")
+        return tuple(2**k for k in range(lo, hi + 1))
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"widths: {text!r} is not a comma-separated list of ints or a range like 2^7..2^13")
+    if not values or min(values) < 1:
+        raise ValueError(f"widths: {text!r}; expected positive ints")
+    return values
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    """"1e-4,3e-4" or "2^-16..2^-2" (factor 2 apart) or "2^-16..2^-2/2" (2 points per octave)."""
+    from widelora.experiments.width_study import lr_grid
+
+    m = _POW_RANGE.match(text.replace(" ", ""))
+    if m:
+        per = int(m.group(3) or 1)
+        return lr_grid(int(m.group(1)), int(m.group(2)), per)
+    try:
+        values = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise ValueError(f"lrs: {text!r} is not a comma-separated list of numbers or a range like 2^-16..2^-2")
+    if not values or min(values) <= 0:
+        raise ValueError(f"lrs: {text!r}; expected positive learning rates")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to the main app."""
+    """Attach `width-study` to the main app."""
+
+    @app.command("width-study")
+    def width_study(
+        out: Path = typer.Option(Path("results/width_study"), "--out", "-o", help="Output folder (resumable)."),
+        quick: bool = typer.Option(False, "--quick", help="Small study for demos: 3 widths, 1 seed, < 1 min."),
+        widths: str = typer.Option(None, help="e.g. 128,1024,8192 or 2^7..2^13 [default: 2^7..2^13]"),
+        inits: str = typer.Option("init_a,init_b", help="Registered init schemes, comma-separated."),
+        lrs: str = typer.Option(None, help="e.g. 2^-16..2^-2 (factor 2), 2^-16..2^-2/2, or 1e-4,3e-4,..."),
+        seeds: str = typer.Option(None, help="Comma-separated seeds [default: 0,1]."),
+        steps: int = typer.Option(None, help="AdamW steps per run."),
+        batch_size: int = typer.Option(None, help="Mini-batch size."),
+        rank: int = typer.Option(4, help="Student LoRA rank r."),
+        alpha: float = typer.Option(None, help="LoRA alpha; scale s = alpha/r [default: alpha = r, s = 1]."),
+        ratio: float = typer.Option(1.0, help="LoRA+ ratio lr_B / lr_A (1 = plain AdamW)."),
+        weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+        select_by: str = typer.Option("train", help="Loss the optimum is read from: train | test."),
+        dtype: str = typer.Option("float32", help="float32 | float64."),
+        threads: int = typer.Option(None, help="torch threads [default: torch's choice]."),
+        workers: int = typer.Option(None, help="Processes, 1 thread each [default: 2; --quick: 1]."),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip chunks already in --out."),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        figures: bool = typer.Option(True, "--figures/--no-figures"),
+    ) -> None:
+        """Optimal LR vs width for Init[A] / Init[B] on the paper's teacher–student model, with figures."""
+        from widelora.experiments.width_figures import report_markdown
+        from widelora.experiments.width_study import WidthStudyConfig, run_width_study
+
+        overrides: dict = {"inits": _names(inits), "rank": rank, "alpha": alpha, "ratio": ratio,
+                           "weight_decay": weight_decay, "select_by": select_by, "dtype": dtype,
+                           "threads": threads}
+        if workers is not None:
+            overrides["workers"] = workers
+        try:
+            if widths:
+                overrides["widths"] = parse_widths(widths)
+            if lrs:
+                overrides["lrs"] = parse_lrs(lrs)
+            if seeds:
+                overrides["seeds"] = tuple(int(s) for s in _names(seeds))
+            if steps is not None:
+                overrides["steps"] = steps
+            if batch_size is not None:
+                overrides["batch_size"] = batch_size
+            config = WidthStudyConfig.quick(**overrides) if quick else WidthStudyConfig(**overrides)
+            from widelora.methods.init import get_scheme
+
+            for name in config.inits:
+                get_scheme(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        result = run_width_study(config, out, progress=progress, resume=resume, figures=figures)
+        typer.echo(report_markdown(result))
+        typer.echo(f"results: {out}/results.csv, {out}/optima.csv, {out}/summary.json, {out}/report.md")
+        for fig in result.figures:
+            typer.echo(f"figure: {fig}")

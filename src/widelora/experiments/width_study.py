@@ -39,9 +39,22 @@ import torch
 import torch.nn.functional as F
 
 from widelora.experiments.toy import FrozenWeights, ToyData, ToyModel, derive_seed, make_data, student_weights
-from widelora.monitor import feature_norms
+from widelora.monitor import gram_norms
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, t: int, steps: int) -> float:
+    """Multiplier of the base LR at step t (1-based) of ``steps``: the LR used by the t-th update."""
+    if schedule == "constant":
+        return 1.0
+    frac = (t - 1) / steps
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"schedule: got {schedule!r}; expected one of {list(SCHEDULES)}")
 
 
 def lr_grid(low_exp: float, high_exp: float, per_octave: int = 1) -> tuple[float, ...]:
@@ -60,16 +73,17 @@ class WidthStudyConfig:
 
     widths: tuple[int, ...] = tuple(2**k for k in range(7, 14))
     inits: tuple[str, ...] = ("init_a", "init_b")
-    lrs: tuple[float, ...] = lr_grid(-16, -2)  # 15 points, a factor 2 apart
+    lrs: tuple[float, ...] = lr_grid(-15, -3)  # 13 points, a factor 2 apart: 3.1e-5 ... 0.125
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 1000
-    batch_size: int = 32
+    steps: int = 500
+    batch_size: int = 16
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank, i.e. s = 1 as in the paper's eq. (4)
     ratio: float = 1.0  # LoRA+: lr_B = ratio · lr_A (lr is lr_A); 1 = plain AdamW
     betas: tuple[float, float] = (0.9, 0.99)  # Appendix B.1.1
     eps: float = 1e-8
     weight_decay: float = 0.0
+    schedule: str = "constant"  # LR multiplier over steps: "constant" | "linear" (to 0) | "cosine" (to 0)
     d: int = 5
     teacher_width: int = 1000
     teacher_rank: int = 20
@@ -81,10 +95,11 @@ class WidthStudyConfig:
     curve_points: int = 100  # mean batch loss over this many windows
     diverge_factor: float = 100.0  # batch loss above this × the initial train loss counts as diverged
     dtype: str = "float32"
-    threads: int | None = None  # torch threads; None leaves torch's default
+    threads: int | None = None  # torch threads; None leaves torch's default (workers > 1 use 1 each)
+    workers: int = 2  # processes, each given whole widths (2 cores: 2 workers of 1 thread beat 1 of 2 threads)
 
     # fields that do not change the numbers, so a resumed run may differ in them
-    _NON_RESULT = ("threads", "select_by", "widths", "inits")
+    _NON_RESULT = ("threads", "workers", "select_by", "widths", "inits")
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -121,10 +136,14 @@ class WidthStudyConfig:
             raise bad("ratio", self.ratio, "a positive number")
         if not all(0 <= b < 1 for b in self.betas):
             raise bad("betas", self.betas, "two numbers in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"one of {list(SCHEDULES)}")
         if self.select_by not in ("train", "test"):
             raise bad("select_by", self.select_by, "'train' or 'test'")
         if self.dtype not in DTYPES:
             raise bad("dtype", self.dtype, f"one of {sorted(DTYPES)}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise bad("workers", self.workers, "an int >= 1")
         if self.threads is not None and self.threads < 1:
             raise bad("threads", self.threads, "None or an int >= 1")
         if not self.diverge_factor > 1:
@@ -138,7 +157,7 @@ class WidthStudyConfig:
     def quick(cls, **overrides: Any) -> WidthStudyConfig:
         """A small study for demos and smoke tests (well under a minute on 2 cores)."""
         base = dict(widths=(128, 512, 2048), lrs=lr_grid(-14, -4), seeds=(0,), steps=300, trace_points=16,
-                    curve_points=50)
+                    curve_points=50, workers=1)
         base.update(overrides)
         return cls(**base)
 
@@ -291,20 +310,21 @@ def _evenly(steps: int, points: int, start: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _full_loss(h, u, w_out, y, A, B, scale, max_elems=1 << 24) -> torch.Tensor:
-    """Mean squared error of every (seed, lr) on a full data set, chunked over lrs to bound memory."""
-    S, L = A.shape[:2]
-    N, n = h.shape[1:]
+def _full_loss(h, u, w_out, y, A, Bt, scale, max_elems=1 << 23) -> torch.Tensor:
+    """Mean squared error of every (seed, lr) on a full data set (A, Bt both (S, L, r, n)), chunked over lrs."""
+    S, L, r, n = A.shape
+    N = h.shape[1]
     step = max(1, max_elems // max(1, S * N * n))
     out = []
     for l0 in range(0, L, step):
-        a, b = A[:, l0 : l0 + step], B[:, l0 : l0 + step]
-        z_a = h[:, None] @ a.transpose(-1, -2)  # (S, l, N, r)
-        y_h = torch.baddbmm(u[:, None].expand(S, a.shape[1], N, n).reshape(-1, N, n),
-                            z_a.reshape(-1, N, a.shape[2]), b.transpose(-1, -2).reshape(-1, a.shape[2], n),
-                            alpha=scale).view(S, -1, N, n)
-        pred = y_h.clamp_min_(0) @ w_out[:, None, :, None]
-        out.append(((pred.squeeze(-1) - y[None, None]) ** 2).mean(-1))
+        a, b = A[:, l0 : l0 + step], Bt[:, l0 : l0 + step]
+        k = a.shape[1]
+        z_a = torch.bmm(h, a.reshape(S, k * r, n).transpose(1, 2)).view(S, N, k, r).transpose(1, 2)
+        y_h = u[:, None].repeat(1, k, 1, 1)
+        y_h.view(S * k, N, n).baddbmm_(z_a.reshape(S * k, N, r), b.reshape(S * k, r, n), alpha=scale)
+        y_h.clamp_min_(0)
+        pred = torch.stack([torch.mv(y_h[i].view(-1, n), w_out[i]) for i in range(S)]).view(S, k, N)
+        out.append(((pred - y[None, None]) ** 2).mean(-1))
     return torch.cat(out, dim=1)
 
 
@@ -350,14 +370,15 @@ def train_chunk(
     if schedules is None:
         schedules = torch.stack([batch_schedule(config.n_train, b, config.steps, sd) for sd in config.seeds])
     A = A0.to(dtype)[:, None].repeat(1, L, 1, 1).contiguous()  # (S, L, r, n)
-    B = B0.to(dtype)[:, None].repeat(1, L, 1, 1).contiguous()  # (S, L, n, r)
-    mA, vA, mB, vB = (torch.zeros_like(A), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(B))
+    # B is kept transposed, Bt = Bᵀ (S, L, r, n): every product then runs along contiguous n (3-4× faster)
+    Bt = B0.to(dtype).transpose(1, 2)[:, None].repeat(1, L, 1, 1).contiguous()
+    mA, vA, mB, vB = (torch.zeros_like(A), torch.zeros_like(A), torch.zeros_like(Bt), torch.zeros_like(Bt))
     lr = torch.tensor(config.lrs, dtype=dtype).view(1, L, 1, 1).repeat(S, 1, 1, 1)
     beta1, beta2 = config.betas
     seed_idx = torch.arange(S)[:, None]
-    wcol = w_out[:, None, :, None]  # (S, 1, n, 1)
+    wrow = w_out[:, None, None, :]  # (S, 1, 1, n)
 
-    loss0 = _full_loss(h, u, w_out, y, A[:, :1], B[:, :1], s)[:, 0]  # (S,) initial train loss
+    loss0 = _full_loss(h, u, w_out, y, A[:, :1], Bt[:, :1], s)[:, 0]  # (S,) initial train loss
     limit = (config.diverge_factor * loss0.clamp_min(1e-12))[:, None]
     diverged = torch.full((S, L), -1, dtype=torch.long)
 
@@ -368,27 +389,30 @@ def train_chunk(
     window = torch.zeros(S, L, dtype=dtype)
     window_len = 0
 
-    def trace() -> None:
-        za, zb = feature_norms(h[:, None], A, B, s)
-        z_a_tr.append(za), z_b_tr.append(zb)
+    def trace() -> None:  # on the full train set; Z_A by one bmm, ||Z_B|| through the r×r Gram (monitor's math)
+        z = torch.bmm(h, A.view(S, L * r, n).transpose(1, 2)).view(S, -1, L, r).transpose(1, 2)  # (S, L, N, r)
+        z_a_tr.append(z.norm(dim=-1).mean(-1)), z_b_tr.append(gram_norms(z, Bt.transpose(-1, -2), s).mean(-1))
 
     curve_set, trace_set = set(curve_steps.tolist()), set(trace_steps.tolist())
     if trace_steps[0] == 0:
         trace()
     pending = 0
+    y_h = torch.empty(S, L, b, n, dtype=dtype)
     for t in range(1, config.steps + 1):
         idx = schedules[:, t - 1]  # (S, b)
         hb, ub, yb = h[seed_idx, idx], u[seed_idx, idx], y[idx]  # (S, b, n), (S, b, n), (S, b)
         z_a = torch.bmm(hb, A.view(S, L * r, n).transpose(1, 2)).view(S, b, L, r).transpose(1, 2)  # (S, L, b, r)
-        y_h = torch.matmul(z_a, B.transpose(-1, -2))  # (S, L, b, n)
-        y_h.mul_(s).add_(ub[:, None])
+        y_h.copy_(ub[:, None])  # Y_h = u_b + s Z_A Bᵀ, accumulated in place in a reused buffer
+        y_h.view(S * L, b, n).baddbmm_(z_a.reshape(S * L, b, r), Bt.view(S * L, r, n), alpha=s)
         act = y_h.clamp_min_(0.0)
-        err = (act @ wcol).squeeze(-1) - yb[:, None]  # (S, L, b)
+        # φ(Y_h) w_out as one matrix-vector product per seed (a batched (.., n) @ (n, 1) is ~20× slower on CPU)
+        pred = torch.stack([torch.mv(act[i].view(L * b, n), w_out[i]) for i in range(S)]).view(S, L, b)
+        err = pred - yb[:, None]  # (S, L, b)
         loss = (err * err).mean(-1)
         g = err * (2.0 / b)
-        mask = (act > 0).to(dtype)
-        gB = (mask.transpose(-1, -2) @ (g[..., None] * z_a)).mul_(wcol).mul_(s)  # (S, L, n, r)
-        dz_a = (mask @ (wcol * B)).mul_(g[..., None] * s)  # (S, L, b, r)
+        d_act = act.sign_().mul_(g[..., None])  # ∂loss/∂(φ(Y_h)) / w_out, masked by φ'; reuses the buffer
+        gBt = (z_a.transpose(-1, -2) @ d_act).mul_(wrow).mul_(s)  # (S, L, r, n) = (∂B)ᵀ
+        dz_a = (d_act @ (Bt * wrow).transpose(-1, -2)).mul_(s)  # (S, L, b, r)
         gA = torch.bmm(dz_a.transpose(1, 2).reshape(S, b, L * r).transpose(1, 2), hb).view(S, L, r, n)
 
         bad = ~torch.isfinite(loss) | (loss > limit)
@@ -396,10 +420,11 @@ def train_chunk(
         if newly.any():
             diverged[newly] = t
             lr[newly] = 0.0
-            for tensor in (A, B, mA, vA, mB, vB, gA, gB):
+            for tensor in (A, Bt, mA, vA, mB, vB, gA, gBt):
                 tensor[newly] = 0.0
-        _adamw_(A, gA, mA, vA, lr, t, beta1, beta2, config.eps, config.weight_decay)
-        _adamw_(B, gB, mB, vB, lr * config.ratio, t, beta1, beta2, config.eps, config.weight_decay)
+        lr_t = lr * lr_factor(config.schedule, t, config.steps)
+        _adamw_(A, gA, mA, vA, lr_t, t, beta1, beta2, config.eps, config.weight_decay)
+        _adamw_(Bt, gBt, mB, vB, lr_t * config.ratio, t, beta1, beta2, config.eps, config.weight_decay)
 
         window += torch.where(diverged >= 0, torch.full_like(loss, math.nan), loss)
         window_len += 1
@@ -415,8 +440,8 @@ def train_chunk(
             pending = 0
 
     alive = diverged < 0
-    train = _full_loss(h, u, w_out, y, A, B, s)
-    test = _full_loss(cache.h_test, ut, w_out, data.y_test.to(dtype), A, B, s)
+    train = _full_loss(h, u, w_out, y, A, Bt, s)
+    test = _full_loss(cache.h_test, ut, w_out, data.y_test.to(dtype), A, Bt, s)
     nan = torch.full_like(train, math.nan)
     train, test = torch.where(alive, train, nan), torch.where(alive, test, nan)
     z_a_arr = torch.stack(z_a_tr, -1)
@@ -470,6 +495,7 @@ def run_single(
     with torch.no_grad():
         limit = config.diverge_factor * max(F.mse_loss(model(x), y).item(), 1e-12)
     sched = batch_schedule(config.n_train, config.batch_size, config.steps, seed)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(config.schedule, k + 1, config.steps))
     losses = np.full(config.steps, math.nan)
     diverged = -1
     for t in range(1, config.steps + 1):
@@ -483,6 +509,7 @@ def run_single(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        lr_sched.step()
     with torch.no_grad():
         train = F.mse_loss(model(x), y).item() if diverged < 0 else math.nan
         test = F.mse_loss(model(data.x_test.to(dtype)), data.y_test.to(dtype)).item() if diverged < 0 else math.nan
@@ -619,6 +646,119 @@ def _progress(enabled: bool, total: int):
     return prog
 
 
+def _run_chunks(
+    config: WidthStudyConfig, data: ToyData, todo: list[tuple[int, str]], out: Path | None, advance: Any = None
+) -> dict[tuple[int, str], ChunkResult]:
+    """Train the listed (width, init) chunks, one width's cache at a time; write each chunk as it finishes.
+
+    ``advance(k)`` receives progress in units of steps × width (roughly proportional to compute).
+    """
+    dtype = DTYPES[config.dtype]
+    chunks: dict[tuple[int, str], ChunkResult] = {}
+    for width in dict.fromkeys(w for w, _ in todo):
+        cache = build_cache(config, data, width)
+        for init in [i for w, i in todo if w == width]:
+            A0s, B0s, u_tr, u_te = [], [], [], []
+            moved = False
+            for si, seed in enumerate(config.seeds):
+                a0, b0, w_h = initial_adapters(config, data, cache.frozen[si], init, seed)
+                A0s.append(a0), B0s.append(b0)
+                if w_h is not None:  # the scheme moved W_h (PiSSA, LoRA-GA): u must be recomputed
+                    moved = True
+                    u_tr.append(_features(data.x_train.to(dtype), cache.frozen[si], w_h)[1])
+                    u_te.append(_features(data.x_test.to(dtype), cache.frozen[si], w_h)[1])
+                else:
+                    u_tr.append(cache.u_train[si]), u_te.append(cache.u_test[si])
+            step_cb = (lambda k, _w=width: advance(k * _w)) if advance is not None else None
+            chunk = train_chunk(config, cache, data, torch.stack(A0s), torch.stack(B0s), init=init,
+                                u_train=torch.stack(u_tr) if moved else None,
+                                u_test=torch.stack(u_te) if moved else None, on_step=step_cb)
+            chunks[(width, init)] = chunk
+            if out is not None:
+                _atomic_write(chunk_path(out, width, init), json.dumps(chunk.to_json()))
+        del cache
+    return chunks
+
+
+def _worker(config_dict: dict, out: str, todo: list, counter: Any, errors: Any) -> None:
+    """Subprocess entry: one thread, its share of the widths, chunks written to ``out``."""
+    try:
+        torch.set_num_threads(1)
+        config = WidthStudyConfig.from_dict(config_dict)
+        data = make_data(config.d, config.teacher_width, config.teacher_rank, config.n_train, config.n_test,
+                         config.data_seed, DTYPES[config.dtype])
+
+        def advance(k: float) -> None:
+            with counter.get_lock():
+                counter.value += k
+
+        _run_chunks(config, data, [tuple(t) for t in todo], Path(out), advance)
+    except BaseException:  # report to the parent, which raises
+        import traceback
+
+        errors.put(traceback.format_exc())
+        raise
+
+
+def _partition(todo: list[tuple[int, str]], workers: int) -> list[list[tuple[int, str]]]:
+    """Whole widths to workers, largest first to the least loaded (a width's cache is built once)."""
+    by_width: dict[int, list[tuple[int, str]]] = {}
+    for w, i in todo:
+        by_width.setdefault(w, []).append((w, i))
+    loads = [0.0] * workers
+    parts: list[list[tuple[int, str]]] = [[] for _ in range(workers)]
+    for w in sorted(by_width, key=lambda w: -w * len(by_width[w])):
+        k = loads.index(min(loads))
+        parts[k].extend(by_width[w])
+        loads[k] += w * len(by_width[w])
+    return [p for p in parts if p]
+
+
+def _run_parallel(
+    config: WidthStudyConfig, todo: list[tuple[int, str]], out: Path | None, progress: bool
+) -> dict[tuple[int, str], ChunkResult]:
+    """Run the chunks in ``config.workers`` processes (1 torch thread each); chunks come back through files."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="widelora-width-")
+        out = Path(tmp.name)
+    counter, errors = ctx.Value("d", 0.0), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(config.to_dict(), str(out), part, counter, errors), daemon=True)
+             for part in _partition(todo, config.workers)]
+    prog = _progress(progress, sum(config.steps * w for w, _ in todo))
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            if prog is not None:
+                prog.update(prog.task_ids[0], completed=counter.value)
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+    finally:
+        for p in procs:
+            if p.is_alive() and any(q.exitcode not in (None, 0) for q in procs):
+                p.terminate()
+            p.join()
+        if prog is not None:
+            prog.stop()
+    if any(p.exitcode != 0 for p in procs):
+        msg = errors.get() if not errors.empty() else f"exit codes {[p.exitcode for p in procs]}"
+        raise RuntimeError(f"a width-study worker failed:\n{msg}")
+    chunks = {}
+    for w, i in todo:
+        chunk = load_chunk(chunk_path(out, w, i), config)
+        if chunk is None:
+            raise RuntimeError(f"worker finished but chunk w{w}_{i} is missing in {out}")
+        chunks[(w, i)] = chunk
+    if tmp is not None:
+        tmp.cleanup()
+    return chunks
+
+
 def run_width_study(
     config: WidthStudyConfig,
     out_dir: str | os.PathLike | None = None,
@@ -659,41 +799,16 @@ def run_width_study(
     for init in config.inits:
         get_scheme(init)
 
-    total = sum(config.steps * w for w, _ in todo)  # progress in (steps × width): roughly proportional to time
-    prog = _progress(progress and bool(todo), total)
-    try:
-        for width in config.widths:
-            inits = [i for w, i in todo if w == width]
-            if not inits:
-                continue
+    if todo and config.workers > 1 and len({w for w, _ in todo}) > 1:
+        chunks.update(_run_parallel(config, todo, out, progress))
+    elif todo:
+        prog = _progress(progress, sum(config.steps * w for w, _ in todo))
+        advance = (lambda k: prog.advance(prog.task_ids[0], k)) if prog is not None else None
+        try:
+            chunks.update(_run_chunks(config, data, todo, out, advance))
+        finally:
             if prog is not None:
-                prog.update(prog.task_ids[0], description=f"n={width}")
-            cache = build_cache(config, data, width)
-            for init in inits:
-                if prog is not None:
-                    prog.update(prog.task_ids[0], description=f"n={width} {init}")
-                A0s, B0s, u_tr, u_te = [], [], [], []
-                moved = False
-                for si, seed in enumerate(config.seeds):
-                    a0, b0, w_h = initial_adapters(config, data, cache.frozen[si], init, seed)
-                    A0s.append(a0), B0s.append(b0)
-                    if w_h is not None:  # the scheme moved W_h (PiSSA, LoRA-GA): u must be recomputed
-                        moved = True
-                        u_tr.append(_features(data.x_train.to(dtype), cache.frozen[si], w_h)[1])
-                        u_te.append(_features(data.x_test.to(dtype), cache.frozen[si], w_h)[1])
-                    else:
-                        u_tr.append(cache.u_train[si]), u_te.append(cache.u_test[si])
-                step_cb = (lambda k, _w=width: prog.advance(prog.task_ids[0], k * _w)) if prog is not None else None
-                chunk = train_chunk(config, cache, data, torch.stack(A0s), torch.stack(B0s), init=init,
-                                    u_train=torch.stack(u_tr) if moved else None,
-                                    u_test=torch.stack(u_te) if moved else None, on_step=step_cb)
-                chunks[(width, init)] = chunk
-                if out is not None:
-                    _atomic_write(chunk_path(out, width, init), json.dumps(chunk.to_json()))
-            del cache
-    finally:
-        if prog is not None:
-            prog.stop()
+                prog.stop()
 
     optima = [find_optimum(chunks[(w, i)], config.select_by) for i in config.inits for w in config.widths]
     fits = fit_optima(optima)

@@ -1,0 +1,246 @@
+"""Figures and the short report of the width study (paper Figures 2–3 and the loss-vs-LR curves behind them).
+
+All figures are written as PNG (matplotlib, Agg backend) by ``make_figures``; ``report_markdown`` gives the
+predicted-vs-measured exponent table and the optima as markdown, ready to paste into docs or an HTML report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from widelora.experiments.width_study import WidthStudyResult
+
+INIT_COLORS = {"init_a": "#d62728", "init_b": "#1f77b4", "kaiming": "#2ca02c", "gaussian": "#9467bd"}
+INIT_LABELS = {"init_a": "Init[A]", "init_b": "Init[B]"}
+_EXTRA_COLORS = ["#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _color(init: str, inits: list[str]) -> str:
+    if init in INIT_COLORS:
+        return INIT_COLORS[init]
+    return _EXTRA_COLORS[inits.index(init) % len(_EXTRA_COLORS)]
+
+
+def _label(init: str) -> str:
+    return INIT_LABELS.get(init, init)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                         "axes.spines.right": False, "figure.dpi": 110, "savefig.dpi": 130})
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
+    """Figure 2: optimal LR vs width per init, log–log, with fitted slopes and n^-1, n^-1/2 reference lines."""
+    plt = _plt()
+    cfg = result.config
+    inits = list(cfg.inits)
+    widths = np.array(sorted(cfg.widths), dtype=float)
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for init in inits:
+        opt = sorted((o for o in result.optima if o.init == init), key=lambda o: o.width)
+        c = _color(init, inits)
+        w = np.array([o.width for o in opt], dtype=float)
+        lr = np.array([o.lr for o in opt])
+        edge = np.array([o.at_edge for o in opt])
+        for o in opt:  # per-seed best grid points, faint
+            ax.scatter([o.width] * len(o.per_seed), o.per_seed, s=12, color=c, alpha=0.25, lw=0, zorder=2)
+        label = _label(init)
+        fit = result.fits.get(init)
+        if fit is not None:
+            label += f": slope {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
+            ax.plot(widths, fit.predict(widths), color=c, lw=1, alpha=0.6, ls="-")
+        ax.plot(w[~edge], lr[~edge], "o-", color=c, label=label, ms=6, zorder=3)
+        if edge.any():
+            ax.plot(w[edge], lr[edge], "o", mfc="white", color=c, ms=6, zorder=3)
+    # reference lines through the geometric centre of the optima (constants only set the vertical position)
+    finite = np.array([o.lr for o in result.optima if math.isfinite(o.lr)])
+    if finite.size:
+        centre_lr = float(np.exp(np.log(finite).mean()))
+        centre_w = float(np.exp(np.log(widths).mean()))
+        for expo, ls, name in ((-1.0, "--", r"$\propto n^{-1}$"), (-0.5, ":", r"$\propto n^{-1/2}$")):
+            ax.plot(widths, centre_lr * (widths / centre_w) ** expo, color="0.35", ls=ls, lw=1.2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("width n")
+    ax.set_ylabel(f"optimal learning rate ({cfg.select_by} loss)")
+    ax.set_title(f"Optimal LR vs width (r={cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="lower left")
+    lo, hi = min(cfg.lrs), max(cfg.lrs)
+    ax.axhspan(lo / 1.5, lo, color="0.9", zorder=0)
+    ax.axhspan(hi, hi * 1.5, color="0.9", zorder=0)
+    ax.text(0.99, 0.99, "hollow: optimum at a grid edge\nshaded: outside the LR grid\nfaint dots: per-seed optima",
+            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.4")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_features(result: WidthStudyResult, path: Path, widths: tuple[int, int] | None = None) -> Path:
+    """Figure 3: |Z_A| and |Z_B| (means over the train set) during training at each init's optimal LR,
+    for a small and a large width, every seed."""
+    plt = _plt()
+    cfg = result.config
+    inits = list(cfg.inits)
+    ws = widths or (min(cfg.widths), max(cfg.widths))
+    fig, axes = plt.subplots(len(ws), 2, figsize=(9, 3.0 * len(ws)), squeeze=False, sharex=True)
+    styles = ["-", "--", ":", "-."]
+    for row, width in enumerate(ws):
+        titles = []
+        for init in inits:
+            chunk = result.chunks.get((width, init))
+            opt = next((o for o in result.optima if o.width == width and o.init == init), None)
+            if chunk is None or opt is None or not math.isfinite(opt.lr_grid):
+                continue
+            li = chunk.lrs.index(opt.lr_grid)
+            c = _color(init, inits)
+            for si, seed in enumerate(chunk.seeds):
+                ls = styles[si % len(styles)]
+                lab = f"{_label(init)} seed {seed}"
+                axes[row, 0].plot(chunk.trace_steps, chunk.z_a[si, li], ls, color=c, label=lab, lw=1.4)
+                zb = np.where(chunk.z_b[si, li] > 0, chunk.z_b[si, li], np.nan)  # log axis: drop exact zeros
+                axes[row, 1].plot(chunk.trace_steps, zb, ls, color=c, label=lab, lw=1.4)
+            loss = np.nanmean(chunk.train_loss[:, li])
+            titles.append(f"{_label(init)}: lr={opt.lr_grid:.2g}, train loss {loss:.3g}")
+        axes[row, 0].set_ylabel(f"n = {width}\n|Z_A|")
+        axes[row, 1].set_ylabel("|Z_B|  (log scale)")
+        axes[row, 1].set_yscale("log")
+        axes[row, 0].set_title("; ".join(titles), fontsize=8, loc="left")
+        axes[row, 0].legend(fontsize=7, frameon=False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle("LoRA features over training at the optimal LR (means over the train set)", fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
+    """Final train (solid) and test (dashed) loss vs LR for every width: the curves the optima are read from."""
+    plt = _plt()
+    cfg = result.config
+    inits = list(cfg.inits)
+    widths = sorted(cfg.widths)
+    cols = min(4, len(widths))
+    rows = -(-len(widths) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows), squeeze=False, sharex=True)
+    lrs = np.array(cfg.lrs)
+    for k, width in enumerate(widths):
+        ax = axes[k // cols, k % cols]
+        for init in inits:
+            chunk = result.chunks.get((width, init))
+            if chunk is None:
+                continue
+            c = _color(init, inits)
+            for arr, ls, name in ((chunk.train_loss, "-", "train"), (chunk.test_loss, "--", "test")):
+                bad = ~np.isfinite(arr).all(axis=0)  # a seed diverged: no mean
+                mean = np.where(bad, np.nan, np.where(np.isfinite(arr), arr, 0.0).mean(axis=0))
+                ax.plot(lrs, mean, ls, color=c, lw=1.3, marker="o" if ls == "-" else None, ms=2.5,
+                        label=f"{_label(init)} {name}")
+            opt = next((o for o in result.optima if o.width == width and o.init == init), None)
+            if opt is not None and math.isfinite(opt.lr):
+                ax.axvline(opt.lr, color=c, lw=0.8, alpha=0.6)
+            div = np.array([(chunk.diverged_step[:, i] >= 0).any() for i in range(len(lrs))])
+            if div.any():
+                ax.plot(lrs[div], np.full(div.sum(), np.nan), "x", color=c)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"n = {width}", fontsize=9)
+        if k % cols == 0:
+            ax.set_ylabel("final loss (MSE)")
+        if k // cols == rows - 1:
+            ax.set_xlabel("learning rate")
+    for k in range(len(widths), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.suptitle("Final loss vs learning rate (mean over seeds; vertical line: optimum; gaps: diverged)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def make_figures(result: WidthStudyResult, out_dir: str | os.PathLike) -> list[Path]:
+    """All figures of the study into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    return [
+        plot_optimal_lr(result, out / "optimal_lr.png"),
+        plot_features(result, out / "features.png"),
+        plot_loss_vs_lr(result, out / "loss_vs_lr.png"),
+    ]
+
+
+def _fmt(x: float, spec: str = ".3g") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def report_markdown(result: WidthStudyResult) -> str:
+    """Predicted vs measured exponents, the optima per width, and the run's settings, as markdown."""
+    cfg = result.config
+    lines = ["## Width study: optimal learning rate vs width", ""]
+    lines += ["| init | predicted max-stable exponent | expected optimal exponent | measured slope "
+              f"({int(100 * next(iter(result.fits.values())).confidence) if result.fits else 95}% CI) | R² | "
+              "consistent |", "|---|---|---|---|---|---|"]
+    for row in result.exponent_rows():
+        lo, hi = row["predicted_optimal_range"]
+        rng = f"{lo:g}" if lo == hi else f"between {lo:g} and {hi:g}"
+        lines.append(f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
+                     f"{row['measured_slope']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | "
+                     f"{row['r2']:.2f} | {'yes' if row['consistent'] else 'no'} |")
+    lines += ["", "Optimal learning rate (refined; grid point in brackets; * = at the grid edge):", ""]
+    inits = list(cfg.inits)
+    lines.append("| width | " + " | ".join(_label(i) for i in inits) + " |")
+    lines.append("|---|" + "---|" * len(inits))
+    for w in sorted(cfg.widths):
+        cells = []
+        for i in inits:
+            o = next((o for o in result.optima if o.width == w and o.init == i), None)
+            if o is None:
+                cells.append("–")
+            else:
+                cells.append(f"{_fmt(o.lr)} ({_fmt(o.lr_grid)}){'*' if o.at_edge else ''}, loss {_fmt(o.loss)}")
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    lines += ["", f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
+              f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
+              f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {cfg.ratio:g}, AdamW betas "
+              f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}; optimum read from the final "
+              f"{cfg.select_by} loss (mean over seeds). Wall time {result.seconds:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_report(result: WidthStudyResult, path: str | os.PathLike) -> Path:
+    from widelora.experiments.width_study import _atomic_write
+
+    p = Path(path)
+    _atomic_write(p, report_markdown(result))
+    return p

@@ -1,0 +1,170 @@
+"""The toy model, the batched engine against the plain loop, resume, optimum reading, CLI and figures."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from widelora.experiments import width_study as ws
+from widelora.experiments.toy import ToyModel, make_data, student_weights, toy_formula
+from widelora.lora.pairs import lora_pairs
+
+
+def tiny(**kw):
+    base = dict(widths=(16, 32), lrs=ws.lr_grid(-9, -5, 1)[::2], seeds=(0, 1), steps=12, batch_size=8,
+                n_train=40, n_test=10, teacher_width=24, teacher_rank=3, rank=2, trace_points=5, curve_points=12,
+                dtype="float64", workers=1)
+    base.update(kw)
+    return ws.WidthStudyConfig(**base)
+
+
+def test_toy_forward_matches_direct_formula():
+    torch.manual_seed(0)
+    fw = student_weights(5, 48, seed=3, dtype=torch.float64)
+    model = ToyModel(fw, rank=3, alpha=6.0)
+    with torch.no_grad():
+        model.hidden.lora_A.normal_()
+        model.hidden.lora_B.normal_()
+    x = torch.randn(17, 5, dtype=torch.float64)
+    expected = toy_formula(x, fw, model.hidden.lora_A, model.hidden.lora_B, scale=2.0)
+    # the paper's eq. (4) written out by hand: Y_h = Y_in + (W_h + s B A) φ(Y_in), f = W_out φ(Y_h)
+    y_in = x @ fw.w_in.T
+    y_h = y_in + torch.relu(y_in) @ (fw.w_h + 2.0 * model.hidden.lora_B @ model.hidden.lora_A).T
+    by_hand = torch.relu(y_h) @ fw.w_out
+    assert torch.allclose(model(x), by_hand, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(expected, by_hand, rtol=1e-12, atol=1e-12)
+    pairs = lora_pairs(model)  # built with widelora's own layer, so every widelora tool sees it
+    assert [p.name for p in pairs] == ["hidden"] and pairs[0].scale == 2.0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["hidden.lora_A", "hidden.lora_B"]
+
+
+def test_data_is_deterministic_and_teacher_shaped():
+    a, b = make_data(n_train=30, n_test=5, seed=1), make_data(n_train=30, n_test=5, seed=1)
+    assert torch.equal(a.y_train, b.y_train) and a.x_train.shape == (30, 5) and a.y_test.shape == (5,)
+    assert not torch.equal(a.y_train, make_data(n_train=30, n_test=5, seed=2).y_train)
+
+
+@pytest.mark.parametrize("variant", [{}, {"ratio": 4.0, "weight_decay": 0.1, "schedule": "linear", "alpha": 4.0}])
+def test_batched_engine_matches_one_run_per_config(variant):
+    """Same loss curves as the plain loop (autograd + torch.optim.AdamW) to 1e-10 in float64."""
+    cfg = tiny(widths=(24,), curve_points=12, **variant)
+    data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed,
+                     torch.float64)
+    cache = ws.build_cache(cfg, data, 24)
+    for init in ("init_a", "init_b"):
+        a0, b0 = zip(*[ws.initial_adapters(cfg, data, cache.frozen[i], init, s)[:2]
+                       for i, s in enumerate(cfg.seeds)], strict=True)
+        chunk = ws.train_chunk(cfg, cache, data, torch.stack(a0), torch.stack(b0), init=init)
+        assert chunk.curve.shape == (2, len(cfg.lrs), cfg.steps)  # one window per step
+        for si, seed in enumerate(cfg.seeds):
+            for li, lr in enumerate(cfg.lrs):
+                ref = ws.run_single(cfg, data, 24, init, lr, seed)
+                np.testing.assert_allclose(chunk.curve[si, li], ref.losses, rtol=1e-10, atol=1e-12)
+                assert chunk.train_loss[si, li] == pytest.approx(ref.train_loss, rel=1e-10)
+                assert chunk.test_loss[si, li] == pytest.approx(ref.test_loss, rel=1e-10)
+
+
+def test_divergence_is_detected_the_same_way():
+    cfg = tiny(widths=(16,), lrs=(1e-3, 30.0), seeds=(0,), steps=15)
+    res = ws.run_width_study(cfg, None, progress=False, figures=False)
+    chunk = res.chunk(16, "init_a")
+    ref = ws.run_single(cfg, make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test,
+                                       0, torch.float64), 16, "init_a", 30.0, 0)
+    assert chunk.diverged_step[0, 1] == ref.diverged_step > 0
+    assert math.isnan(chunk.train_loss[0, 1]) and math.isfinite(chunk.train_loss[0, 0])
+
+
+def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch):
+    cfg = tiny()
+    full = ws.run_width_study(cfg, tmp_path / "full", progress=False, figures=False)
+
+    calls = []
+    real = ws.train_chunk
+
+    def interrupted(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while its third chunk trains
+        calls.append(kw.get("init"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ws, "train_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ws.run_width_study(cfg, tmp_path / "resumed", progress=False, figures=False)
+    assert len(list((tmp_path / "resumed" / "chunks").glob("*.json"))) == 2
+    assert not list((tmp_path / "resumed" / "chunks").glob(".*tmp"))  # no half-written files
+
+    calls.clear()
+    monkeypatch.setattr(ws, "train_chunk", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = ws.run_width_study(cfg, tmp_path / "resumed", progress=False, figures=False)
+    assert len(calls) == 2  # only the two unfinished chunks were trained
+    assert resumed.rows() == full.rows()
+    assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "full" / "results.csv").read_text()
+
+
+def test_resume_ignores_chunks_of_another_config(tmp_path):
+    ws.run_width_study(tiny(steps=6), tmp_path, progress=False, figures=False)
+    res = ws.run_width_study(tiny(steps=8), tmp_path, progress=False, figures=False)
+    assert all(c.curve_steps[-1] == 8 for c in res.chunks.values())
+    saved = json.loads((tmp_path / "chunks" / "w16_init_a.json").read_text())
+    assert saved["fingerprint"]["steps"] == 8
+
+
+def test_find_optimum_refines_a_parabola():
+    lrs = ws.lr_grid(-10, -4)
+    log_lr = np.log(lrs)
+    true = math.log(2.0**-6.7)
+    loss = np.exp((log_lr - true) ** 2)[None]  # exact parabola in (log lr, log loss)
+    chunk = ws.ChunkResult(64, "init_a", list(lrs), [0], loss, loss, np.full((1, len(lrs)), -1),
+                           np.array([1]), np.zeros((1, len(lrs), 1)), np.array([0]), np.zeros((1, len(lrs), 1)),
+                           np.zeros((1, len(lrs), 1)))
+    opt = ws.find_optimum(chunk)
+    assert opt.lr == pytest.approx(2.0**-6.7, rel=1e-9)
+    assert opt.lr_grid == 2.0**-7 and not opt.at_edge
+    edge = ws.find_optimum(ws.ChunkResult(**{**chunk.__dict__, "train_loss": np.array([list(range(len(lrs)))])}))
+    assert edge.at_edge and edge.lr == lrs[0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [({"widths": ()}, "widths"), ({"lrs": (1e-3, 1e-4)}, "lrs"), ({"steps": 0}, "steps"),
+     ({"schedule": "exp"}, "schedule"), ({"dtype": "float16"}, "dtype"), ({"batch_size": 10_000}, "batch_size")],
+)
+def test_config_rejects_bad_values(kw, name):
+    with pytest.raises(ValueError, match=name):
+        tiny(**kw)
+
+
+def test_unknown_init_is_rejected_before_work(tmp_path):
+    with pytest.raises(ValueError, match="init_a"):  # the message lists the valid schemes
+        ws.run_width_study(tiny(inits=("init_a", "no_such_init")), tmp_path, progress=False, figures=False)
+    assert not list(tmp_path.glob("chunks/*.json"))
+
+
+def test_config_round_trips_through_json():
+    cfg = tiny(ratio=2.0)
+    assert ws.WidthStudyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        ws.WidthStudyConfig.from_dict({"widthz": [1]})
+
+
+def test_cli_writes_results_report_and_figures(tmp_path):
+    from typer.testing import CliRunner
+
+    from widelora.cli import app
+
+    out = tmp_path / "study"
+    args = ["width-study", "--out", str(out), "--widths", "2^4..2^6", "--lrs", "2^-9..2^-5/1", "--seeds", "0",
+            "--steps", "10", "--batch-size", "8", "--dtype", "float64", "--workers", "1", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "measured slope" in result.output
+    for name in ("results.csv", "optima.csv", "summary.json", "report.md", "figures/optimal_lr.png",
+                 "figures/features.png", "figures/loss_vs_lr.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "figures/optimal_lr.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["fits"]) == {"init_a", "init_b"}
+    bad = CliRunner().invoke(app, ["width-study", "--out", str(out), "--widths", "abc"])
+    assert bad.exit_code != 0 and "widths" in bad.output
