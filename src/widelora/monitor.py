@@ -218,9 +218,10 @@ class FeatureMonitor:
         x2 = x.detach().reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
             return
-        x2 = x2.float()
+        dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32  # half types: stats in float32
+        x2 = x2.to(dtype)
         if pair.name not in self._current:  # weights this step's forward uses (same for every forward of a step)
-            self._current[pair.name] = (pair.A.detach().float().clone(), pair.B.detach().float().clone())
+            self._current[pair.name] = (pair.A.detach().to(dtype).clone(), pair.B.detach().to(dtype).clone())
         A, B = self._current[pair.name]
         x_norm = x2.norm(dim=-1).mean()
         z_a, z_b = feature_norms(x2, A, B, pair.scale)
