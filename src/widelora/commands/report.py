@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,10 +13,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report")
     def report(
-        results: Path = typer.Argument(..., help="A sweep's .sqlite store, or the folder holding it."),
-        out: Path | None = typer.Option(None, help="Output folder (default: 'report' beside the store)."),
-        metric: str | None = typer.Option(None, help="Headline metric (default: the spec's, else inferred)."),
-        goal: str | None = typer.Option(None, help="max or min: which direction of the metric is better."),
+        results: Annotated[Path, typer.Argument(help="A sweep's .sqlite store, or the folder holding it.")],
+        out: Annotated[Path | None, typer.Option(help="Output folder (default: 'report' beside the store).")] = None,
+        metric: Annotated[str | None, typer.Option(
+            help="Headline metric (default: the spec's, else inferred).")] = None,
+        goal: Annotated[str | None, typer.Option(
+            help="max or min: which direction of the metric is better.")] = None,
     ) -> None:
         """Write metric-vs-LR, heatmap and training-curve PNGs plus index.html; print the best configurations."""
         from widelora.report import build_report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,19 +13,24 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sweep")
     def sweep(
-        spec: Path = typer.Argument(..., help="YAML sweep spec: name, base run config, axes to vary."),
-        backend: str = typer.Option("local", help="local (worker processes) or ray (a Ray cluster)."),
-        address: str | None = typer.Option(None, help="Ray cluster address (e.g. ray://head:10001 or auto); "
-                                           "with --backend ray and no address a local Ray instance is started."),
-        workers: int = typer.Option(1, help="Trials run at once (local processes or concurrent Ray tasks); 0 = one by one in this process."),
-        threads: int | None = typer.Option(None, help="Torch threads per trial (default: cores / workers); "
-                                           "also the num_cpus each Ray task asks for."),
-        gpus: float = typer.Option(0.0, help="GPUs per trial (Ray backend)."),
-        store: Path | None = typer.Option(None, help="SQLite result store (default sweeps/<name>/results.sqlite)."),
-        runs_dir: Path | None = typer.Option(None, help="Per-trial run folders (default: 'runs' beside the store)."),
-        retry_failed: bool = typer.Option(False, help="Run trials recorded as failed again."),
-        dry_run: bool = typer.Option(False, help="Only list the trials the spec expands to."),
-        report: bool = typer.Option(True, help="Write the report (PNGs + index.html) beside the store at the end."),
+        spec: Annotated[Path, typer.Argument(help="YAML sweep spec: name, base run config, axes to vary.")],
+        backend: Annotated[str, typer.Option(help="local (worker processes) or ray (a Ray cluster).")] = "local",
+        address: Annotated[str | None, typer.Option(
+            help="Ray address (e.g. auto or ray://head:10001); with --backend ray and none, a local Ray starts.",
+        )] = None,
+        workers: Annotated[int, typer.Option(
+            help="Trials at once (local processes or Ray tasks); 0 = one by one in this process.")] = 1,
+        threads: Annotated[int | None, typer.Option(
+            help="Torch threads per trial (default: cores / workers); also each Ray task's num_cpus.")] = None,
+        gpus: Annotated[float, typer.Option(help="GPUs per trial (Ray backend).")] = 0.0,
+        store: Annotated[Path | None, typer.Option(
+            help="SQLite result store (default: sweeps/<name>/results.sqlite).")] = None,
+        runs_dir: Annotated[Path | None, typer.Option(
+            help="Per-trial run folders (default: 'runs' beside the store).")] = None,
+        retry_failed: Annotated[bool, typer.Option(help="Run trials recorded as failed again.")] = False,
+        dry_run: Annotated[bool, typer.Option(help="Only list the trials the spec expands to.")] = False,
+        report: Annotated[bool, typer.Option(
+            help="Write the report (PNGs + index.html) beside the store at the end.")] = True,
     ) -> None:
         """Run a learning-rate × init × method grid; run the same command again after a crash to resume."""
         from widelora.sweep import ResultStore, SpecError, load_spec, run_sweep
@@ -47,7 +53,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"sweep {parsed.name}: {len(trials)} trials, store {store_path}")
                 outcome = run_sweep(parsed, st, backend=backend, workers=workers, threads=threads,
                                     address=address, gpus_per_trial=gpus, runs_dir=runs_dir,
-                                    retry_failed=retry_failed, progress=default_progress())
+                                    retry_failed=retry_failed,
+                                    progress=default_progress(metric=parsed.metric))
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

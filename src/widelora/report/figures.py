@@ -14,10 +14,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from widelora.report.summary import (  # noqa: E402
+from widelora.report.summary import (
     Group,
     SweepResults,
     display_scale,
@@ -172,7 +172,7 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
                     continue
                 for s in series:
                     ax.plot([p[0] for p in s], [p[1] * scale for p in s], color=color, lw=0.6, alpha=0.35)
-                steps = sorted(set.intersection(*(set(p[0] for p in s) for s in series)))
+                steps = sorted(set.intersection(*({p[0] for p in s} for s in series)))
                 if steps:
                     mean = [np.mean([dict(s)[k] for s in series]) * scale for k in steps]
                     ax.plot(steps, mean, color=color, lw=2, label=f"{g.label} (lr {best.lr:.2g})")

@@ -54,7 +54,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], best_rows: S
     for i, row in enumerate(rows):
         cells = []
         for v in row:
-            if isinstance(v, _Raw):
+            if isinstance(v, Raw):
                 cells.append(f"<td>{v.html}</td>")
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{_fmt(v)}</td>')
@@ -66,7 +66,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], best_rows: S
 
 
 @dataclass
-class _Raw:
+class Raw:
+    """A table cell that is already HTML (not escaped)."""
+
     html: str
 
 
@@ -80,7 +82,7 @@ def best_table(res: SweepResults) -> str:
             rows.append([g.label, "—", "—", 0, sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
             scores.append(math.nan)
             continue
-        rows.append([g.label, best.lr, _Raw(f"{best.mean * scale:.4g} ± {best.se * scale:.2g}"), best.n,
+        rows.append([g.label, best.lr, Raw(f"{best.mean * scale:.4g} ± {best.se * scale:.2g}"), best.n,
                      sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
         scores.append(best.mean)
     finite = [(s, i) for i, s in enumerate(scores) if math.isfinite(s)]
@@ -104,9 +106,9 @@ def trials_table(res: SweepResults) -> str:
                 label_keys.append(k)
     rows = []
     for t in res.trials:
-        status = _Raw(f'<span class="st-{t.status}">{t.status}</span>')
+        status = Raw(f'<span class="st-{t.status}">{t.status}</span>')
         err = (t.error or "").splitlines()[0][:120] if t.error else ""
-        rows.append([_Raw(f"<code>{t.id}</code>"), *[pretty(t.labels.get(k, "")) for k in label_keys], status,
+        rows.append([Raw(f"<code>{t.id}</code>"), *[pretty(t.labels.get(k, "")) for k in label_keys], status,
                      *[t.final.get(k, "") for k in names], t.seconds if t.seconds is not None else "", t.attempts,
                      err])
     return table(["id", *label_keys, "status", *names, "seconds", "attempts", "error"], rows)
@@ -121,15 +123,15 @@ def metadata_table(res: SweepResults) -> str:
         ["sweep", res.name], ["store", str(res.path)], ["trials", f"{len(res.trials)} ({counts})"],
         ["headline metric", f"{res.metric} ({'higher' if res.goal == 'max' else 'lower'} is better)"],
         ["trial function", spec.get("trial_fn", "")],
-        ["axes", _Raw(f"<code>{html.escape(json.dumps(spec.get('axes', {})))}</code>")],
-        ["base config", _Raw(f"<code>{html.escape(json.dumps(spec.get('base', {})))}</code>")],
+        ["axes", Raw(f"<code>{html.escape(json.dumps(spec.get('axes', {})))}</code>")],
+        ["base config", Raw(f"<code>{html.escape(json.dumps(spec.get('base', {})))}</code>")],
         ["invocations", f"{len(res.invocations)} (total wall time {total_s / 60:.1f} min)"],
     ]
     for inv in res.invocations:
         when = _dt.datetime.fromtimestamp(inv.get("started", 0), _dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        rows.append(["", f"{when}: backend {inv.get('backend')}, {inv.get('workers')} worker(s) × "
-                         f"{inv.get('threads')} thread(s), ran {inv.get('ran')} trial(s) in "
-                         f"{inv.get('seconds', 0):.0f} s"])
+        rows.append(["", (f"{when}: backend {inv.get('backend')}, {inv.get('workers')} worker(s) × "
+                          f"{inv.get('threads')} thread(s), ran {inv.get('ran')} trial(s) in "
+                          f"{inv.get('seconds', 0):.0f} s")])
     return table(["", ""], rows)
 
 
@@ -157,10 +159,12 @@ def sweep_sections(res: SweepResults, figures: dict[str, Path]) -> list[Section]
 def write_html(path: str | Path, title: str, sections: Sequence[Section], intro: str = "") -> Path:
     """Write the page atomically; every figure is embedded, so the page is the only file needed."""
     path = Path(path)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='muted'>generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by "
-             "widelora</p>"]
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p class='muted'>generated {stamp} by widelora</p>",
+    ]
     if intro:
         parts.append(intro)
     for sec in sections:

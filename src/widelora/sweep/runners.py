@@ -52,11 +52,12 @@ def resolve_trial_fn(path: str) -> TrialFn:
         raise ValueError(f"trial_fn: {path!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the same user error
+    except Exception as exc:
         raise ValueError(f"trial_fn: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise ValueError(f"trial_fn: module {module_name!r} has no function {func_name!r}")
+        # a wrong name in a spec is a value error, like a missing module
+        raise ValueError(f"trial_fn: module {module_name!r} has no function {func_name!r}")  # noqa: TRY004
     return fn
 
 
@@ -422,8 +423,8 @@ def _run_ray(todo: list[TrialRecord], store: ResultStore, fn_path: str, workers:
             ray.shutdown()
 
 
-def default_progress(stream: Any = None) -> ProgressFn:
-    """A progress printer: one line per started and finished trial, readable in a log file."""
+def default_progress(stream: Any = None, metric: str | None = None) -> ProgressFn:
+    """A progress printer: one line per started and finished trial (headline ``metric`` first), log-friendly."""
     out = stream or sys.stdout
 
     def show(event: str, rec: TrialRecord, done: int, total: int) -> None:
@@ -431,7 +432,8 @@ def default_progress(stream: Any = None) -> ProgressFn:
         if event == "running":
             print(f"[{done}/{total}] start    {rec.id}  {labels}", file=out, flush=True)
             return
-        metrics = "  ".join(f"{k}={v:.4g}" for k, v in list(rec.final.items())[:4])
+        keys = sorted(rec.final, key=lambda k: k != metric)[:4]
+        metrics = "  ".join(f"{k}={rec.final[k]:.4g}" for k in keys)
         secs = f"  ({rec.seconds:.1f} s)" if rec.seconds is not None else ""
         err = f"  error: {rec.error.splitlines()[0]}" if rec.error else ""
         print(f"[{done}/{total}] {event:<8} {rec.id}  {labels}  {metrics}{secs}{err}", file=out, flush=True)

@@ -84,7 +84,7 @@ _Loader.add_implicit_resolver(
         |\.[0-9_]+(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        re.X,
+        re.VERBOSE,
     ),
     list("-+0123456789."),
 )
@@ -196,7 +196,7 @@ def parse_spec(text: str, source: str = "<spec>", config_keys: Iterable[str] | N
         if required not in top:
             raise SpecError(f"{source}: missing required key {required!r} (keys: {sorted(SPEC_KEYS)})")
 
-    data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    data = yaml.load(text, Loader=_Loader)
     name = data.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem) or "sweep"
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise SpecError(f"{source} line {_line(top['name'][1]) if 'name' in top else 1}: name {name!r} must be "

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from widelora.sweep.spec import Trial, canonical_json
 
@@ -116,7 +116,7 @@ class ResultStore:
         """Close the connection (a checkpoint folds the WAL back into the main file)."""
         self._conn.close()
 
-    def __enter__(self) -> ResultStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
