@@ -78,7 +78,7 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
             dead = [p.lr for p in g.points if p.diverged and not p.n]
             if dead and div_y is not None:
                 ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8 + 3 * i, mew=2, alpha=0.85,
-                        label=None if dead_labelled else "× every seed diverged")
+                        label=None if dead_labelled else "every seed diverged")
                 dead_labelled = True
         ax.set_xscale("log")
         if res.goal == "min" and finite and min(finite) > 0 and max(finite) / min(finite) > 30:
@@ -90,8 +90,10 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
             ax.set_xticklabels([f"{v:.2g}" for v in all_lrs], rotation=35 if len(all_lrs) > 6 else 0)
             ax.minorticks_off()
         band = "±1 s.e. over seeds" if seeds > 1 else "single seed"
-        ax.set_title(title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)")
-        ax.legend(frameon=False, loc="best")
+        ax.set_title(title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)",
+                     fontsize=11)
+        n_entries = len(groups) + int(dead_labelled)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if n_entries > 4 else 2)
         return save(fig, path)
 
 
@@ -147,7 +149,7 @@ def curve_names(res: SweepResults, limit: int = 2) -> list[str]:
     for per in res.curves.values():
         for name, pts in per.items():
             names[name] = max(names.get(name, 0), len(pts))
-    multi = [n for n, k in names.items() if k > 1]
+    multi = [n for n, k in names.items() if k > 2]  # two points (before/after) are a table, not a curve
     order = sorted(multi, key=lambda n: (n != res.metric, "loss" not in n, n))
     preferred = [n for n in order if n == res.metric or "loss" in n or "acc" in n or "ppl" in n]
     return (preferred or order)[:limit]
@@ -163,6 +165,7 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
         fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.0), squeeze=False)
         for ax, name in zip(axes[0], names):
             scale = display_scale(name)
+            smoothed = 1
             for i, g in enumerate(groups):
                 best = g.best(res.goal)
                 color = COLORS[i % len(COLORS)]
@@ -170,19 +173,41 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
                           if t.status == "done" and name in res.curves.get(t.id, {})]
                 if not series:
                     continue
+                window = _window(max(len(s) for s in series))
                 for s in series:
-                    ax.plot([p[0] for p in s], [p[1] * scale for p in s], color=color, lw=0.6, alpha=0.35)
+                    ax.plot([p[0] for p in s], _smooth([p[1] * scale for p in s], window), color=color, lw=0.6,
+                            alpha=0.35)
                 steps = sorted(set.intersection(*({p[0] for p in s} for s in series)))
                 if steps:
                     mean = [np.mean([dict(s)[k] for s in series]) * scale for k in steps]
-                    ax.plot(steps, mean, color=color, lw=2, label=f"{g.label} (lr {best.lr:.2g})")
+                    ax.plot(steps, _smooth(mean, window), color=color, lw=2, label=f"{g.label} (lr {best.lr:.2g})")
+                    smoothed = max(smoothed, window)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(metric_label(name))
             if "loss" in name and _span(res, name) > 30:
                 ax.set_yscale("log")
-            ax.set_title(f"{name.replace('_', ' ')} at each group's best LR")
+            note = f", running mean over {smoothed} logs" if smoothed > 1 else ""
+            ax.set_title(f"{name.replace('_', ' ')} at each group's best LR{note}", fontsize=11)
             ax.legend(frameon=False)
         return save(fig, path)
+
+
+def _window(n: int) -> int:
+    """Running-mean window for a curve of ``n`` logged points: none for short curves, ~n/12 for long ones."""
+    return 1 if n < 30 else max(3, n // 12)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing running mean (the first points average what exists so far), so noisy per-step losses read."""
+    if window <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
 
 
 def _span(res: SweepResults, name: str) -> float:
