@@ -1,5 +1,6 @@
 """The γ-calculus returns the exponents of Lemma 1 and Theorems 1–2; the slope fit recovers known exponents."""
 
+import itertools
 import math
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_internal_instability_range_init_a(c):
 @settings(max_examples=60)
 def test_lemma1_recursion_properties(c, init):
     states = theory.gamma_recursion(init, c, steps=4)
-    for prev, cur in zip(states, states[1:], strict=False):
+    for prev, cur in itertools.pairwise(states):
         assert cur.z_a == max(prev.z_a, c + 1)  # Lemma 1, literally
         assert cur.b == max(prev.b, c)
         assert cur.z_a >= prev.z_a and cur.b >= prev.b

@@ -13,9 +13,9 @@ from widelora.lora.pairs import lora_pairs
 
 
 def tiny(**kw):
-    base = dict(widths=(16, 32), lrs=ws.lr_grid(-9, -5, 1)[::2], seeds=(0, 1), steps=12, batch_size=8,
-                n_train=40, n_test=10, teacher_width=24, teacher_rank=3, rank=2, trace_points=5, curve_points=12,
-                dtype="float64", workers=1)
+    base = {"widths": (16, 32), "lrs": ws.lr_grid(-9, -5, 1)[::2], "seeds": (0, 1), "steps": 12, "batch_size": 8,
+                "n_train": 40, "n_test": 10, "teacher_width": 24, "teacher_rank": 3, "rank": 2, "trace_points": 5, "curve_points": 12,
+                "dtype": "float64", "workers": 1}
     base.update(kw)
     return ws.WidthStudyConfig(**base)
 

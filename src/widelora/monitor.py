@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -184,7 +185,7 @@ class FeatureMonitor:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> FeatureMonitor:
+    def __enter__(self) -> Self:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+DEFAULT_OUT = Path("results/width_study")
 _POW_RANGE = re.compile(r"^2\^(-?\d+)\.\.2\^(-?\d+)(?:/(\d+))?$")
 
 
@@ -53,32 +55,37 @@ def register(app: typer.Typer) -> None:
 
     @app.command("width-study")
     def width_study(
-        out: Path = typer.Option(Path("results/width_study"), "--out", "-o", help="Output folder (resumable)."),
-        quick: bool = typer.Option(False, "--quick", help="Small study for demos: 3 widths, 1 seed, < 1 min."),
-        widths: str = typer.Option(None, help="e.g. 128,1024,8192 or 2^7..2^13 [default: 2^7..2^13]"),
-        inits: str = typer.Option("init_a,init_b", help="Registered init schemes, comma-separated."),
-        lrs: str = typer.Option(None, help="e.g. 2^-16..2^-2 (factor 2), 2^-16..2^-2/2, or 1e-4,3e-4,..."),
-        seeds: str = typer.Option(None, help="Comma-separated seeds [default: 0,1]."),
-        steps: int = typer.Option(None, help="AdamW steps per run."),
-        batch_size: int = typer.Option(None, help="Mini-batch size."),
-        rank: int = typer.Option(4, help="Student LoRA rank r."),
-        alpha: float = typer.Option(None, help="LoRA alpha; scale s = alpha/r [default: alpha = r, s = 1]."),
-        ratio: float = typer.Option(1.0, help="LoRA+ ratio lr_B / lr_A (1 = plain AdamW)."),
-        weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-        select_by: str = typer.Option("train", help="Loss the optimum is read from: train | test."),
-        dtype: str = typer.Option("float32", help="float32 | float64."),
-        threads: int = typer.Option(None, help="torch threads [default: torch's choice]."),
-        workers: int = typer.Option(None, help="Processes, 1 thread each [default: 2; --quick: 1]."),
-        resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip chunks already in --out."),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
-        figures: bool = typer.Option(True, "--figures/--no-figures"),
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = DEFAULT_OUT,
+        quick: Annotated[bool, typer.Option("--quick", help="Small study for demos: 3 widths, 1 seed, < 1 min.")]
+        = False,
+        widths: Annotated[str | None, typer.Option(help="e.g. 128,1024,8192 or 2^7..2^13 (default: 2^7..2^13)")]
+        = None,
+        inits: Annotated[str, typer.Option(help="Registered init schemes, comma-separated.")] = "init_a,init_b",
+        lrs: Annotated[str | None, typer.Option(help="e.g. 2^-15..2^-3 (factor 2), 2^-15..2^-3/2, or 1e-4,3e-4")]
+        = None,
+        seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: 0,1).")] = None,
+        steps: Annotated[int | None, typer.Option(help="AdamW steps per run (default: 500).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Mini-batch size (default: 16).")] = None,
+        rank: Annotated[int, typer.Option(help="Student LoRA rank r.")] = 4,
+        alpha: Annotated[float | None, typer.Option(help="LoRA alpha; s = alpha/r (default: alpha = r).")] = None,
+        ratio: Annotated[float, typer.Option(help="LoRA+ ratio lr_B / lr_A (1 = plain AdamW).")] = 1.0,
+        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+        schedule: Annotated[str, typer.Option(help="LR schedule: constant | linear | cosine.")] = "constant",
+        select_by: Annotated[str, typer.Option(help="Loss the optimum is read from: train | test.")] = "train",
+        dtype: Annotated[str, typer.Option(help="float32 | float64.")] = "float32",
+        threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+        workers: Annotated[int | None, typer.Option(help="Processes, 1 thread each (default: 2; --quick: 1).")]
+        = None,
+        resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip chunks already in --out.")] = True,
+        progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+        figures: Annotated[bool, typer.Option("--figures/--no-figures")] = True,
     ) -> None:
         """Optimal LR vs width for Init[A] / Init[B] on the paper's teacher–student model, with figures."""
         from widelora.experiments.width_figures import report_markdown
         from widelora.experiments.width_study import WidthStudyConfig, run_width_study
 
         overrides: dict = {"inits": _names(inits), "rank": rank, "alpha": alpha, "ratio": ratio,
-                           "weight_decay": weight_decay, "select_by": select_by, "dtype": dtype,
+                           "weight_decay": weight_decay, "schedule": schedule, "select_by": select_by, "dtype": dtype,
                            "threads": threads}
         if workers is not None:
             overrides["workers"] = workers

@@ -208,9 +208,10 @@ def report_markdown(result: WidthStudyResult) -> str:
     """Predicted vs measured exponents, the optima per width, and the run's settings, as markdown."""
     cfg = result.config
     lines = ["## Width study: optimal learning rate vs width", ""]
-    lines += ["| init | predicted max-stable exponent | expected optimal exponent | measured slope "
-              f"({int(100 * next(iter(result.fits.values())).confidence) if result.fits else 95}% CI) | R² | "
-              "consistent |", "|---|---|---|---|---|---|"]
+    conf = int(100 * next(iter(result.fits.values())).confidence) if result.fits else 95
+    header = (f"| init | predicted max-stable exponent | expected optimal exponent | measured slope ({conf}% CI) "
+              "| R² | consistent |")
+    lines += [header, "|---|---|---|---|---|---|"]
     for row in result.exponent_rows():
         lo, hi = row["predicted_optimal_range"]
         rng = f"{lo:g}" if lo == hi else f"between {lo:g} and {hi:g}"
@@ -230,11 +231,13 @@ def report_markdown(result: WidthStudyResult) -> str:
             else:
                 cells.append(f"{_fmt(o.lr)} ({_fmt(o.lr_grid)}){'*' if o.at_edge else ''}, loss {_fmt(o.loss)}")
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    lines += ["", f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
-              f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
-              f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {cfg.ratio:g}, AdamW betas "
-              f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}; optimum read from the final "
-              f"{cfg.select_by} loss (mean over seeds). Wall time {result.seconds:.1f} s.", ""]
+    settings = (f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
+                f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
+                f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {cfg.ratio:g}, AdamW betas "
+                f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR schedule; "
+                f"optimum read from the final {cfg.select_by} loss (mean over seeds). "
+                f"Wall time {result.seconds:.1f} s.")
+    lines += ["", settings, ""]
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def lr_grid(low_exp: float, high_exp: float, per_octave: int = 1) -> tuple[float
     if per_octave < 1 or high_exp < low_exp:
         raise ValueError(f"lr_grid: need per_octave >= 1 and high_exp >= low_exp, got {low_exp}, {high_exp}, "
                          f"{per_octave}")
-    k = int(round((high_exp - low_exp) * per_octave))
+    k = round((high_exp - low_exp) * per_octave)
     return tuple(float(2.0 ** (low_exp + i / per_octave)) for i in range(k + 1))
 
 
@@ -156,8 +156,8 @@ class WidthStudyConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> WidthStudyConfig:
         """A small study for demos and smoke tests (well under a minute on 2 cores)."""
-        base = dict(widths=(128, 512, 2048), lrs=lr_grid(-14, -4), seeds=(0,), steps=300, trace_points=16,
-                    curve_points=50, workers=1)
+        base = {"widths": (128, 512, 2048), "lrs": lr_grid(-14, -4), "seeds": (0,), "steps": 300, "trace_points": 16,
+                    "curve_points": 50, "workers": 1}
         base.update(overrides)
         return cls(**base)
 
@@ -242,7 +242,7 @@ def initial_adapters(
         batches = [(data.x_train[i : i + config.batch_size].to(fw.w_in.dtype),
                     data.y_train[i : i + config.batch_size].to(fw.w_in.dtype))
                    for i in range(0, min(config.n_train, 8 * config.batch_size), config.batch_size)]
-        kwargs = dict(batches=batches, loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        kwargs = {"batches": batches, "loss_fn": lambda m, b: F.mse_loss(m(b[0]), b[1])}
     initialize(model, init, seed=derive_seed(seed, model.width, "init"), **kwargs)
     w_h = model.hidden.base_layer.weight.detach()
     moved = not torch.equal(w_h, fw.w_h)
@@ -604,9 +604,9 @@ class WidthStudyResult:
         for (width, init), c in sorted(self.chunks.items()):
             for si, seed in enumerate(c.seeds):
                 for li, lr in enumerate(c.lrs):
-                    rows.append(dict(width=width, init=init, seed=seed, lr=lr,
-                                     train_loss=float(c.train_loss[si, li]), test_loss=float(c.test_loss[si, li]),
-                                     diverged_step=int(c.diverged_step[si, li])))
+                    rows.append({"width": width, "init": init, "seed": seed, "lr": lr,
+                                     "train_loss": float(c.train_loss[si, li]), "test_loss": float(c.test_loss[si, li]),
+                                     "diverged_step": int(c.diverged_step[si, li])})
         return rows
 
     def exponent_rows(self) -> list[dict]:
