@@ -39,7 +39,7 @@ def _plt():
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                         "axes.spines.right": False, "figure.dpi": 110, "savefig.dpi": 130})
+                         "axes.spines.right": False, "figure.dpi": 110, "savefig.dpi": 110})
     return plt
 
 
@@ -47,6 +47,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
@@ -236,7 +237,8 @@ def report_markdown(result: WidthStudyResult) -> str:
                 f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {cfg.ratio:g}, AdamW betas "
                 f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR schedule; "
                 f"optimum read from the final {cfg.select_by} loss (mean over seeds). "
-                f"Wall time {result.seconds:.1f} s.")
+                f"Wall time {result.seconds:.1f} s ({result.loaded} of {len(result.chunks)} chunks resumed from "
+                f"disk; chunk training time summed over workers {result.compute_seconds:.1f} s).")
     lines += ["", settings, ""]
     return "\n".join(lines)
 

@@ -523,6 +523,7 @@ def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to others
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -591,9 +592,15 @@ class WidthStudyResult:
     chunks: dict[tuple[int, str], ChunkResult]
     optima: list[Optimum]
     fits: dict[str, Any]  # init -> theory.SlopeFit (refined optima over widths)
-    seconds: float
+    seconds: float  # wall time of this call
     out_dir: Path | None = None
     figures: list[Path] = field(default_factory=list)
+    loaded: int = 0  # chunks taken from a previous run (resume)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Sum of the chunks' training times (over workers, so it can exceed the wall time)."""
+        return float(sum(c.seconds for c in self.chunks.values()))
 
     def chunk(self, width: int, init: str) -> ChunkResult:
         return self.chunks[(width, init)]
@@ -812,7 +819,8 @@ def run_width_study(
 
     optima = [find_optimum(chunks[(w, i)], config.select_by) for i in config.inits for w in config.widths]
     fits = fit_optima(optima)
-    result = WidthStudyResult(config, chunks, optima, fits, time.perf_counter() - t_start, out)
+    result = WidthStudyResult(config, chunks, optima, fits, time.perf_counter() - t_start, out,
+                              loaded=len(chunks) - len(todo))
     if out is not None:
         write_results(result, out)
         if figures:
@@ -831,6 +839,8 @@ def write_results(result: WidthStudyResult, out: Path) -> None:
     summary = {
         "config": result.config.to_dict(),
         "seconds": result.seconds,
+        "compute_seconds": result.compute_seconds,
+        "chunks_loaded": result.loaded,
         "chunk_seconds": {f"w{w}_{i}": c.seconds for (w, i), c in sorted(result.chunks.items())},
         "optima": [asdict(o) for o in result.optima],
         "fits": {k: v.as_dict() for k, v in result.fits.items()},
