@@ -43,12 +43,16 @@ SETUPS = ("peft-default", "initA+lora+", "lora-one")
 # lr_A about 2x below vanilla LoRA's optimum, since B moves 16x faster).
 TASKS: dict[str, dict[str, Any]] = {
     "minilm": {"model": "minilm-l6", "task": "classification", "dataset": "wikipedia", "seq": 32, "batch": 16,
-               "steps": 150, "eval_every": 10, "n_eval": 128, "lora_one_batches": 8,
+               "steps": 100, "eval_every": 10, "n_eval": 128, "lora_one_batches": 8,
                "grids": {"peft-default": [3e-4, 1e-3, 3e-3], "initA+lora+": [1e-4, 3e-4, 1e-3],
                          "lora-one": [3e-4, 1e-3, 3e-3]}},
+    # SmolLM2 is ~10x costlier a step: one lr per setup, fixed a priori (PEFT 1e-3; LoRA+ lr_A = half of it, the
+    # LoRA+ paper's guidance; LoRA-One the same as PEFT). Pass --grid to use a two-point grid instead.
     "smollm2": {"model": "smollm2-135m", "task": "causal_lm", "dataset": "wikipedia", "seq": 32, "batch": 4,
-                "steps": 30, "eval_every": 3, "n_eval": 8, "lora_one_batches": 4,
-                "grids": {"peft-default": [3e-4, 1e-3], "initA+lora+": [1e-4, 3e-4], "lora-one": [3e-4, 1e-3]}},
+                "steps": 16, "eval_every": 2, "n_eval": 8, "lora_one_batches": 4,
+                "grids": {"peft-default": [1e-3], "initA+lora+": [5e-4], "lora-one": [1e-3]},
+                "wide_grids": {"peft-default": [3e-4, 1e-3], "initA+lora+": [1.5e-4, 5e-4],
+                               "lora-one": [3e-4, 1e-3]}},
 }
 
 
@@ -241,6 +245,26 @@ def print_summary(name: str, summ: dict[str, Any]) -> None:
                         "cpu s /peft"], rows)
 
 
+def merged(task: str) -> dict[str, Any] | None:
+    """All runs of `task` from bench/out/convergence_<task>*.json (one (setup, lr, seed) once), re-summarized."""
+    paths = sorted(common.OUT_DIR.glob(f"convergence_{task}*.json"))
+    if not paths:
+        return None
+    runs: dict[tuple, dict[str, Any]] = {}
+    payload: dict[str, Any] = {}
+    for path in paths:
+        part = json.loads(path.read_text())
+        payload = payload or part
+        for r in part["runs"]:
+            runs.setdefault((r["setup"], r["lr"], r["seed"]), r)
+    payload = dict(payload)
+    payload["runs"] = sorted(runs.values(), key=lambda r: (SETUPS.index(r["setup"]), r["seed"], r["lr"]))
+    payload["seeds"] = sorted({r["seed"] for r in payload["runs"]})
+    if any(r["setup"] == "peft-default" for r in payload["runs"]):
+        payload["summary"] = summarize(payload["runs"], payload["config"], payload["seeds"])
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="minilm")
@@ -248,18 +272,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the task's step count")
     p.add_argument("--setups", default=",".join(SETUPS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grid", action="store_true", help="use the task's wider lr grid where it has one")
+    p.add_argument("--lrs", default=None, help="comma list of lrs replacing every selected setup's grid")
+    p.add_argument("--part", default="", help="suffix of the JSON name, to split one task over processes; "
+                   "--plot-only merges every convergence_<task>*.json")
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     if args.plot_only:
-        for path in sorted(common.OUT_DIR.glob("convergence_*.json")):
-            payload = json.loads(path.read_text())
-            print(plot(path.stem.removeprefix("convergence_"), payload))
-            print_summary(path.stem, payload["summary"])
+        for task in sorted(TASKS):
+            payload = merged(task)
+            if payload is None or "summary" not in payload:
+                continue
+            print(f"wrote {common.write_json(f'convergence_{task}', payload)}")
+            print(plot(task, payload))
+            print_summary(task, payload["summary"])
         return
     torch.set_num_threads(args.threads)
     cfg = dict(TASKS[args.task])
     if args.steps:
         cfg["steps"] = args.steps
+    if args.grid and "wide_grids" in cfg:
+        cfg["grids"] = cfg["wide_grids"]
+    if args.lrs:
+        cfg["grids"] = {s: [float(v) for v in args.lrs.split(",")] for s in SETUPS}
     seeds = [int(s) for s in args.seeds.split(",")]
     setups = [s for s in args.setups.split(",") if s]
     base, data = load_task(args.task, cfg)
@@ -273,17 +308,17 @@ def main(argv: list[str] | None = None) -> None:
     for setup in setups:  # grid on the first seed
         for lr in cfg["grids"][setup]:
             runs.append(run_one(setup, base, data, cfg, lr, seeds[0], eval_batches))
-            common.write_json(f"convergence_{args.task}", payload)
+            common.write_json(f"convergence_{args.task}{args.part}", payload)
     for setup in setups:  # the chosen lr on the other seeds
         best_lr = min((r for r in runs if r["setup"] == setup), key=final)["lr"]
         for seed in seeds[1:]:
             runs.append(run_one(setup, base, data, cfg, best_lr, seed, eval_batches))
-            common.write_json(f"convergence_{args.task}", payload)
+            common.write_json(f"convergence_{args.task}{args.part}", payload)
     if "peft-default" not in setups:
-        print(f"wrote {common.write_json(f'convergence_{args.task}', payload)} (no peft-default run: no summary)")
+        print(f"wrote {common.write_json(f'convergence_{args.task}{args.part}', payload)} (no peft-default run: no summary)")
         return
     payload["summary"] = summarize(runs, cfg, seeds)
-    print(f"wrote {common.write_json(f'convergence_{args.task}', payload)}")
+    print(f"wrote {common.write_json(f'convergence_{args.task}{args.part}', payload)}")
     print(f"figure {plot(args.task, payload)}")
     print_summary(args.task, payload["summary"])
 
