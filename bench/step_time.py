@@ -205,6 +205,61 @@ def bench_layer(args) -> dict:
     return out
 
 
+def bench_qkv(args) -> dict:
+    """Prototype for 'merged QKV': q, k, v adapted on one input x (SmolLM2 shapes 576 -> 576, 192, 192).
+
+    Separate: three fused_lora_linear calls (as widelora runs today). Merged: one GEMM against the stacked frozen
+    weight [Wq; Wk; Wv] and one rank-3r GEMM against [Aq; Ak; Av] in forward, and the mirror image in backward
+    (hand-written here, not an autograd Function: it measures what a merged path could save, not a shipped one).
+    """
+    g = torch.Generator().manual_seed(args.seed)
+    n, r, fin, outs = args.layer_tokens, args.rank, 576, (576, 192, 192)
+    x0 = torch.randn(n, fin, generator=g)
+    ws = [torch.randn(o, fin, generator=g) / fin**0.5 for o in outs]
+    a_s = [(torch.randn(r, fin, generator=g) / fin**0.5) for _ in outs]
+    b_s = [(torch.randn(o, r, generator=g) * 0.01) for o in outs]
+    gys = [torch.randn(n, o, generator=g) for o in outs]
+    w_cat = torch.cat(ws)  # frozen: built once, as a merged layer would cache it
+    a_leaf = [a.clone().requires_grad_() for a in a_s]
+    b_leaf = [b.clone().requires_grad_() for b in b_s]
+    cols = [0, outs[0], outs[0] + outs[1], sum(outs)]
+
+    def separate() -> None:
+        x = x0.clone().requires_grad_()
+        ys = [fused_lora_linear(x, w, None, a, b, 1.0) for w, a, b in zip(ws, a_leaf, b_leaf)]
+        torch.autograd.backward(ys, gys)
+
+    def merged() -> None:
+        x = x0.clone()
+        a_cat = torch.cat(a_s)  # (3r, in): the adapters change every step, so this copy is per step
+        xa = torch.mm(x, a_cat.t())  # forward thin GEMM, one pass over x
+        y = torch.mm(x, w_cat.t())
+        for i, b in enumerate(b_s):
+            y[:, cols[i]:cols[i + 1]].addmm_(xa[:, i * r:(i + 1) * r], b.t())
+        gy = torch.cat(gys, dim=1)  # in a real merged op the three grads would arrive as one tensor
+        gb = torch.empty(n, 3 * r)
+        for i, b in enumerate(b_s):
+            torch.mm(gy[:, cols[i]:cols[i + 1]], b, out=gb[:, i * r:(i + 1) * r])
+        gx = torch.mm(gy, w_cat)
+        gx.addmm_(gb, a_cat)
+        torch.mm(gb.t(), x)  # grad of the stacked A
+        for i in range(3):
+            torch.mm(gy[:, cols[i]:cols[i + 1]].t(), xa[:, i * r:(i + 1) * r])  # grad of each B
+
+    def bound() -> None:
+        x = x0.clone().requires_grad_()
+        ys = [torch.nn.functional.linear(x, w) for w in ws]
+        torch.autograd.backward(ys, gys)
+
+    t = common.interleaved_times({"separate": separate, "merged": merged, "bound": bound}, args.layer_repeats, 3)
+    med = {k: statistics.median(v["cpu"]) for k, v in t.items()}
+    rows = [[k, f"{med[k] * 1e3:.2f}", f"{med[k] / med['separate']:.3f}", f"{med[k] / med['bound']:.3f}"]
+            for k in med]
+    print(f"\nmerged-QKV prototype (N={n}, r={r}, CPU time, median of {args.layer_repeats})")
+    table = common.print_table(["q,k,v path", "ms", "/separate", "/bound"], rows)
+    return {k: {"cpu_s": common.summary(v["cpu"])} for k, v in t.items()} | {"table": table}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def load(label: str, args) -> tuple[torch.nn.Module, str, dict[str, torch.Tensor]]:
     if label == "tiny":
@@ -245,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = {"env": common.env_info(), "args": vars(args), "models": {}}
     if args.layer or args.layer_only:
         payload["layer"] = bench_layer(args)
+        payload["qkv"] = bench_qkv(args)
     if not args.layer_only:
         rows = []
         for label in [m for m in args.models.split(",") if m]:
