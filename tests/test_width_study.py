@@ -168,3 +168,14 @@ def test_cli_writes_results_report_and_figures(tmp_path):
     assert set(summary["fits"]) == {"init_a", "init_b"}
     bad = CliRunner().invoke(app, ["width-study", "--out", str(out), "--widths", "abc"])
     assert bad.exit_code != 0 and "widths" in bad.output
+
+
+def test_run_single_can_carry_the_feature_monitor():
+    cfg = tiny(widths=(16,), seeds=(0,), steps=6)
+    data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, 0, torch.float64)
+    plain = ws.run_single(cfg, data, 16, "init_b", 1e-2, 0)
+    run = ws.run_single(cfg, data, 16, "init_b", 1e-2, 0, monitor_every=2)
+    np.testing.assert_array_equal(run.losses, plain.losses)  # the hooks do not change training
+    assert [r["step"] for r in run.monitor_rows] == [1, 3, 5]
+    assert run.monitor_rows[0]["delta1"] is None and run.monitor_rows[-1]["delta2"] > 0
+    assert 0.0 < run.monitor_summary["hidden"]["delta2_share"] < 1.0

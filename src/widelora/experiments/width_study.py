@@ -467,15 +467,19 @@ class SingleRun:
     test_loss: float
     diverged_step: int
     seconds: float
+    monitor_rows: list[dict] | None = None  # FeatureMonitor records (Z_A, Z_B, δ1, δ2 on the training batches)
+    monitor_summary: dict | None = None
 
 
 def run_single(
     config: WidthStudyConfig, data: ToyData, width: int, init: str, lr: float, seed: int,
-    frozen: FrozenWeights | None = None,
+    frozen: FrozenWeights | None = None, monitor_every: int | None = None,
 ) -> SingleRun:
     """The straightforward experiment: ToyModel (widelora LoRALinear), autograd, torch.optim.AdamW.
 
     Same weights, initial adapters, batches and divergence rule as the batched engine, so their losses agree.
+    ``monitor_every=k`` attaches a ``widelora.monitor.FeatureMonitor`` recording every k-th training step (the
+    δ1/δ2 split the batched engine does not trace).
     """
     t0 = time.perf_counter()
     dtype = DTYPES[config.dtype]
@@ -498,6 +502,11 @@ def run_single(
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(config.schedule, k + 1, config.steps))
     losses = np.full(config.steps, math.nan)
     diverged = -1
+    mon = None
+    if monitor_every is not None:
+        from widelora.monitor import FeatureMonitor
+
+        mon = FeatureMonitor(model, every=monitor_every).attach()
     for t in range(1, config.steps + 1):
         idx = sched[t - 1]
         loss = F.mse_loss(model(x[idx]), y[idx])
@@ -510,10 +519,15 @@ def run_single(
         loss.backward()
         opt.step()
         lr_sched.step()
+        if mon is not None:
+            mon.step(t)
     with torch.no_grad():
         train = F.mse_loss(model(x), y).item() if diverged < 0 else math.nan
         test = F.mse_loss(model(data.x_test.to(dtype)), data.y_test.to(dtype)).item() if diverged < 0 else math.nan
-    return SingleRun(losses, train, test, diverged, time.perf_counter() - t0)
+    if mon is not None:
+        mon.detach()
+    return SingleRun(losses, train, test, diverged, time.perf_counter() - t0,
+                     mon.to_rows() if mon else None, mon.summary() if mon else None)
 
 
 # ---------------------------------------------------------------------------------------------- the study
