@@ -794,6 +794,10 @@ def run_width_study(
     """
     if not isinstance(config, WidthStudyConfig):
         raise TypeError(f"config: expected a WidthStudyConfig, got {type(config).__name__}")
+    from widelora.methods.init import get_scheme
+
+    for init in config.inits:  # before anything is written: the ValueError lists the registered schemes
+        get_scheme(init)
     t_start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -814,12 +818,6 @@ def run_width_study(
                 chunks[(width, init)] = done
             else:
                 todo.append((width, init))
-    # validate every init name before spending time (ValueError lists the registered schemes)
-    from widelora.methods.init import get_scheme
-
-    for init in config.inits:
-        get_scheme(init)
-
     if todo and config.workers > 1 and len({w for w, _ in todo}) > 1:
         chunks.update(_run_parallel(config, todo, out, progress))
     elif todo:
