@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import widelora as wl
-from widelora.monitor import FeatureMonitor, delta_norms, feature_norms, monitor
+from widelora.monitor import FeatureMonitor, delta_norms, feature_norms, gram_norms, monitor
 
 
 def tiny_model(seed=0):
@@ -200,3 +202,17 @@ def test_width_study_traces_equal_the_hook_monitor():
     assert za == pytest.approx(list(chunk.z_a[0, 0]), rel=1e-9)
     assert zb == pytest.approx(list(chunk.z_b[0, 0]), rel=1e-9, abs=1e-12)
     assert math.isfinite(mon.summary()["hidden"]["delta2_mean"])
+
+
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 4.0))
+@settings(max_examples=25, deadline=None)
+def test_gram_norms_and_delta_triangle_property(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 7, generator=g, dtype=torch.float64)
+    A0, A1 = torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    B0, B1 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z = x @ A1.T
+    assert torch.allclose(gram_norms(z, B1, scale), (scale * z @ B1.T).norm(dim=-1))
+    d1, d2, d3 = delta_norms(x, A0, B0, A1, B1, scale)
+    change = (scale * x @ (B1 @ A1 - B0 @ A0).T).norm(dim=-1).mean()
+    assert change <= d1 + d2 + d3 + 1e-9  # ||δ1 + δ2 + δ3|| <= ||δ1|| + ||δ2|| + ||δ3||, token by token
