@@ -7,6 +7,7 @@ with the config stored in RUN_DIR. `--targets auto` places adapters with PLoP.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -167,7 +168,8 @@ def finetune(
     except _USER_ERRORS as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
-    typer.echo(_summary(result, cfg.task))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(_summary(result, cfg.task))
     if result["status"] != "done":
         raise typer.Exit(1)
 

@@ -320,6 +320,7 @@ def train(
         if done.is_file():
             previous = json.loads(done.read_text())
             if previous.get("status") in ("done", "diverged"):
+                _teardown(world)
                 return previous
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
