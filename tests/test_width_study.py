@@ -100,6 +100,8 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
     resumed = ws.run_width_study(cfg, tmp_path / "resumed", progress=False, figures=False)
     assert len(calls) == 2  # only the two unfinished chunks were trained
     assert resumed.rows() == full.rows()
+    loaded = ws.load_results(tmp_path / "resumed")
+    assert loaded.rows() == full.rows() and loaded.fits.keys() == full.fits.keys()
     assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "full" / "results.csv").read_text()
 
 
@@ -140,6 +142,13 @@ def test_unknown_init_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="init_a"):  # the message lists the valid schemes
         ws.run_width_study(tiny(inits=("init_a", "no_such_init")), tmp_path, progress=False, figures=False)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_quick_config_is_small_and_overridable():
+    q = ws.WidthStudyConfig.quick(seeds=(3,))
+    assert q.widths == (128, 512, 2048) and q.seeds == (3,) and q.steps < ws.WidthStudyConfig().steps
+    with pytest.raises(ValueError, match="out_dir"):
+        ws.load_results("/nonexistent-width-study")
 
 
 def test_config_round_trips_through_json():

@@ -191,6 +191,30 @@ def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
     return out
 
 
+def plot_optimal_lr_compare(results: dict[str, WidthStudyResult], path: Path) -> Path:
+    """Optimal LR vs width for several studies (e.g. step budgets) side by side, one panel per init."""
+    plt = _plt()
+    inits = list(dict.fromkeys(i for r in results.values() for i in r.config.inits))
+    fig, axes = plt.subplots(1, len(inits), figsize=(4.6 * len(inits), 3.8), squeeze=False, sharey=True)
+    shades = plt.cm.viridis(np.linspace(0.1, 0.85, len(results)))
+    for ax, init in zip(axes[0], inits, strict=True):
+        for (label, res), color in zip(results.items(), shades, strict=True):
+            opt = sorted((o for o in res.optima if o.init == init), key=lambda o: o.width)
+            fit = res.fits.get(init)
+            lab = label + (f": {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]" if fit else "")
+            ax.plot([o.width for o in opt], [o.lr for o in opt], "o-", color=color, label=lab, ms=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(_label(init), fontsize=10)
+        ax.set_xlabel("width n")
+        ax.legend(fontsize=7, frameon=False, loc="lower left", title="slope [95% CI]", title_fontsize=7)
+    axes[0, 0].set_ylabel("optimal learning rate")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def make_figures(result: WidthStudyResult, out_dir: str | os.PathLike) -> list[Path]:
     """All figures of the study into ``out_dir``; returns their paths."""
     out = Path(out_dir)

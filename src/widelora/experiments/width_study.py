@@ -843,6 +843,25 @@ def run_width_study(
     return result
 
 
+def load_results(out_dir: str | os.PathLike) -> WidthStudyResult:
+    """A finished study read back from its folder (config.json + chunks), e.g. to re-plot or compare studies."""
+    out = Path(out_dir)
+    try:
+        config = WidthStudyConfig.from_dict(json.loads((out / "config.json").read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"out_dir: {str(out)!r} has no config.json; is it a width-study folder?") from None
+    chunks = {}
+    for w in config.widths:
+        for i in config.inits:
+            chunk = load_chunk(chunk_path(out, w, i), config)
+            if chunk is None:
+                raise ValueError(f"out_dir: chunk w{w}_{i} is missing or stale in {str(out)!r}; run the study "
+                                 "again on this folder to finish it")
+            chunks[(w, i)] = chunk
+    optima = [find_optimum(chunks[(w, i)], config.select_by) for i in config.inits for w in config.widths]
+    return WidthStudyResult(config, chunks, optima, fit_optima(optima), 0.0, out, loaded=len(chunks))
+
+
 def write_results(result: WidthStudyResult, out: Path) -> None:
     """results.csv (every run), optima.csv, summary.json (config, optima, fits, timing)."""
     rows = result.rows()
