@@ -262,7 +262,7 @@ def report_markdown(result: WidthStudyResult) -> str:
                 f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR schedule; "
                 f"optimum read from the final {cfg.select_by} loss (mean over seeds). "
                 f"Wall time {result.seconds:.1f} s ({result.loaded} of {len(result.chunks)} chunks resumed from "
-                f"disk; chunk training time summed over workers {result.compute_seconds:.1f} s).")
+                f"disk; chunk wall times summed over the parallel workers: {result.compute_seconds:.1f} s).")
     lines += ["", settings, ""]
     return "\n".join(lines)
 
@@ -271,5 +271,9 @@ def write_report(result: WidthStudyResult, path: str | os.PathLike) -> Path:
     from widelora.experiments.width_study import _atomic_write
 
     p = Path(path)
-    _atomic_write(p, report_markdown(result))
+    text = report_markdown(result)
+    figs = [f for f in result.figures if Path(f).exists()]
+    if figs:
+        text += "\n" + "\n".join(f"![{Path(f).stem}]({os.path.relpath(f, p.parent)})" for f in figs) + "\n"
+    _atomic_write(p, text)
     return p
