@@ -119,7 +119,9 @@ def run_sweep(
 
     ``workers`` processes (local) or concurrent Ray tasks each use ``threads`` torch threads (default: the
     machine's cores divided among the workers); ``workers=0`` runs the trials one by one in this process (for
-    debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds one folder per trial (checkpoints, logs).
+    debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds one
+    folder per trial (checkpoints, logs). Pending trials run in the order of the spec as given now, so listing
+    the most informative values first makes a sweep that is stopped early still useful.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -147,7 +149,8 @@ def run_sweep(
     store.add_trials(trials, runs_dir)
     store.recover(retry_failed=retry_failed)
     wanted = {t.id for t in trials}
-    records = store.trials(wanted)
+    order = {t.id: i for i, t in enumerate(trials)}
+    records = sorted(store.trials(wanted), key=lambda r: order[r.id])
     todo = [r for r in records if r.status == "pending"]
     skipped = sum(r.status in FINISHED or r.status == "failed" for r in records)
     if todo:
