@@ -57,6 +57,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plop-seq-len", type=int, default=128)
     ap.add_argument("--part", choices=["all", "methods", "placement"], default="all")
+    ap.add_argument("--only", default=None, help="comma-separated method setups to run (default: all five)")
     ap.add_argument("--out", type=Path, default=OUT_DIR / "methods_comparison.json")
     return ap.parse_args()
 
@@ -171,7 +172,10 @@ def main() -> None:
     if args.part in ("all", "methods"):
         console.print(f"[bold]methods[/] (q_proj,v_proj, r=8, alpha=16, {args.steps} steps of "
                       f"{args.batch}x{args.seq_len} tokens, lr {args.lr:g})")
+        wanted = None if args.only is None else {n.strip() for n in args.only.split(",")}
         for name, setup in methods:
+            if wanted is not None and name not in wanted:
+                continue
             out["methods"].append(_run(name, setup, base_model, train_batches, eval_batches, args))
             _write(out, args.out)
     if args.part in ("all", "placement"):
