@@ -240,7 +240,8 @@ def build_config(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Presets. "paper-*" mirror seed 001, Appendix B (GPU + network needed); "cpu-*" finish in minutes on 2 cores.
+# Presets. "paper-*" mirror seed 001, Appendix B (GPU + network needed); "cpu-*" finish in minutes on 2 cores,
+# with the learning rates that measured best here for Init[A] (docs/results/finetune.md).
 
 _ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
@@ -332,7 +333,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "targets": ["q_proj", "v_proj"],
         "rank": 8,
         "alpha": 16,
-        "lr": 1e-3,
+        "lr": 5e-3,
         "batch_size": 4,
         "seq_len": 128,
         "steps": 30,
@@ -347,7 +348,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "targets": ["q_proj", "v_proj"],
         "rank": 8,
         "alpha": 16,
-        "lr": 1e-3,
+        "lr": 5e-3,
         "batch_size": 4,
         "seq_len": 128,
         "steps": 30,
@@ -362,7 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "targets": ["query", "value"],
         "rank": 8,
         "alpha": 16,
-        "lr": 1e-3,
+        "lr": 5e-3,
         "batch_size": 16,
         "seq_len": 128,
         "steps": 60,
@@ -377,7 +378,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "targets": ["query", "value"],
         "rank": 8,
         "alpha": 16,
-        "lr": 1e-3,
+        "lr": 5e-3,
         "batch_size": 16,
         "seq_len": 64,
         "steps": 60,
