@@ -220,7 +220,9 @@ def register(app: typer.Typer) -> None:
         t0 = time.time()
         if not skip_width:
             typer.echo("== (a) width study, quick scale")
-            run_width_part(out, res, threads=max(1, workers * threads))
+            # One thread: the quick study is ~15 CPU-seconds, and on a busy machine a second spinning OpenMP
+            # thread made it 10x slower (measured: 140 CPU-s instead of 14 at load average 20 on 2 cores).
+            run_width_part(out, res, threads=threads)
             typer.echo(f"   done in {res.width_seconds:.0f} s")
         if not skip_real:
             typer.echo(f"== (b) MiniLM topic classification: {len(SETUPS)} setups x {len(lr_list)} learning rates "
