@@ -68,7 +68,13 @@ def test_batched_engine_matches_one_run_per_config(variant):
 
 def test_divergence_is_detected_the_same_way():
     cfg = tiny(widths=(16,), lrs=(1e-3, 30.0), seeds=(0,), steps=15)
-    res = ws.run_width_study(cfg, None, progress=False, figures=False)
+    orig = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = ws.run_width_study(cfg, None, progress=False, figures=False)  # runs with 1 thread (config default)
+        assert torch.get_num_threads() == 2  # and gives the caller's setting back
+    finally:
+        torch.set_num_threads(orig)
     chunk = res.chunk(16, "init_a")
     ref = ws.run_single(cfg, make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test,
                                        0, torch.float64), 16, "init_a", 30.0, 0)

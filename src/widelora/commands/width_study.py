@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         schedule: Annotated[str, typer.Option(help="LR schedule: constant | linear | cosine.")] = "constant",
         select_by: Annotated[str, typer.Option(help="Loss the optimum is read from: train | test.")] = "train",
         dtype: Annotated[str, typer.Option(help="float32 | float64.")] = "float32",
-        threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch threads per process (default: 1).")] = None,
         workers: Annotated[int | None, typer.Option(help="Processes, 1 thread each (default: 2; --quick: 1).")]
         = None,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip chunks already in --out.")] = True,

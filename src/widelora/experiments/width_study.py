@@ -95,7 +95,9 @@ class WidthStudyConfig:
     curve_points: int = 100  # mean batch loss over this many windows
     diverge_factor: float = 100.0  # batch loss above this × the initial train loss counts as diverged
     dtype: str = "float32"
-    threads: int | None = None  # torch threads; None leaves torch's default (workers > 1 use 1 each)
+    # torch threads per process; None = 1. Parallelism comes from `workers`: on a busy machine one process with
+    # 2 OpenMP threads is many times slower than 2 single-thread processes (its threads wait for each other).
+    threads: int | None = None
     workers: int = 2  # processes, each given whole widths (2 cores: 2 workers of 1 thread beat 1 of 2 threads)
 
     # fields that do not change the numbers, so a resumed run may differ in them
@@ -704,8 +706,8 @@ def _run_chunks(
 def _worker(config_dict: dict, out: str, todo: list, counter: Any, errors: Any) -> None:
     """Subprocess entry: one thread, its share of the widths, chunks written to ``out``."""
     try:
-        torch.set_num_threads(1)
         config = WidthStudyConfig.from_dict(config_dict)
+        torch.set_num_threads(config.threads or 1)
         data = make_data(config.d, config.teacher_width, config.teacher_rank, config.n_train, config.n_test,
                          config.data_seed, DTYPES[config.dtype])
 
@@ -803,8 +805,17 @@ def run_width_study(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "config.json", json.dumps(config.to_dict(), indent=2))
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or 1)  # restored below: a library call must not change the caller's
+    try:
+        return _run_study(config, out, progress, resume, figures, t_start)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run_study(
+    config: WidthStudyConfig, out: Path | None, progress: bool, resume: bool, figures: bool, t_start: float
+) -> WidthStudyResult:
     dtype = DTYPES[config.dtype]
     data = make_data(config.d, config.teacher_width, config.teacher_rank, config.n_train, config.n_test,
                      config.data_seed, dtype)
