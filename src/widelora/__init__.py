@@ -13,10 +13,12 @@ from widelora.methods import precondition as _precondition  # noqa: F401  regist
 from widelora.methods.init import InitUpdate, available_schemes, initialize, register_init
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
 from widelora.methods.placement import PlacementResult, place
+from widelora.monitor import FeatureMonitor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureMonitor",
     "InitUpdate",
     "LoRALinear",
     "LoRAPair",

@@ -27,3 +27,7 @@ def version() -> None:
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m widelora.cli`
+    main()
