@@ -165,29 +165,34 @@ def reach(rec: dict[str, Any], target: float) -> tuple[int | None, float | None,
 
 
 def summarize(runs: list[dict[str, Any]], cfg: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Chosen lr per setup (lowest final held-out loss on the first seed), then per seed: the target is PEFT's
+    final held-out loss on that seed (same data order), and a setup's steps / CPU seconds to reach it."""
     chosen = {}
     for setup in SETUPS:
         grid = [r for r in runs if r["setup"] == setup and r["seed"] == seeds[0]]
         if grid:
             chosen[setup] = min(grid, key=final)["lr"]
-    best = {s: [r for r in runs if r["setup"] == s and r["lr"] == chosen[s]] for s in chosen}
-    peft_final = [final(r) for r in best["peft-default"]]
-    target = statistics.mean(peft_final)
-    peft_steps = cfg["steps"]
-    peft_cpu = statistics.mean(r["cpu_s"][-1] for r in best["peft-default"])
+    best = {s: {r["seed"]: r for r in runs if r["setup"] == s and r["lr"] == chosen[s]} for s in chosen}
+    peft = best["peft-default"]
+    targets = {seed: final(r) for seed, r in peft.items()}
     table = []
-    for s, rs in best.items():
-        hits = [reach(r, target) for r in rs]
-        steps = [h[0] for h in hits]
-        ok = [h for h in hits if h[0] is not None]
-        entry = {"lr": chosen[s], "final_losses": [final(r) for r in rs], "steps_to_target": steps,
-                 "cpu_s_to_target": [h[1] for h in hits],
-                 "steps_ratio_vs_peft": (statistics.mean(h[0] for h in ok) / peft_steps
-                                         if len(ok) == len(hits) else None),
-                 "cpu_ratio_vs_peft": (statistics.mean(h[1] for h in ok) / peft_cpu
-                                       if len(ok) == len(hits) else None)}
-        table.append(entry | {"setup": s})
-    return {"chosen_lr": chosen, "target_loss": target, "peft_steps": peft_steps, "setups": table}
+    for s, by_seed in best.items():
+        steps, cpu, ratios, cpu_ratios = {}, {}, [], []
+        for seed, r in sorted(by_seed.items()):
+            if seed not in targets:
+                continue
+            st, c, _ = reach(r, targets[seed]) if s != "peft-default" else (cfg["steps"], r["cpu_s"][-1], None)
+            steps[seed], cpu[seed] = st, c
+            if st is not None:
+                ratios.append(st / cfg["steps"])
+                cpu_ratios.append(c / peft[seed]["cpu_s"][-1])
+        complete = bool(steps) and len(ratios) == len(steps)
+        table.append({"setup": s, "lr": chosen[s], "final_losses": {k: final(r) for k, r in sorted(by_seed.items())},
+                      "steps_to_target": steps, "cpu_s_to_target": cpu,
+                      "steps_ratio_vs_peft": statistics.mean(ratios) if complete else None,
+                      "cpu_ratio_vs_peft": statistics.mean(cpu_ratios) if complete else None})
+    return {"chosen_lr": chosen, "targets": targets, "target_loss": statistics.mean(targets.values()),
+            "peft_steps": cfg["steps"], "setups": table}
 
 
 def plot(name: str, payload: dict[str, Any]) -> Path:
@@ -209,7 +214,7 @@ def plot(name: str, payload: dict[str, Any]) -> Path:
             a.plot(x, losses.mean(0), color=colors[setup], label=label, lw=2)
             a.fill_between(x, losses.min(0).values, losses.max(0).values, color=colors[setup], alpha=0.2, lw=0)
     for a in (ax, ax2):
-        a.axhline(summ["target_loss"], color="k", ls="--", lw=1, label="PEFT-default final loss")
+        a.axhline(summ["target_loss"], color="k", ls="--", lw=1, label="PEFT-default final loss (seed mean)")
         a.set_ylabel("held-out loss")
         a.grid(alpha=0.3)
     ax.set_xlabel("training step")
@@ -233,12 +238,12 @@ def plot(name: str, payload: dict[str, Any]) -> Path:
 
 
 def print_summary(name: str, summ: dict[str, Any]) -> None:
-    print(f"\n{name}: target = PEFT-default final held-out loss {summ['target_loss']:.4f} "
-          f"(after {summ['peft_steps']} steps)")
+    tg = ", ".join(f"seed {k}: {v:.4f}" for k, v in summ["targets"].items())
+    print(f"\n{name}: target = PEFT-default's final held-out loss after {summ['peft_steps']} steps, per seed ({tg})")
     rows = []
     for e in summ["setups"]:
-        rows.append([e["setup"], f"{e['lr']:g}", " / ".join(f"{v:.4f}" for v in e["final_losses"]),
-                     " / ".join(str(s) if s is not None else "never" for s in e["steps_to_target"]),
+        rows.append([e["setup"], f"{e['lr']:g}", " / ".join(f"{v:.4f}" for v in e["final_losses"].values()),
+                     " / ".join(str(s) if s is not None else "never" for s in e["steps_to_target"].values()),
                      "-" if e["steps_ratio_vs_peft"] is None else f"{e['steps_ratio_vs_peft']:.2f}",
                      "-" if e["cpu_ratio_vs_peft"] is None else f"{e['cpu_ratio_vs_peft']:.2f}"])
     common.print_table(["setup", "lr", "final held-out (per seed)", "steps to target", "steps /peft",
