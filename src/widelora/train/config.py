@@ -336,9 +336,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 5e-3,
         "batch_size": 4,
         "seq_len": 128,
-        "steps": 30,
+        "steps": 20,
         "warmup": 0.1,
-        "eval_examples": 32,
+        "eval_examples": 16,
         "out_dir": "runs/cpu-smollm2-wiki",
     },
     "cpu-smollm2-shakespeare": {
@@ -351,9 +351,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 5e-3,
         "batch_size": 4,
         "seq_len": 128,
-        "steps": 30,
+        "steps": 20,
         "warmup": 0.1,
-        "eval_examples": 32,
+        "eval_examples": 16,
         "out_dir": "runs/cpu-smollm2-shakespeare",
     },
     "cpu-minilm-topics": {
