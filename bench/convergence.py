@@ -187,10 +187,18 @@ def summarize(runs: list[dict[str, Any]], cfg: dict[str, Any], seeds: list[int])
                 ratios.append(st / cfg["steps"])
                 cpu_ratios.append(c / peft[seed]["cpu_s"][-1])
         complete = bool(steps) and len(ratios) == len(steps)
+        # the same question at half the budget: steps to reach PEFT's held-out loss at its mid-run evaluation
+        half = {}
+        for seed, r in sorted(by_seed.items()):
+            if seed in peft:
+                pr = peft[seed]
+                mid = min(range(len(pr["step"])), key=lambda i: abs(pr["step"][i] - cfg["steps"] / 2))
+                half[seed] = (pr["step"][mid], reach(r, pr["loss"][mid])[0])
         table.append({"setup": s, "lr": chosen[s], "final_losses": {k: final(r) for k, r in sorted(by_seed.items())},
                       "steps_to_target": steps, "cpu_s_to_target": cpu,
                       "steps_ratio_vs_peft": statistics.mean(ratios) if complete else None,
-                      "cpu_ratio_vs_peft": statistics.mean(cpu_ratios) if complete else None})
+                      "cpu_ratio_vs_peft": statistics.mean(cpu_ratios) if complete else None,
+                      "half_budget": {k: {"peft_step": a, "steps": b} for k, (a, b) in half.items()}})
     return {"chosen_lr": chosen, "targets": targets, "target_loss": statistics.mean(targets.values()),
             "peft_steps": cfg["steps"], "setups": table}
 
@@ -219,11 +227,12 @@ def plot(name: str, payload: dict[str, Any]) -> Path:
         a.grid(alpha=0.3)
     ax.set_xlabel("training step")
     ax2.set_xlabel("CPU seconds (training + init), mean over seeds")
-    lo = summ["target_loss"]
-    hi = max(max(r["loss"][1:] or r["loss"]) for r in payload["runs"] if r["lr"] == summ["chosen_lr"].get(r["setup"]))
-    ax.set_ylim(lo - 0.35 * (hi - lo), hi + 0.05 * (hi - lo))
+    shown = [r for r in payload["runs"] if r["lr"] == summ["chosen_lr"].get(r["setup"])]
+    lo = min(summ["target_loss"], *(min(r["loss"]) for r in shown))
+    hi = max(max(r["loss"][1:] or r["loss"]) for r in shown)
+    ax.set_ylim(lo - 0.08 * (hi - lo), hi + 0.05 * (hi - lo))
     ax2.set_ylim(ax.get_ylim())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     cfg = payload["config"]
     fig.suptitle(f"{cfg['model']} on {cfg['dataset']} ({cfg['task']}): held-out loss, band = min-max over seeds",
                  fontsize=10)
@@ -245,9 +254,11 @@ def print_summary(name: str, summ: dict[str, Any]) -> None:
         rows.append([e["setup"], f"{e['lr']:g}", " / ".join(f"{v:.4f}" for v in e["final_losses"].values()),
                      " / ".join(str(s) if s is not None else "never" for s in e["steps_to_target"].values()),
                      "-" if e["steps_ratio_vs_peft"] is None else f"{e['steps_ratio_vs_peft']:.2f}",
-                     "-" if e["cpu_ratio_vs_peft"] is None else f"{e['cpu_ratio_vs_peft']:.2f}"])
+                     "-" if e["cpu_ratio_vs_peft"] is None else f"{e['cpu_ratio_vs_peft']:.2f}",
+                     " / ".join(f"{v['steps'] if v['steps'] is not None else 'never'} (of {v['peft_step']})"
+                                for v in e["half_budget"].values())])
     common.print_table(["setup", "lr", "final held-out (per seed)", "steps to target", "steps /peft",
-                        "cpu s /peft"], rows)
+                        "cpu s /peft", "steps to PEFT's mid-run loss"], rows)
 
 
 def merged(task: str) -> dict[str, Any] | None:
