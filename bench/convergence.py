@@ -5,9 +5,10 @@ Setups, all rank 16, alpha 16, every linear layer except the output head, no dro
 - ``initA+lora+``   wl.attach(init="init_a") + wl.create_optimizer(method="loraplus", ratio=16);
 - ``lora-one``      wl.attach + wl.initialize("lora_one") on a few training batches + the preconditioned
                     optimizer (method="lora_one"); its init time is counted in its seconds.
-Each setup gets the same tuning budget: a small learning-rate grid on seed 0, the lr with the lowest final held-out
-loss kept, then the other seeds at that lr. The target is PEFT-default's final held-out loss (mean over seeds);
-"steps to target" is the first evaluation at which a run's held-out loss is at or below it.
+Tuning: each setup runs its lr grid (``TASKS[task]["grids"]``, or ``--lrs``) on the first seed, the lr with the
+lowest final held-out loss is kept, then the other seeds run at that lr. The target of a seed is PEFT-default's final
+held-out loss on that seed (same data order); "steps to target" is the first evaluation at or below it. The table
+also gives the steps to reach PEFT's held-out loss at mid-run (early-training speed).
 Per seed the data order, the adapter init and the evaluation set are identical across setups.
 
     .venv/bin/python bench/convergence.py --task minilm
