@@ -158,6 +158,8 @@ def pretty(value: Any) -> str:
 def metric_label(metric: str) -> str:
     """Axis label with units: accuracies in percent; perplexity and losses as they are (their units vary)."""
     low = metric.lower()
+    if low in ("loss", "train_loss"):
+        return "training loss (per-step batch mean)"
     if "acc" in low:
         return f"{metric.replace('_', ' ')} (%)"
     if "ppl" in low or "perplexity" in low:
