@@ -111,6 +111,7 @@ def test_no_temporary_files_are_left_and_a_save_overwrites_cleanly(tmp_path):
     wl.save_adapter(model, tmp_path)
     wl.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in tmp_path.iterdir())  # readable by others, unlike mkstemp
 
 
 def test_truncated_adapter_file_is_a_clear_error_and_the_model_is_untouched(tmp_path):

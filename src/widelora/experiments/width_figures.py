@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from widelora.files import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from widelora.experiments.width_study import WidthStudyResult
@@ -44,17 +45,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
@@ -268,12 +259,9 @@ def report_markdown(result: WidthStudyResult) -> str:
 
 
 def write_report(result: WidthStudyResult, path: str | os.PathLike) -> Path:
-    from widelora.experiments.width_study import _atomic_write
-
     p = Path(path)
     text = report_markdown(result)
     figs = [f for f in result.figures if Path(f).exists()]
     if figs:
         text += "\n" + "\n".join(f"![{Path(f).stem}]({os.path.relpath(f, p.parent)})" for f in figs) + "\n"
-    _atomic_write(p, text)
-    return p
+    return atomic_write_text(p, text)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from widelora.experiments.toy import FrozenWeights, ToyData, ToyModel, derive_seed, make_data, student_weights
+from widelora.files import atomic_write_text
 from widelora.monitor import gram_norms
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -535,20 +536,6 @@ def run_single(
 # ---------------------------------------------------------------------------------------------- the study
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to others
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def chunk_path(out_dir: Path, width: int, init: str) -> Path:
     return Path(out_dir) / "chunks" / f"w{width}_{init}.json"
 
@@ -698,7 +685,7 @@ def _run_chunks(
                                 u_test=torch.stack(u_te) if moved else None, on_step=step_cb)
             chunks[(width, init)] = chunk
             if out is not None:
-                _atomic_write(chunk_path(out, width, init), json.dumps(chunk.to_json()))
+                atomic_write_text(chunk_path(out, width, init), json.dumps(chunk.to_json()))
         del cache
     return chunks
 
@@ -804,7 +791,7 @@ def run_width_study(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "config.json", json.dumps(config.to_dict(), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or 1)  # restored below: a library call must not change the caller's
     try:
@@ -876,8 +863,8 @@ def load_results(out_dir: str | os.PathLike) -> WidthStudyResult:
 def write_results(result: WidthStudyResult, out: Path) -> None:
     """results.csv (every run), optima.csv, summary.json (config, optima, fits, timing)."""
     rows = result.rows()
-    _atomic_write(out / "results.csv", _csv(rows))
-    _atomic_write(out / "optima.csv", _csv([asdict(o) | {"per_seed": json.dumps(o.per_seed)} for o in result.optima]))
+    atomic_write_text(out / "results.csv", _csv(rows))
+    atomic_write_text(out / "optima.csv", _csv([asdict(o) | {"per_seed": json.dumps(o.per_seed)} for o in result.optima]))
     summary = {
         "config": result.config.to_dict(),
         "seconds": result.seconds,
@@ -888,7 +875,7 @@ def write_results(result: WidthStudyResult, out: Path) -> None:
         "fits": {k: v.as_dict() for k, v in result.fits.items()},
         "exponents": result.exponent_rows(),
     }
-    _atomic_write(out / "summary.json", json.dumps(_nan_to_none(json.loads(json.dumps(summary, default=str))),
+    atomic_write_text(out / "summary.json", json.dumps(_nan_to_none(json.loads(json.dumps(summary, default=str))),
                                                    indent=2))
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,22 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from widelora.files import atomic_write
 from widelora.lora.layer import LoRALinear, is_adaptable, linear_shape
 from widelora.lora.pairs import PEFT_PREFIX, LoRAPair, require_pairs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_rslora(pair: LoRAPair) -> bool:
@@ -145,8 +134,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     config["peft_type"] = "LORA"
     config["task_type"] = config.get("task_type")
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
     return out
 
 

@@ -14,10 +14,8 @@ data, and with right padding they would otherwise weigh each batch by its paddin
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from widelora.files import atomic_write_json
 
 __all__ = ["PlacementResult", "linear_modules", "module_nfn", "nfn_modules", "place"]
 
@@ -78,18 +78,7 @@ class PlacementResult:
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON atomically (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_json(path, self.to_dict())
 
 
 def module_type(name: str) -> str:

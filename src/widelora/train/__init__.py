@@ -63,7 +63,8 @@ def run_trial(
             "traceback": traceback.format_exc(),
         }
         try:
-            from widelora.train.checkpoint import atomic_write_text, latest_checkpoint
+            from widelora.files import atomic_write_text
+            from widelora.train.checkpoint import latest_checkpoint
 
             ckpt = latest_checkpoint(run_dir)
             result["checkpoint"] = str(ckpt) if ckpt else None

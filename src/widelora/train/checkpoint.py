@@ -23,22 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from widelora.files import atomic_write_text
+
 LATEST = "latest"
 CKPT_DIR = "checkpoints"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from widelora.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from widelora.files import atomic_write_text
+from widelora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from widelora.train.config import RunConfig
 
 MetricsCallback = Callable[[int, dict], None]
