@@ -20,8 +20,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)
         write(tmp)
+        os.chmod(tmp, 0o644)  # after the write: some writers (safetensors) recreate the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
