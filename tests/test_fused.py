@@ -175,3 +175,29 @@ def test_no_grad_inference_and_zero_rows():
         y = fused_lora_linear(x, w, b, A, B, 1.5)
         torch.testing.assert_close(y, _plain(x, w, b, A, B, 1.5), atol=1e-6, rtol=1e-6)
     assert not y.requires_grad
+
+
+def test_lora_linear_uses_fused_path_and_matches_plain():
+    """The real layer: fused when dropout is inactive (grad_fn tells), plain otherwise; same numbers either way."""
+    from widelora.lora.layer import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5), rank=3, alpha=6.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    results = {}
+    for fused in (True, False):
+        layer.use_fused = fused
+        for p in (x, layer.lora_A, layer.lora_B):
+            p.grad = None
+        y = layer(x)
+        assert ("_FusedLoRALinear" in type(y.grad_fn).__name__) is fused
+        y.pow(2).sum().backward()
+        results[fused] = [t.detach().clone() for t in (y, x.grad, layer.lora_A.grad, layer.lora_B.grad)]
+    for a, e in zip(results[True], results[False]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    drop = LoRALinear(torch.nn.Linear(6, 5), rank=3, alpha=6.0, dropout=0.5).train()
+    assert "_FusedLoRALinear" not in type(drop(x).grad_fn).__name__  # dropout active: plain path
+    assert "_FusedLoRALinear" in type(drop.eval()(x).grad_fn).__name__  # eval: dropout is the identity
