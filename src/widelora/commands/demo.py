@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs).")] = Path("demo-report"),
         steps: Annotated[int, typer.Option(help="Optimizer steps per real-model trial.")] = 60,
         lrs: Annotated[str, typer.Option(help="Comma-separated learning rates, the same for every setup.")] = (
-            "1e-3,4e-3,1.6e-2"),
+            "2.5e-4,1e-3,4e-3,1.6e-2"),
         seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
         workers: Annotated[int, typer.Option(help="Trials in parallel (worker processes).")] = 2,
         threads: Annotated[int, typer.Option(help="Torch threads per worker.")] = 1,

@@ -228,7 +228,7 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
         trainable=_head_modules(model, cfg),
     )
     if needs_data:
-        wl.initialize(model, cfg.init, seed=cfg.seed, batches=probe)
+        wl.initialize(model, cfg.init, seed=cfg.seed, batches=probe, progress=bool(cfg.progress) and rank == 0)
     if dtype != torch.float32:  # keep the adapter (and the optimizer state) in fp32
         for p in model.parameters():
             if p.requires_grad:
