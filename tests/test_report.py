@@ -140,3 +140,10 @@ def test_demo_page_headline(tmp_path: Path) -> None:
     page = write_page(res).read_text()
     assert "Headline" in page and BASELINE in page and "width study skipped: test" in page
     assert page.count("data:image/png;base64,") >= 2
+
+
+def test_mean_se_says_single_seed_instead_of_a_zero_error():
+    from widelora.report.html import mean_se
+
+    assert mean_se(0.656, 0.0, 1, ".3f") == "0.656 (1 seed)"
+    assert mean_se(0.744, 0.014, 2, ".3f", ".3f") == "0.744 ± 0.014"

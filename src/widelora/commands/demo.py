@@ -142,14 +142,14 @@ def _before(sweep: Any, group: Any) -> float:
 def write_page(res: DemoResult) -> Path:
     """index.html: headline table, the real-model sweep's figures and tables, the width study's figures."""
     from widelora.report.figures import make_figures
-    from widelora.report.html import Raw, Section, sweep_sections, table, write_html
+    from widelora.report.html import Raw, Section, mean_se, sweep_sections, table, write_html
 
     sections: list[Section] = []
     intro = [(f"<div class='headline'><b>widelora demo</b> — total {res.seconds / 60:.1f} min on "
               f"{os.cpu_count()} CPU core(s) (width study {res.width_seconds:.0f} s, real-model comparison "
               f"{res.sweep_seconds:.0f} s).</div>")]
     if res.headline:
-        rows = [[r["setup"], r["lr"], Raw(f"{100 * r['accuracy']:.1f} ± {100 * r['se']:.1f}"), r["seeds"],
+        rows = [[r["setup"], r["lr"], Raw(mean_se(100 * r["accuracy"], 100 * r["se"], r["seeds"], ".1f", ".1f")), r["seeds"],
                  Raw(f"{100 * r['before']:.1f}"), Raw(f"{100 * r['gain']:+.1f}")] for r in res.headline]
         best = max(range(len(rows)), key=lambda i: res.headline[i]["accuracy"]
                    if math.isfinite(res.headline[i]["accuracy"]) else -1)

@@ -41,6 +41,13 @@ class Section:
     tables: list[str] = field(default_factory=list)
 
 
+def mean_se(mean: float, se: float, n: int, mean_fmt: str = ".4g", se_fmt: str = ".2g") -> str:
+    """"mean ± s.e." — or "mean (1 seed)" where a standard error does not exist (it is not 0)."""
+    if n < 2 or not math.isfinite(se):
+        return f"{mean:{mean_fmt}} ({n} seed)"
+    return f"{mean:{mean_fmt}} ± {se:{se_fmt}}"
+
+
 def embed_png(path: str | Path, alt: str) -> str:
     """An <img> tag holding the PNG itself, so the page needs no other file."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -82,7 +89,7 @@ def best_table(res: SweepResults) -> str:
             rows.append([g.label, "—", "—", 0, sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
             scores.append(math.nan)
             continue
-        rows.append([g.label, best.lr, Raw(f"{best.mean * scale:.4g} ± {best.se * scale:.2g}"), best.n,
+        rows.append([g.label, best.lr, Raw(mean_se(best.mean * scale, best.se * scale, best.n)), best.n,
                      sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
         scores.append(best.mean)
     finite = [(s, i) for i, s in enumerate(scores) if math.isfinite(s)]
