@@ -16,7 +16,7 @@ from widelora.sweep import ResultStore, parse_spec, run_sweep
 
 SPEC = textwrap.dedent("""\
     name: toy-report
-    trial_fn: widelora.sweep.toy:run_toy_trial
+    trial_fn: toy
     metric: test_loss
     goal: min
     base: {steps: 20, width: 16, eval_every: 5}
@@ -118,7 +118,7 @@ def test_demo_page_headline(tmp_path: Path) -> None:
 
     spec = parse_spec(textwrap.dedent(f"""\
         name: demo-toy
-        trial_fn: widelora.sweep.toy:run_toy_trial
+        trial_fn: toy
         metric: test_loss
         goal: min
         base: {{steps: 15, width: 16}}

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from widelora.sweep import ResultStore, SpecError, parse_spec, run_sweep, trial_id
-from widelora.sweep.runners import execute_trial, normalize_result
-from widelora.sweep.spec import Trial, expand
+from widelora.errors import UserError
+from widelora.sweep import ResultStore, SpecError, get_trial, parse_spec, run_sweep, trial_id
+from widelora.sweep.executors import execute_trial, normalize_result
+from widelora.sweep.grid import Trial, expand
+from widelora.testing.toy_trial import run_toy_trial
 
-TOY = "widelora.sweep.toy:run_toy_trial"
-TOY_KEYS = ["lr", "init", "method", "ratio", "rank", "width", "seed", "steps", "eval_every", "sleep", "fail",
-            "exit"]
+TOY = "toy"
 
 
 def toy_spec(axes: str, base: str = "{steps: 20, width: 16}", name: str = "toy") -> str:
@@ -114,9 +114,9 @@ def test_unknown_axis_names_line_and_valid_keys() -> None:
 
 def test_unknown_top_level_and_base_keys() -> None:
     with pytest.raises(SpecError, match=r"line 2: unknown top-level key 'axis'.*valid keys: axes, base"):
-        parse_spec("name: t\naxis: {lr: [1]}\nbase: {}\n", config_keys=TOY_KEYS)
-    with pytest.raises(SpecError, match=r"line 3: unknown base key 'stepz'"):
-        parse_spec("name: t\nbase:\n  stepz: 3\naxes: {lr: [1e-3]}\n", config_keys=TOY_KEYS)
+        parse_spec("name: t\naxis: {lr: [1]}\nbase: {}\n")
+    with pytest.raises(SpecError, match=r"line 4: unknown base key 'stepz'"):
+        parse_spec("name: t\ntrial_fn: toy\nbase:\n  stepz: 3\naxes: {lr: [1e-3]}\n")
 
 
 @pytest.mark.parametrize(
@@ -136,9 +136,9 @@ def test_bad_axes_are_clear(axes: str, pattern: str) -> None:
 
 def test_duplicate_key_and_bad_goal() -> None:
     with pytest.raises(SpecError, match=r"line 4: duplicate key 'lr' \(first at line 3\)"):
-        parse_spec("base: {}\naxes:\n  lr: [1]\n  lr: [2]\n", config_keys=TOY_KEYS)
+        parse_spec("base: {}\naxes:\n  lr: [1]\n  lr: [2]\n")
     with pytest.raises(SpecError, match="goal 'up' must be 'max' or 'min'"):
-        parse_spec("goal: up\nbase: {}\naxes: {lr: [1]}\n", config_keys=TOY_KEYS)
+        parse_spec("goal: up\ntrial_fn: toy\nbase: {}\naxes: {lr: [1]}\n")
 
 
 # -- store ------------------------------------------------------------------------------------------------------
@@ -146,28 +146,29 @@ def _trials(n: int = 3) -> list[Trial]:
     return expand({"steps": 5}, {"lr": [10.0 ** -(i + 1) for i in range(n)]})
 
 
-def test_store_lifecycle_and_recover(tmp_path: Path) -> None:
+def test_store_lifecycle_and_reclaim(tmp_path: Path) -> None:
     trials = _trials()
     with ResultStore(tmp_path / "s.sqlite") as store:
         assert store.add_trials(trials, tmp_path / "runs") == 3
         assert store.add_trials(trials) == 0  # same ids: nothing new, nothing reset
-        store.mark_running(trials[0].id, "w0")
-        store.log_metrics(trials[0].id, 1, {"loss": 2.0, "note": "text is skipped"})
-        store.log_metrics(trials[0].id, 1, {"loss": 1.5})  # a resumed trial re-logs a step: overwritten
-        store.finish(trials[0].id, "done", {"test_loss": 0.25, "nan": float("nan")})
-        store.mark_running(trials[1].id, "w1")
+        order = [t.id for t in trials]
+        first = store.claim(order, "driver-a", "w0")
+        assert first is not None and first.id == trials[0].id and first.owner == "driver-a"
+        store.log_metrics(first.id, 1, {"loss": 2.0, "note": "text is skipped"}, driver="driver-a")
+        store.log_metrics(first.id, 1, {"loss": 1.5}, driver="driver-a")  # a resumed trial re-logs: overwritten
+        assert store.finish(first.id, "done", {"test_loss": 0.25, "nan": float("nan")}, driver="driver-a")
+        second = store.claim(order, "driver-b")
+        assert second is not None and second.id == trials[1].id
         assert store.counts()["running"] == 1
-    with ResultStore(tmp_path / "s.sqlite") as store:  # "restart"
-        assert store.recover() == [trials[1].id]
+    with ResultStore(tmp_path / "s.sqlite") as store:  # "restart": driver-b never registered, so it is gone
+        assert store.reclaim_orphans() == [trials[1].id]
         rec = store.trial(trials[0].id)
         assert rec.status == "done" and rec.final["test_loss"] == 0.25 and rec.attempts == 1
         assert store.metrics(trials[0].id)[trials[0].id]["loss"] == [(1, 1.5)]
         assert [r.id for r in store.pending()] == [trials[1].id, trials[2].id]
         assert rec.run_dir == str(tmp_path / "runs" / trials[0].id)
-        with pytest.raises(ValueError, match="not a final status"):
+        with pytest.raises(UserError, match="not a final status"):
             store.finish(trials[1].id, "running")
-        with pytest.raises(ValueError, match="is not a pending trial"):
-            store.mark_running(trials[0].id)
 
 
 def test_store_survives_kill_mid_write(tmp_path: Path) -> None:
@@ -176,7 +177,7 @@ def test_store_survives_kill_mid_write(tmp_path: Path) -> None:
     trials = _trials(2)
     with ResultStore(path) as store:
         store.add_trials(trials)
-        store.mark_running(trials[0].id)
+        store.claim([trials[0].id], "gone-driver")
     code = textwrap.dedent(f"""
         import os, signal
         from widelora.sweep.store import ResultStore
@@ -192,11 +193,11 @@ def test_store_survives_kill_mid_write(tmp_path: Path) -> None:
         assert store.integrity_ok()
         rec = store.trial(trials[0].id)
         assert rec.status == "running" and rec.final == {}
-        assert store.recover() == [trials[0].id]
+        assert store.reclaim_orphans() == [trials[0].id]
 
 
 def test_store_rejects_directory_and_other_sweep(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(UserError, match="is a folder"):
         ResultStore(tmp_path)
     spec_a = parse_spec(toy_spec("lr: [1e-2]\n", name="a"))
     spec_b = parse_spec(toy_spec("lr: [1e-2]\n", name="b"))
@@ -208,10 +209,8 @@ def test_store_rejects_directory_and_other_sweep(tmp_path: Path) -> None:
 
 # -- trial contract ---------------------------------------------------------------------------------------------
 def test_execute_trial_turns_exceptions_into_failed(tmp_path: Path) -> None:
-    res = execute_trial(TOY, {"fail": "boom"}, tmp_path / "r")
+    res = execute_trial(run_toy_trial, {"fail": "boom"}, tmp_path / "r")
     assert res["status"] == "failed" and res["error"].startswith("RuntimeError: boom")
-    res = execute_trial("widelora.sweep.toy:nope", {}, tmp_path / "r")
-    assert res["status"] == "failed" and "has no function 'nope'" in res["error"]
     assert normalize_result(3)["status"] == "failed"
     assert "status 'ok'" in normalize_result({"status": "ok"})["error"]
     assert normalize_result({"status": "done", "final": {"a": 1}})["final"] == {"a": 1}
@@ -224,7 +223,7 @@ def test_run_sweep_checks_arguments(tmp_path: Path) -> None:
             run_sweep(spec, store, backend="slurm")
         with pytest.raises(ValueError, match="workers: -1"):
             run_sweep(spec, store, workers=-1)
-        with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        with pytest.raises(UserError, match="'no_such_module:f' is not a registered trial function; valid: .*toy"):
             run_sweep(spec, store, trial_fn="no_such_module:f")
         assert store.trials() == []  # nothing registered when a call fails
 
@@ -248,7 +247,7 @@ def test_local_sweep_records_failed_diverged_and_crashed(tmp_path: Path) -> None
         recs = {(r.labels["setup"], r.labels["lr"]): r for r in store.trials()}
     assert out.counts == {"pending": 0, "running": 0, "done": 2, "diverged": 2, "failed": 6}
     assert recs[("ok-a", 3e-2)].status == "done" and recs[("ok-a", 3e-2)].final["test_loss"] < 0.05
-    assert recs[("ok-a", 1e4)].status == "diverged" and "loss became" in recs[("ok-a", 1e4)].error
+    assert recs[("ok-a", 1e4)].status == "diverged" and "diverged at step" in recs[("ok-a", 1e4)].error
     assert "ValueError: init: 'nonsense'" in recs[("bad-init", 3e-2)].error
     assert "RuntimeError: planned failure" in recs[("raises", 3e-2)].error
     assert "worker process died (exit code 7)" in recs[("crashes", 3e-2)].error
@@ -263,6 +262,7 @@ def _wait_for(pred, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.integration
 def test_kill_9_mid_trial_resumes_without_rerunning(tmp_path: Path) -> None:
     """kill -9 the sweep driver while a trial runs: rerun finishes everything, finished trials are not rerun,
     the interrupted one resumes from its checkpoint and ends exactly where an uninterrupted run does."""
@@ -306,7 +306,7 @@ def test_kill_9_mid_trial_resumes_without_rerunning(tmp_path: Path) -> None:
     cut = interrupted[0]
     assert after[cut.id].attempts == 2
     assert len((runs / cut.id / "starts.log").read_text().splitlines()) == 2
-    fresh = execute_trial(TOY, cut.config, tmp_path / "fresh")
+    fresh = execute_trial(run_toy_trial, cut.config, tmp_path / "fresh")
     assert after[cut.id].final["test_loss"] == pytest.approx(fresh["final"]["test_loss"], rel=1e-6)
 
 
@@ -320,6 +320,7 @@ def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_ray_matches_local(local_store: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     spec = parse_spec(toy_spec("init: [init_a, init_b]\nlr: [1e-2, 1e-1]\nseed: [0, 1]\n"))
@@ -351,3 +352,39 @@ def test_example_specs_parse(path: Path) -> None:
     trials = spec.trials()
     assert len(trials) >= 12 and spec.metric
     assert "seed" in spec.axes and ("lr" in spec.axes)
+
+
+# -- trial functions: a registry, never an import from a spec ----------------------------------------------------
+def test_spec_cannot_import_arbitrary_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trial_fn: os:system` used to import and call any function; now only registered names are accepted."""
+    imported: list[str] = []
+    real_import = __import__
+
+    def spy(name: str, *args, **kwargs):
+        imported.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", spy)
+    with pytest.raises(SpecError, match=r"line 2: trial_fn: 'os:system' is not a registered trial function; "
+                                        r"valid: finetune, toy"):
+        parse_spec("name: t\ntrial_fn: os:system\nbase: {}\naxes: {lr: [1e-3]}\n")
+    monkeypatch.undo()
+    assert "os" not in imported
+    with pytest.raises(UserError, match="valid: finetune, toy"):
+        get_trial("widelora.sweep.toy:nope")
+    # the built-in names earlier specs spelled as "module:function" still mean the built-ins
+    assert get_trial("widelora.sweep.toy:run_toy_trial").name == "toy"
+    assert get_trial("widelora.train:run_trial").name == "finetune"
+
+
+def test_finetune_spec_is_checked_against_run_config() -> None:
+    """Keys come from RunConfig itself (no stale copy), and every trial's values are validated before a run."""
+    from widelora.train import RunConfig
+
+    with pytest.raises(SpecError, match=r"unknown base key 'learning_rate'.*valid keys:.*max_grad_norm"):
+        parse_spec("name: t\nbase: {learning_rate: 1e-3}\naxes: {seed: [0]}\n")
+    with pytest.raises(SpecError, match=r"trial \{'rank': -2\} is not a valid finetune config: rank=-2"):
+        parse_spec("name: t\nbase: {steps: 3}\naxes: {rank: [4, -2]}\n")
+    spec = parse_spec("name: t\nbase: {steps: 3}\naxes: {rank: [4, 8]}\n")
+    assert spec.trial_fn == "finetune" and len(spec.trials()) == 2
+    assert set(get_trial("finetune").config_keys) == set(RunConfig.keys()) | {"preset"}

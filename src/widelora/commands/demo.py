@@ -55,7 +55,7 @@ def real_model_spec_text(lrs: list[float], seeds: list[int], steps: int, setups:
             f"fresh linear head, {steps} steps of batch 16 at sequence length 64, linear warmup 6% and decay, "
             "accuracy on 256 held-out test examples. Every setup gets the same learning-rate grid; each is "
             "compared at its own best learning rate."),
-        "trial_fn": "widelora.train:run_trial",
+        "trial_fn": "finetune",
         "metric": "accuracy",
         "goal": "max",
         "base": {"model": "minilm-l6", "task": "classification", "dataset": "wikipedia",
@@ -85,8 +85,7 @@ def run_width_part(out: Path, res: DemoResult, threads: int) -> None:
 def run_real_part(out: Path, res: DemoResult, lrs: list[float], seeds: list[int], steps: int, workers: int,
                   threads: int) -> None:
     """(b) PEFT-default LoRA vs widelora's recommended setups on MiniLM topic classification, as a sweep."""
-    from widelora.sweep import ResultStore, parse_spec, run_sweep
-    from widelora.sweep.runners import default_progress
+    from widelora.sweep import ResultStore, TrialProgress, parse_spec, run_sweep
 
     try:
         import widelora.train  # noqa: F401
@@ -107,8 +106,9 @@ def run_real_part(out: Path, res: DemoResult, lrs: list[float], seeds: list[int]
     spec = parse_spec(real_model_spec_text(lrs, seeds, steps, setups), source="demo spec")
     t0 = time.time()
     with ResultStore(out / "real-model" / "results.sqlite") as store:
-        outcome = run_sweep(spec, store, workers=workers, threads=threads,
-                            progress=default_progress(metric=spec.metric))
+        progress = TrialProgress(metric=spec.metric)
+        outcome = run_sweep(spec, store, workers=workers, threads=threads, progress=progress)
+        progress.close()
     res.sweep_seconds = time.time() - t0
     if outcome.counts.get("failed"):
         res.notes.append(f"{outcome.counts['failed']} real-model trial(s) failed; see the trials table")

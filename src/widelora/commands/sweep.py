@@ -32,37 +32,43 @@ def register(app: typer.Typer) -> None:
         report: Annotated[bool, typer.Option(
             help="Write the report (PNGs + index.html) beside the store at the end.")] = True,
     ) -> None:
-        """Run a learning-rate × init × method grid; run the same command again after a crash to resume."""
-        from widelora.sweep import ResultStore, SpecError, load_spec, run_sweep
-        from widelora.sweep.runners import default_progress
+        """Run a learning-rate × init × method grid; run it again after a crash to resume, or from several
+        shells (or machines sharing the store) at once to share the work."""
+        from widelora.errors import UserError
 
         try:
-            parsed = load_spec(spec)
-        except SpecError as exc:
+            _run(spec, backend, address, workers, threads, gpus, store, runs_dir, retry_failed, dry_run, report)
+        except UserError as exc:  # until the app-wide handler: one line, no traceback
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        trials = parsed.trials()
-        if dry_run:
-            for t in trials:
-                typer.echo(f"{t.id}  " + " ".join(f"{k}={v}" for k, v in t.labels.items()))
-            typer.echo(f"{len(trials)} trials")
-            return
-        store_path = store or Path("sweeps") / parsed.name / "results.sqlite"
-        try:
-            with ResultStore(store_path) as st:
-                typer.echo(f"sweep {parsed.name}: {len(trials)} trials, store {store_path}")
-                outcome = run_sweep(parsed, st, backend=backend, workers=workers, threads=threads,
-                                    address=address, gpus_per_trial=gpus, runs_dir=runs_dir,
-                                    retry_failed=retry_failed,
-                                    progress=default_progress(metric=parsed.metric))
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items() if v)
-        typer.echo(f"ran {len(outcome.ran)} trial(s) in {outcome.seconds:.0f} s, {outcome.skipped} already "
-                   f"finished; store now: {counts}")
-        if report:
-            from widelora.report import build_report
 
-            page, _figs, _res = build_report(store_path)
-            typer.echo(f"report: {page}")
+
+def _run(spec: Path, backend: str, address: str | None, workers: int, threads: int | None, gpus: float,
+         store: Path | None, runs_dir: Path | None, retry_failed: bool, dry_run: bool, report: bool) -> None:
+    from widelora.sweep import ResultStore, TrialProgress, load_spec, run_sweep
+
+    parsed = load_spec(spec)
+    trials = parsed.trials()
+    if dry_run:
+        for t in trials:
+            typer.echo(f"{t.id}  " + " ".join(f"{k}={v}" for k, v in t.labels.items()))
+        typer.echo(f"{len(trials)} trials")
+        return
+    store_path = store or Path("sweeps") / parsed.name / "results.sqlite"
+    progress = TrialProgress(metric=parsed.metric)
+    try:
+        with ResultStore(store_path) as st:
+            typer.echo(f"sweep {parsed.name}: {len(trials)} trials, store {store_path}")
+            outcome = run_sweep(parsed, st, backend=backend, workers=workers, threads=threads,
+                                address=address, gpus_per_trial=gpus, runs_dir=runs_dir,
+                                retry_failed=retry_failed, progress=progress)
+    finally:
+        progress.close()
+    counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items() if v)
+    typer.echo(f"ran {len(outcome.ran)} trial(s) in {outcome.seconds:.0f} s, {outcome.skipped} already "
+               f"finished; store now: {counts}")
+    if report:
+        from widelora.report import build_report
+
+        page, _figs, _res = build_report(store_path)
+        typer.echo(f"report: {page}")

@@ -1,66 +1,40 @@
-"""SQLite result store: one file per sweep, safe against ``kill -9`` at any moment.
+"""SQLite result store: one file per sweep, safe against ``kill -9`` and shared safely by several drivers.
 
-Every state change is one transaction in WAL mode with ``synchronous=FULL``, so a crash leaves the file exactly
-as it was after the last committed change: a trial is either recorded done with all its final metrics, or not
-done at all. Only the driver process writes (workers and Ray tasks send their results to it), so there is a single
-writer and no lock contention. On restart, trials left ``running`` by a dead driver go back to ``pending``; they
-resume from the checkpoint in their run directory. ``done`` / ``diverged`` trials are never run again.
+Every state change is one IMMEDIATE transaction in WAL mode with ``synchronous=FULL``, so a crash leaves the file
+as it was after the last committed change: a trial is either recorded finished with all its final metrics, or
+not at all. A driver *claims* a pending trial (``status = 'pending'`` → ``'running'``, ``owner`` = its id) in one
+transaction, so two drivers on one store share the work and never run a trial twice. Only the owner may record
+a running trial's metrics and outcome, and a finished trial (done, diverged, failed) is never overwritten. A
+running trial goes back to pending only when its driver is gone (`widelora.sweep.lease`); it then resumes from
+the checkpoint in its run folder, which is stored relative to the store's own folder (or absolute).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from widelora.sweep.spec import Trial, canonical_json
+from widelora.errors import UserError
+from widelora.sweep.grid import Trial, canonical_json
+from widelora.sweep.lease import DriverInfo, DriverLease, driver_alive
+from widelora.sweep.schema import SCHEMA_VERSION, connect, prepare
 
 STATUSES = ("pending", "running", "done", "diverged", "failed")
-FINISHED = ("done", "diverged")
-SCHEMA_VERSION = 1
+FINISHED = ("done", "diverged", "failed")
+_COLUMNS = "id, idx, config, labels, status, error, attempts, run_dir, checkpoint, started, finished, owner"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS trials (
-    id TEXT PRIMARY KEY,
-    idx INTEGER NOT NULL,
-    config TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'diverged', 'failed')),
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    run_dir TEXT,
-    checkpoint TEXT,
-    worker TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    trial_id TEXT NOT NULL REFERENCES trials(id),
-    step INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    value REAL,
-    PRIMARY KEY (trial_id, step, name)
-);
-CREATE TABLE IF NOT EXISTS finals (
-    trial_id TEXT NOT NULL REFERENCES trials(id),
-    name TEXT NOT NULL,
-    value REAL,
-    PRIMARY KEY (trial_id, name)
-);
-"""
+__all__ = ["FINISHED", "SCHEMA_VERSION", "STATUSES", "ResultStore", "TrialRecord"]
 
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """A trial as stored: its config, labels, status and final metrics."""
+    """A trial as stored: its config, labels, status, final metrics and its run folder (an absolute path)."""
 
     id: str
     index: int
@@ -74,6 +48,7 @@ class TrialRecord:
     started: float | None
     finished: float | None
     final: dict[str, float]
+    owner: str | None = None
 
     @property
     def seconds(self) -> float | None:
@@ -88,21 +63,12 @@ class ResultStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.exists() and self.path.is_dir():
-            raise ValueError(f"path: {str(self.path)!r} is a directory; give a file such as results.sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        with self._tx() as c:
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                c.execute(stmt)
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.folder = self.path.resolve().parent  # run folders are relative to this, whatever the cwd later
+        self._conn = connect(self.path)
+        prepare(self._conn, self.path, self.folder)
 
-    # -- plumbing ----------------------------------------------------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Any]:
         """One IMMEDIATE transaction: all of it is committed, or (on error or crash) none of it."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -133,72 +99,129 @@ class ResultStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
+    def append_meta(self, key: str, item: Any) -> None:
+        """Append ``item`` to the list stored under ``key``, in one transaction (drivers may append at once)."""
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            items = json.loads(row[0]) if row else []
+            items.append(item)
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(items, default=str)))
+
+    # -- run folders -------------------------------------------------------------------------------------------
+    def _stored_dir(self, runs_dir: str | Path | None, tid: str) -> str:
+        """Inside the store's folder: relative to it; elsewhere: absolute. Never relative to the cwd."""
+        folder = (Path(runs_dir).resolve() if runs_dir is not None else self.folder / "runs") / tid
+        return folder.relative_to(self.folder).as_posix() if folder.is_relative_to(self.folder) else str(folder)
+
+    def _resolved_dir(self, stored: str | None) -> str | None:
+        return None if stored is None else str(self.folder / stored)  # an absolute `stored` wins the join
+
     # -- trials ------------------------------------------------------------------------------------------------
     def add_trials(self, trials: Iterable[Trial], runs_dir: str | Path | None = None) -> int:
-        """Register trials as pending; ones already stored (same id) keep their status. Returns how many were new."""
+        """Register trials as pending; ones already stored (same id) are left as they are. Returns how many were
+        new. Run folders default to ``runs/<id>`` beside the store."""
         now = time.time()
         new = 0
         with self._tx() as c:
             for t in trials:
-                run_dir = str(Path(runs_dir) / t.id) if runs_dir is not None else None
                 cur = c.execute(
                     "INSERT OR IGNORE INTO trials (id, idx, config, labels, status, run_dir, created) "
                     "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                    (t.id, t.index, canonical_json(t.config), canonical_json(t.labels), run_dir, now),
+                    (t.id, t.index, canonical_json(t.config), canonical_json(t.labels),
+                     self._stored_dir(runs_dir, t.id), now),
                 )
                 new += cur.rowcount
         return new
 
-    def recover(self, retry_failed: bool = False) -> list[str]:
-        """After a crash: trials left ``running`` go back to ``pending`` (and ``failed`` too if asked)."""
-        states = ("running", "failed") if retry_failed else ("running",)
-        marks = ",".join("?" * len(states))
+    def register_driver(self, lease: DriverLease) -> None:
+        """Record a driver, so that others can tell whether its running trials are still in hand."""
+        now = time.time()
         with self._tx() as c:
-            ids = [r[0] for r in c.execute(f"SELECT id FROM trials WHERE status IN ({marks})", states)]
-            c.execute(f"UPDATE trials SET status = 'pending', worker = NULL WHERE status IN ({marks})", states)
-        return ids
+            c.execute("INSERT INTO drivers VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                      (lease.id, lease.host, lease.pid, lease.token, now, now))
 
-    def mark_running(self, trial_id: str, worker: str = "") -> None:
-        """Record that a worker started the trial (counts an attempt)."""
+    def unregister_driver(self, driver: str) -> None:
+        """Mark a driver stopped; its running trials (if any are left) go back to pending."""
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE trials SET status = 'running', attempts = attempts + 1, started = ?, finished = NULL, "
-                "worker = ?, error = NULL WHERE id = ? AND status IN ('pending', 'running')",
-                (time.time(), worker, trial_id),
-            )
-            if cur.rowcount != 1:
-                raise ValueError(f"trial_id: {trial_id!r} is not a pending trial of this store")
+            c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE status = 'running' AND owner = ?",
+                      (driver,))
+            c.execute("UPDATE drivers SET stopped = ? WHERE id = ?", (time.time(), driver))
 
-    def log_metrics(self, trial_id: str, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append metrics at ``step``; a resumed trial re-logging a step overwrites it instead of duplicating."""
+    def drivers(self) -> dict[str, DriverInfo]:
+        rows = self._conn.execute("SELECT id, host, pid, token, heartbeat, stopped FROM drivers").fetchall()
+        return {r[0]: DriverInfo(*r) for r in rows}
+
+    def reclaim_orphans(self, alive: Callable[[DriverInfo | None], bool] = driver_alive) -> list[str]:
+        """Running trials whose driver is gone go back to pending (they resume from their checkpoints)."""
+        with self._tx() as c:
+            rows = c.execute("SELECT id, owner FROM trials WHERE status = 'running'").fetchall()
+            drivers = self.drivers()
+            gone = [(tid, owner) for tid, owner in rows if not alive(drivers.get(owner))]
+            for tid, owner in gone:
+                c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'running' "
+                          "AND owner IS ?", (tid, owner))
+        return [tid for tid, _ in gone]
+
+    def retry_failed(self, ids: Iterable[str]) -> list[str]:
+        """Failed trials among ``ids`` become pending again (on request: ``--retry-failed``)."""
+        wanted = list(ids)
+        retried = []
+        with self._tx() as c:
+            for tid in wanted:
+                if c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'failed'",
+                             (tid,)).rowcount:
+                    retried.append(tid)
+        return retried
+
+    def claim(self, order: Sequence[str], driver: str, worker: str = "") -> TrialRecord | None:
+        """Atomically take the first pending trial in ``order`` for ``driver``; None when none is left."""
+        with self._tx() as c:
+            pending = {r[0] for r in c.execute("SELECT id FROM trials WHERE status = 'pending'")}
+            tid = next((t for t in order if t in pending), None)
+            if tid is None:
+                return None
+            c.execute("UPDATE trials SET status = 'running', owner = ?, worker = ?, attempts = attempts + 1, "
+                      "started = ?, finished = NULL, error = NULL WHERE id = ? AND status = 'pending'",
+                      (driver, worker, time.time(), tid))
+        return self.trial(tid)
+
+    def log_metrics(self, trial_id: str, step: int, metrics: Mapping[str, Any], driver: str | None = None) -> None:
+        """Record metrics at ``step`` of a running trial (of ``driver``, when given); a resumed trial re-logging a
+        step overwrites it instead of duplicating."""
         rows = [(trial_id, int(step), str(k), _num(v)) for k, v in metrics.items() if _is_number(v)]
         if not rows:
             return
         with self._tx() as c:
+            if not self._owns(c, trial_id, driver):
+                return
             c.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
 
-    def finish(
-        self,
-        trial_id: str,
-        status: str,
-        final: Mapping[str, Any] | None = None,
-        error: str | None = None,
-        checkpoint: str | None = None,
-    ) -> None:
-        """Record the outcome and the final metrics of a trial in one transaction."""
-        if status not in ("done", "diverged", "failed"):
-            raise ValueError(f"status: {status!r} is not a final status; valid: done, diverged, failed")
+    def finish(self, trial_id: str, status: str, final: Mapping[str, Any] | None = None, error: str | None = None,
+               checkpoint: str | None = None, driver: str | None = None) -> bool:
+        """Record the outcome of a running trial (of ``driver``, when given) in one transaction.
+
+        Returns False, and changes nothing, when the trial is not running (a finished trial is never
+        overwritten) or belongs to another driver.
+        """
+        if status not in FINISHED:
+            raise UserError(f"status: {status!r} is not a final status; valid: {', '.join(FINISHED)}")
         rows = [(trial_id, str(k), _num(v)) for k, v in (final or {}).items() if _is_number(v)]
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE trials SET status = ?, error = ?, checkpoint = ?, finished = ? WHERE id = ?",
-                (status, error, checkpoint, time.time(), trial_id),
-            )
-            if cur.rowcount != 1:
-                raise ValueError(f"trial_id: {trial_id!r} is not a trial of this store")
+            if not self._owns(c, trial_id, driver):
+                return False
+            c.execute("UPDATE trials SET status = ?, error = ?, checkpoint = ?, finished = ?, owner = NULL "
+                      "WHERE id = ?", (status, error, checkpoint, time.time(), trial_id))
             c.execute("DELETE FROM finals WHERE trial_id = ?", (trial_id,))
             c.executemany("INSERT INTO finals VALUES (?, ?, ?)", rows)
+        return True
 
+    def _owns(self, c: Any, trial_id: str, driver: str | None) -> bool:
+        row = c.execute("SELECT status, owner FROM trials WHERE id = ?", (trial_id,)).fetchone()
+        if row is None:
+            raise UserError(f"trial_id: {trial_id!r} is not a trial of {str(self.path)!r}")
+        return row[0] == "running" and (driver is None or row[1] == driver)
+
+    # -- reading -----------------------------------------------------------------------------------------------
     def pending(self) -> list[TrialRecord]:
         """Trials still to run, in spec order."""
         return [t for t in self.trials() if t.status == "pending"]
@@ -208,16 +231,13 @@ class ResultStore:
         finals: dict[str, dict[str, float]] = {}
         for tid, name, value in self._conn.execute("SELECT trial_id, name, value FROM finals"):
             finals.setdefault(tid, {})[name] = _unnum(value)
-        rows = self._conn.execute(
-            "SELECT id, idx, config, labels, status, error, attempts, run_dir, checkpoint, started, finished "
-            "FROM trials ORDER BY idx, id"
-        ).fetchall()
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM trials ORDER BY idx, id").fetchall()
         wanted = set(ids) if ids is not None else None
         return [
             TrialRecord(
                 id=r[0], index=r[1], config=json.loads(r[2]), labels=json.loads(r[3]), status=r[4], error=r[5],
-                attempts=r[6], run_dir=r[7], checkpoint=r[8], started=r[9], finished=r[10],
-                final=finals.get(r[0], {}),
+                attempts=r[6], run_dir=self._resolved_dir(r[7]), checkpoint=r[8], started=r[9], finished=r[10],
+                final=finals.get(r[0], {}), owner=r[11],
             )
             for r in rows
             if wanted is None or r[0] in wanted
@@ -227,7 +247,7 @@ class ResultStore:
         """One trial by id."""
         found = self.trials([trial_id])
         if not found:
-            raise ValueError(f"trial_id: no trial {trial_id!r} in {str(self.path)!r}")
+            raise UserError(f"trial_id: no trial {trial_id!r} in {str(self.path)!r}")
         return found[0]
 
     def metrics(self, trial_id: str | None = None) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -255,23 +275,19 @@ class ResultStore:
 
 
 def _is_number(v: Any) -> bool:
-    if isinstance(v, bool):
-        return True
-    if isinstance(v, (int, float)):
+    if isinstance(v, (bool, int, float)):
         return True
     try:  # numpy / torch scalars
         float(v)
-        return not isinstance(v, (str, bytes))
     except (TypeError, ValueError):
         return False
+    return not isinstance(v, (str, bytes))
 
 
 def _num(v: Any) -> float | None:
-    """SQLite stores NaN as NULL (and reads it back as NaN via _unnum); infinities survive as they are."""
+    """SQLite stores NaN as NULL (read back as NaN by _unnum); infinities survive as they are."""
     x = float(v)
-    if math.isnan(x):
-        return None
-    return x
+    return None if math.isnan(x) else x
 
 
 def _unnum(v: float | None) -> float:

@@ -1,12 +1,14 @@
-"""A cheap trial function with the full contract (metrics, checkpoints, resume, divergence), for tests and docs.
+"""A cheap sweep trial function with the full contract (metrics, checkpoints, resume, divergence).
 
 A frozen linear map ``W`` (width × width) gets a LoRA pair and learns a planted low-rank change from a fixed data
 set; plain-tensor Adam (so the checkpoint is a few tensors). It runs in milliseconds, so sweep logic — stores,
-crash recovery, backends — can be tested on it without a language model.
+crash recovery, backends — can be tested on it without a language model. Sweeps know it as ``trial_fn: toy``.
+Divergence is judged by the library's one rule (`widelora.divergence.DivergenceRule`), as in real training.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -14,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from widelora.divergence import DivergenceRule
+from widelora.files import atomic_write
 
 CONFIG_KEYS = frozenset(
     {"lr", "init", "method", "ratio", "rank", "width", "seed", "steps", "eval_every", "sleep", "fail", "n_train",
@@ -70,10 +76,13 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
     state = {"A": A, "B": B, "mA": torch.zeros_like(A), "vA": torch.zeros_like(A), "mB": torch.zeros_like(B),
              "vB": torch.zeros_like(B)}
     step = 0
+    divergence = DivergenceRule().tracker()
     ckpt = run_dir / CHECKPOINT
     if ckpt.exists():
         state = load_file(str(ckpt))
-        step = int(_meta(ckpt)["step"])
+        meta = _meta(ckpt)
+        step = int(meta["step"])
+        divergence.load_state_dict(json.loads(meta.get("divergence", "{}")))
 
     def loss_of(A: torch.Tensor, B: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return ((xs @ (W + B @ A).T - ys) ** 2).mean()
@@ -84,10 +93,10 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
         A = state["A"].clone().requires_grad_(True)
         B = state["B"].clone().requires_grad_(True)
         loss = loss_of(A, B, x, y)
-        if not math.isfinite(loss.item()) or loss.item() > 1e8:
+        why = divergence.update(loss.item())
+        if why is not None:
             return {"status": "diverged", "final": {"train_loss": float("inf"), "step": step},
-                    "error": f"loss became {loss.item()} at step {step}",
-                    "checkpoint": str(ckpt) if ckpt.exists() else None}
+                    "error": f"diverged at step {step}: {why}", "checkpoint": str(ckpt) if ckpt.exists() else None}
         gA, gB = torch.autograd.grad(loss, (A, B))
         step += 1
         for name, grad, mult in (("A", gA, 1.0), ("B", gB, ratio)):
@@ -102,7 +111,7 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
                 test = loss_of(state["A"], state["B"], xt, yt).item()
             if on_metrics is not None:
                 on_metrics(step, {"train_loss": loss.item(), "test_loss": test})
-            _save(state, step, ckpt)
+            _save(state, {"step": str(step), "divergence": json.dumps(divergence.state_dict())}, ckpt)
     with torch.no_grad():
         train, test = loss_of(state["A"], state["B"], x, y).item(), loss_of(state["A"], state["B"], xt, yt).item()
     if not math.isfinite(test):
@@ -112,17 +121,11 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
             "checkpoint": str(ckpt)}
 
 
-def _save(state: dict[str, torch.Tensor], step: int, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
+def _save(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata))
 
 
 def _meta(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         return fh.metadata() or {}
 
-
-run_toy_trial.config_keys = CONFIG_KEYS  # type: ignore[attr-defined]
