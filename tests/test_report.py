@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from widelora.errors import FileProblem
 from widelora.report import build_report, load_results
 from widelora.report.summary import Point, choose_metric, find_store, metric_label
 from widelora.sweep import ResultStore, parse_spec, run_sweep
@@ -94,7 +95,7 @@ def test_report_cli(store_path: Path, tmp_path: Path) -> None:
 def test_inputs_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         find_store(tmp_path / "missing")
-    with pytest.raises(ValueError, match="no \\*.sqlite store"):
+    with pytest.raises(FileProblem, match=rf"{tmp_path}: holds no \*.sqlite sweep store"):
         find_store(tmp_path)
     with ResultStore(tmp_path / "empty.sqlite"):
         pass
@@ -147,3 +148,94 @@ def test_mean_se_says_single_seed_instead_of_a_zero_error():
 
     assert mean_se(0.656, 0.0, 1, ".3f") == "0.656 (1 seed)"
     assert mean_se(0.744, 0.014, 2, ".3f", ".3f") == "0.744 ± 0.014"
+
+
+# -- an edited spec, a sweep without lr, divergence marked ---------------------------------------------------------
+def _toy(axes: str, base: str, name: str = "toy-edit") -> str:
+    return textwrap.dedent(f"""\
+        name: {name}
+        trial_fn: toy
+        metric: test_loss
+        goal: min
+        base: {base}
+        axes:
+        """) + textwrap.indent(textwrap.dedent(axes), "  ")
+
+
+def test_edited_base_is_not_averaged_with_old_trials(tmp_path: Path) -> None:
+    """Rerunning into the same store after editing `base`: the old trials are not seeds of the new ones."""
+    axes = "init: [init_a]\nlr: [1e-2]\nseed: [0, 1]\n"
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as store:
+        run_sweep(parse_spec(_toy(axes, "{steps: 20, width: 16}")), store, workers=0, threads=1)
+        run_sweep(parse_spec(_toy(axes, "{steps: 3, width: 16}")), store, workers=0, threads=1)
+        new = {t.id: t for t in store.trials() if t.config["steps"] == 3}
+    assert len(new) == 2
+    res = load_results(path)
+    (group,) = res.groups()
+    (point,) = group.points
+    assert point.n == 2 and point.mean == pytest.approx(sum(t.final["test_loss"] for t in new.values()) / 2)
+    assert any("earlier version of the spec" in n for n in res.notes)
+    everything = load_results(path, all_trials=True)  # kept apart even when shown together
+    assert sorted(len(g.points[0].values) for g in everything.groups()) == [2, 2]
+    assert sorted(g.label for g in everything.groups()) == ["all trials [steps=20]", "all trials [steps=3]"]
+    result = CliRunner().invoke(__import__("widelora.cli", fromlist=["app"]).app,
+                                ["report", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "note: 2 trial(s) in the store belong to an earlier version" in result.output
+    assert "(2 seed(s))" in result.output
+
+
+def test_sweep_without_lr_axis_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as store:
+        run_sweep(parse_spec(_toy("init: [init_a, init_b]\nseed: [0, 1]\n", "{steps: 10, width: 16, eval_every: 2}",
+                                  name="no-lr")), store, workers=0, threads=1)
+    res = load_results(path)
+    groups = res.groups()
+    assert [g.label for g in groups] == ["Init[A]", "Init[B]"]
+    for g in groups:
+        best = g.best(res.goal)
+        assert best is not None and best.lr is None and best.n == 2 and best.lr_text == "default"
+    page, figures, _ = build_report(path, tmp_path / "out")
+    assert set(figures) == {"metric_by_group", "heatmap", "curves"}
+    assert "no finished trial" not in page.read_text()
+    from widelora.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "no finished trial" not in result.output and "best lr default" in result.output
+
+
+def test_partly_diverged_points_are_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell where one seed diverged: its mean uses the finished seed only, and every output says so."""
+    from widelora.report import figures as figs
+
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as store:
+        run_sweep(parse_spec(_toy("lr: [1e-2, 2e-2]\nseed: [0, 1]\n", "{steps: 10, width: 16}", name="div")),
+                  store, workers=0, threads=1)
+        victim = next(t for t in store.trials() if t.config["lr"] == 2e-2 and t.config["seed"] == 1)
+        store._conn.execute("UPDATE trials SET status = 'diverged' WHERE id = ?", (victim.id,))
+    res = load_results(path)
+    (group,) = res.groups()
+    point = next(p for p in group.points if p.lr == 2e-2)
+    assert point.n == 1 and point.diverged == 1 and group.diverged == 1
+    assert any("1 trial(s) diverged" in n for n in res.notes)
+    rings: list[str] = []
+    real_plot = figs.plt.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("label"):
+            rings.append(kwargs["label"])
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(figs.plt.Axes, "plot", spy)
+    page, _figures, _ = build_report(path, tmp_path / "out")
+    assert "some seeds diverged (ringed)" in rings
+    text = page.read_text()
+    assert '<span class="st-diverged">1</span>' in text and "1 trial(s) diverged" in text
+    from widelora.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r")])
+    assert "1 diverged" in result.output

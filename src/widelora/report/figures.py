@@ -8,7 +8,6 @@ built on a headless machine while a sweep still runs.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from widelora.files import atomic_write
 from widelora.report.summary import (
     Group,
     SweepResults,
@@ -36,19 +36,43 @@ DPI = 150
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write a PNG atomically and close the figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_metric_by_group(res: SweepResults, path: Path) -> Path | None:
+    """For a sweep without an lr axis: one bar per group (seed mean ± s.e.); diverged seeds written on the bar."""
+    groups = res.groups()
+    scale = display_scale(res.metric)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(groups) + 2.0), 4.2))
+        for i, g in enumerate(groups):
+            p = g.points[0]
+            if p.n:
+                ax.bar(i, p.mean * scale, yerr=p.se * scale if p.n > 1 else None, color=COLORS[i % len(COLORS)],
+                       alpha=0.85, capsize=4)
+            if p.diverged or not p.n:
+                note = f"{p.diverged} diverged" if p.diverged else "no result"
+                ax.annotate(note, (i, 0), xytext=(0, 4), textcoords="offset points", ha="center", color="#aa0000",
+                            fontsize=9)
+        ax.set_xticks(range(len(groups)))
+        tilt = len(groups) > 3 or max(len(g.label) for g in groups) > 12
+        ax.set_xticklabels([g.label for g in groups], rotation=20 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_ylabel(metric_label(res.metric))
+        ax.set_title(f"{res.name}: {res.metric} per group (seed mean ± s.e.)", fontsize=11)
+        return save(fig, path)
 
 
 def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -> Path | None:
-    """Metric vs learning rate, one line per group: seed mean, ±1 standard-error band, best LR starred."""
-    groups = [g for g in res.groups() if g.points]
+    """Metric vs learning rate, one line per group: seed mean, ±1 standard-error band, best LR starred; points
+    where some seeds diverged are ringed in red, learning rates where every seed diverged are crossed."""
+    groups = [g for g in res.groups() if any(p.lr is not None for p in g.points)]
     if not groups:
         return None
+    for g in groups:
+        g.points = [p for p in g.points if p.lr is not None]
     scale = display_scale(res.metric)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.6, 4.3))
@@ -60,7 +84,7 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
             pad = (hi - lo) * 0.08 or abs(hi) * 0.05 or 1.0
             div_y = lo - pad if res.goal == "max" else hi + pad
         seeds = max((p.n + p.diverged for g in groups for p in g.points), default=0)
-        dead_labelled = False
+        dead_labelled = partial_labelled = False
         for i, g in enumerate(groups):
             color = COLORS[i % len(COLORS)]
             pts = [p for p in g.points if p.n]
@@ -75,6 +99,12 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
                 if best is not None:
                     ax.plot([best.lr], [best.mean * scale], marker="*", ms=16, color=color, mec="black", mew=0.7,
                             zorder=5, alpha=0.9)
+                partial = [p for p in pts if p.diverged]
+                if partial:
+                    ax.plot([p.lr for p in partial], [p.mean * scale for p in partial], "o", ms=11, mfc="none",
+                            mec="#aa0000", mew=1.6, zorder=6,
+                            label=None if partial_labelled else "some seeds diverged (ringed)")
+                    partial_labelled = True
             dead = [p.lr for p in g.points if p.diverged and not p.n]
             if dead and div_y is not None:
                 ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8 + 3 * i, mew=2, alpha=0.85,
@@ -92,7 +122,7 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
         band = "±1 s.e. over seeds" if seeds > 1 else "single seed"
         ax.set_title(title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)",
                      fontsize=11)
-        n_entries = len(groups) + int(dead_labelled)
+        n_entries = len(groups) + int(dead_labelled) + int(partial_labelled)
         ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if n_entries > 4 else 2)
         return save(fig, path)
 
@@ -102,17 +132,16 @@ def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
     groups = [g for g in res.groups() if g.points]
     if not groups:
         return None
-    lrs = sorted({p.lr for g in groups for p in g.points})
+    lrs = sorted({p.lr for g in groups for p in g.points}, key=lambda v: (v is not None, v or 0.0))
     scale = display_scale(res.metric)
     grid = np.full((len(groups), len(lrs)), np.nan)
-    dead = np.zeros_like(grid, dtype=bool)
+    diverged = np.zeros_like(grid, dtype=int)
     for i, g in enumerate(groups):
         for p in g.points:
             j = lrs.index(p.lr)
             if p.n:
                 grid[i, j] = p.mean * scale
-            elif p.diverged:
-                dead[i, j] = True
+            diverged[i, j] = p.diverged
     with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, ax = plt.subplots(figsize=(max(5.0, 0.85 * len(lrs) + 2.6), 0.6 * len(groups) + 1.9))
         cmap = plt.get_cmap("viridis" if res.goal == "max" else "viridis_r").with_extremes(bad="#dddddd")
@@ -124,20 +153,21 @@ def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
                 v = grid[i, j]
                 if np.isfinite(v):
                     dark = (v < mid) == (res.goal == "max")
-                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=9,
+                    extra = f"\n+{diverged[i, j]} div." if diverged[i, j] else ""
+                    ax.text(j, i, f"{v:.3g}{extra}", ha="center", va="center", fontsize=9 if not extra else 8,
                             color="white" if dark else "black")
-                elif dead[i, j]:
+                elif diverged[i, j]:
                     ax.text(j, i, "div.", ha="center", va="center", fontsize=9, color="#aa0000")
             best = groups[i].best(res.goal)
             if best is not None:
                 j = lrs.index(best.lr)
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.2))
         ax.set_xticks(range(len(lrs)))
-        ax.set_xticklabels([f"{v:.2g}" for v in lrs], rotation=35 if len(lrs) > 6 else 0)
+        ax.set_xticklabels(["default" if v is None else f"{v:.2g}" for v in lrs], rotation=35 if len(lrs) > 6 else 0)
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g.label for g in groups])
         ax.set_xlabel("learning rate")
-        ax.set_title(f"{res.name}: {res.metric} (seed mean; red box = best LR per row)")
+        ax.set_title(f"{res.name}: {res.metric} (seed mean; red box = best LR per row; div. = diverged seeds)")
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cbar.set_label(metric_label(res.metric))
         return save(fig, path)
@@ -180,7 +210,7 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
                 steps = sorted(set.intersection(*({p[0] for p in s} for s in series)))
                 if steps:
                     mean = [np.mean([dict(s)[k] for s in series]) * scale for k in steps]
-                    ax.plot(steps, _smooth(mean, window), color=color, lw=2, label=f"{g.label} (lr {best.lr:.2g})")
+                    ax.plot(steps, _smooth(mean, window), color=color, lw=2, label=f"{g.label} (lr {best.lr_text})")
                     smoothed = max(smoothed, window)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(metric_label(name))
@@ -219,11 +249,14 @@ def make_figures(res: SweepResults, out_dir: str | Path) -> dict[str, Path]:
     """Write every figure that the data supports; returns {kind: path}."""
     out = Path(out_dir)
     made: dict[str, Path] = {}
-    for kind, fn in (("metric_vs_lr", plot_metric_vs_lr), ("heatmap", plot_heatmap), ("curves", plot_curves)):
+    has_lr = any(p.lr is not None for g in res.groups() for p in g.points)
+    first = ("metric_vs_lr", plot_metric_vs_lr) if has_lr else ("metric_by_group", plot_metric_by_group)
+    for kind, fn in (first, ("heatmap", plot_heatmap), ("curves", plot_curves)):
         p = fn(res, out / f"{res.name}_{kind}.png")
         if p is not None:
             made[kind] = p
     return made
 
 
-__all__ = ["Group", "make_figures", "plot_curves", "plot_heatmap", "plot_metric_vs_lr", "pretty", "save"]
+__all__ = ["Group", "make_figures", "plot_curves", "plot_heatmap", "plot_metric_by_group", "plot_metric_vs_lr",
+           "pretty", "save"]

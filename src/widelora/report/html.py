@@ -9,11 +9,11 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from widelora.files import atomic_write_text
 from widelora.report.summary import SweepResults, display_scale, metric_label, pretty
 
 CSS = """
@@ -85,12 +85,13 @@ def best_table(res: SweepResults) -> str:
     rows, scores = [], []
     for g in res.groups():
         best = g.best(res.goal)
+        diverged = Raw(f'<span class="st-diverged">{g.diverged}</span>') if g.diverged else 0
         if best is None:
-            rows.append([g.label, "—", "—", 0, sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
+            rows.append([g.label, "—", "—", 0, diverged, g.failed])
             scores.append(math.nan)
             continue
-        rows.append([g.label, best.lr, Raw(mean_se(best.mean * scale, best.se * scale, best.n)), best.n,
-                     sum(p.diverged for p in g.points), sum(p.failed for p in g.points)])
+        rows.append([g.label, best.lr if best.lr is not None else "default",
+                     Raw(mean_se(best.mean * scale, best.se * scale, best.n)), best.n, diverged, g.failed])
         scores.append(best.mean)
     finite = [(s, i) for i, s in enumerate(scores) if math.isfinite(s)]
     top = [(max if res.goal == "max" else min)(finite)[1]] if finite else []
@@ -147,14 +148,19 @@ def sweep_sections(res: SweepResults, figures: dict[str, Path]) -> list[Section]
     sec = Section(title=f"Sweep {res.name}")
     if res.spec.get("description"):
         sec.paragraphs.append(html.escape(res.spec["description"]))
+    sec.paragraphs.extend(f'<span class="st-diverged">Note: {html.escape(n)}.</span>' for n in res.notes)
     captions = {
         "metric_vs_lr": f"{res.metric} vs learning rate: seed mean with a ±1 standard-error band; the star marks "
-                        "each group's best learning rate; × marks learning rates where every seed diverged.",
-        "heatmap": "Seed-mean metric for every group and learning rate; the red box is each row's best.",
+                        "each group's best learning rate; a red ring marks points where some seeds diverged (they "
+                        "are left out of the mean); × marks learning rates where every seed diverged.",
+        "metric_by_group": f"{res.metric} of each group (the sweep has no lr axis): seed mean ± 1 standard error; "
+                           "diverged seeds are written on the bar and left out of the mean.",
+        "heatmap": "Seed-mean metric for every group and learning rate; the red box is each row's best; "
+                   "'div.' counts diverged seeds (never averaged in).",
         "curves": "Metrics logged during training at each group's best learning rate (thick: seed mean; thin: "
                   "individual seeds).",
     }
-    for kind in ("metric_vs_lr", "heatmap", "curves"):
+    for kind in ("metric_vs_lr", "metric_by_group", "heatmap", "curves"):
         if kind in figures:
             sec.figures.append((figures[kind], captions[kind]))
     sec.tables.append("<h3>Best configuration per group</h3>" + best_table(res))
@@ -182,11 +188,7 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section], intro:
                          "</figcaption></figure>")
         parts.extend(sec.tables)
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(parts))
 
 
 def _fmt(v: float) -> str:
