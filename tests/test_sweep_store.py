@@ -251,3 +251,22 @@ def test_version_1_store_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
         assert out.ran == [cut.id] and store.trial(done.id).final == {"test_loss": 0.125}
     with ResultStore(path) as store:  # opening again changes nothing
         assert store.get_meta("schema_version") == 2 and store.counts()["done"] == 2
+
+
+def test_driver_heartbeat_is_kept_while_the_lease_is_held(tmp_path: Path) -> None:
+    from widelora.sweep.lease import DriverLease
+
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        lease = DriverLease(store.path, heartbeat=0.05)
+        store.register_driver(lease)
+        first = store.drivers()[lease.id].heartbeat
+        lease.start()
+        try:
+            deadline = time.time() + 10
+            while store.drivers()[lease.id].heartbeat == first and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            lease.stop()
+        assert store.drivers()[lease.id].heartbeat > first
+        store.unregister_driver(lease.id)
+        assert store.drivers()[lease.id].stopped is not None

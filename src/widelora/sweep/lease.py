@@ -73,14 +73,10 @@ class DriverLease:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.token = process_token(self.pid)
-        self._path = str(store_path)
+        self._path = str(Path(store_path).resolve())  # the heartbeat must not follow a later chdir
         self._interval = heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def info(self) -> DriverInfo:
-        return DriverInfo(self.id, self.host, self.pid, self.token, time.time(), None)
 
     def start(self) -> None:
         """Begin the heartbeat (the store inserts the driver's row itself, in ``register_driver``)."""
