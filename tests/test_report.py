@@ -59,9 +59,14 @@ def test_groups_best_and_divergence(store_path: Path) -> None:
         assert huge.n == 0 and huge.diverged == 2  # diverged seeds are counted, never averaged
         best = g.best("min")
         init = "init_a" if g.label == "Init[A]" else "init_b"
-        vals = {lr: [t.final["test_loss"] for t in trials
-                     if t.labels["init"] == init and t.labels["lr"] == lr and t.status == "done"]
-                for lr in (1e-2, 3e-2)}
+        vals = {
+            lr: [
+                t.final["test_loss"]
+                for t in trials
+                if t.labels["init"] == init and t.labels["lr"] == lr and t.status == "done"
+            ]
+            for lr in (1e-2, 3e-2)
+        }
         expected = min(vals, key=lambda lr: sum(vals[lr]) / 2)
         assert best.lr == expected and best.mean == pytest.approx(sum(vals[expected]) / 2)
         assert g.best("max").lr != best.lr or vals[1e-2] == vals[3e-2]
@@ -117,7 +122,8 @@ def test_demo_page_headline(tmp_path: Path) -> None:
     """The demo's page: headline table of each setup's best result against the PEFT-default baseline."""
     from widelora.commands.demo import BASELINE, DemoResult, headline_rows, write_page
 
-    spec = parse_spec(textwrap.dedent(f"""\
+    spec = parse_spec(
+        textwrap.dedent(f"""\
         name: demo-toy
         trial_fn: toy
         metric: test_loss
@@ -128,7 +134,8 @@ def test_demo_page_headline(tmp_path: Path) -> None:
           setup:
             - {{label: "{BASELINE}", init: kaiming, method: adamw}}
             - {{label: "Init[A] + LoRA+", init: init_a, method: loraplus, ratio: 4}}
-        """))
+        """)
+    )
     with ResultStore(tmp_path / "s.sqlite") as store:
         run_sweep(spec, store, workers=0, threads=1)
     res = DemoResult(out=tmp_path / "demo", seconds=12.0, notes=["width study skipped: test"])
@@ -150,7 +157,7 @@ def test_mean_se_says_single_seed_instead_of_a_zero_error():
     assert mean_se(0.744, 0.014, 2, ".3f", ".3f") == "0.744 ± 0.014"
 
 
-# -- an edited spec, a sweep without lr, divergence marked ---------------------------------------------------------
+# -- an edited spec, a sweep without lr, divergence marked ---------------------------------------------------
 def _toy(axes: str, base: str, name: str = "toy-edit") -> str:
     return textwrap.dedent(f"""\
         name: {name}
@@ -179,8 +186,9 @@ def test_edited_base_is_not_averaged_with_old_trials(tmp_path: Path) -> None:
     everything = load_results(path, all_trials=True)  # kept apart even when shown together
     assert sorted(len(g.points[0].values) for g in everything.groups()) == [2, 2]
     assert sorted(g.label for g in everything.groups()) == ["all trials [steps=20]", "all trials [steps=3]"]
-    result = CliRunner().invoke(__import__("widelora.cli", fromlist=["app"]).app,
-                                ["report", str(path), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        __import__("widelora.cli", fromlist=["app"]).app, ["report", str(path), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 0, result.output
     assert "note: 2 trial(s) in the store belong to an earlier version" in result.output
     assert "(2 seed(s))" in result.output
@@ -189,8 +197,18 @@ def test_edited_base_is_not_averaged_with_old_trials(tmp_path: Path) -> None:
 def test_sweep_without_lr_axis_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     with ResultStore(path) as store:
-        run_sweep(parse_spec(_toy("init: [init_a, init_b]\nseed: [0, 1]\n", "{steps: 10, width: 16, eval_every: 2}",
-                                  name="no-lr")), store, workers=0, threads=1)
+        run_sweep(
+            parse_spec(
+                _toy(
+                    "init: [init_a, init_b]\nseed: [0, 1]\n",
+                    "{steps: 10, width: 16, eval_every: 2}",
+                    name="no-lr",
+                )
+            ),
+            store,
+            workers=0,
+            threads=1,
+        )
     res = load_results(path)
     groups = res.groups()
     assert [g.label for g in groups] == ["Init[A]", "Init[B]"]
@@ -213,8 +231,12 @@ def test_partly_diverged_points_are_marked(tmp_path: Path, monkeypatch: pytest.M
 
     path = tmp_path / "s.sqlite"
     with ResultStore(path) as store:
-        run_sweep(parse_spec(_toy("lr: [1e-2, 2e-2]\nseed: [0, 1]\n", "{steps: 10, width: 16}", name="div")),
-                  store, workers=0, threads=1)
+        run_sweep(
+            parse_spec(_toy("lr: [1e-2, 2e-2]\nseed: [0, 1]\n", "{steps: 10, width: 16}", name="div")),
+            store,
+            workers=0,
+            threads=1,
+        )
         victim = next(t for t in store.trials() if t.config["lr"] == 2e-2 and t.config["seed"] == 1)
         store._conn.execute("UPDATE trials SET status = 'diverged' WHERE id = ?", (victim.id,))
     res = load_results(path)

@@ -35,46 +35,59 @@ def toy_spec(axes: str, base: str = "{steps: 20, width: 16}", name: str = "toy")
         """) + textwrap.indent(textwrap.dedent(axes), "  ")
 
 
-# -- specs ------------------------------------------------------------------------------------------------------
+# -- specs ---------------------------------------------------------------------------------------------------
 def test_spec_expands_product_with_stable_ids() -> None:
-    spec = parse_spec(toy_spec("""\
+    spec = parse_spec(
+        toy_spec("""\
         init: [init_a, init_b]
         lr: [1e-3, 1e-2, 1e-1]
         seed: [0, 1]
-        """))
+        """)
+    )
     trials = spec.trials()
     assert len(trials) == 12
     assert len({t.id for t in trials}) == 12
     assert all(isinstance(t.config["lr"], float) for t in trials)  # 1e-3 is a float, not the string "1e-3"
     assert trials[0].config == {"steps": 20, "width": 16, "init": "init_a", "lr": 1e-3, "seed": 0}
     # Reordering the axes changes the order, never the ids: stored results stay attached to their trials.
-    again = parse_spec(toy_spec("""\
+    again = parse_spec(
+        toy_spec("""\
         seed: [1, 0]
         lr: [1e-1, 1e-2, 1e-3]
         init: [init_b, init_a]
-        """)).trials()
+        """)
+    ).trials()
     assert {t.id for t in again} == {t.id for t in trials}
     assert again[0].id != trials[0].id
 
 
 def test_spec_range_and_setup_bundles() -> None:
-    spec = parse_spec(toy_spec("""\
+    spec = parse_spec(
+        toy_spec("""\
         lr: {min: 1e-4, max: 1e-2, num: 3}
         setup:
           - {label: PEFT default, init: kaiming, method: adamw}
           - {label: widelora, init: init_a, method: loraplus, ratio: 16}
-        """))
+        """)
+    )
     assert spec.axes["lr"] == pytest.approx([1e-4, 1e-3, 1e-2])
     trials = spec.trials()
     assert len(trials) == 6
     wide = next(t for t in trials if t.labels["setup"] == "widelora")
     assert wide.config["method"] == "loraplus" and wide.config["ratio"] == 16
-    assert "setup" not in wide.config and "label" not in wide.config  # labels name trials, they do not configure
+    assert (
+        "setup" not in wide.config and "label" not in wide.config
+    )  # labels name trials, they do not configure
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.dictionaries(st.sampled_from(["lr", "rank", "seed", "init", "width"]),
-                       st.one_of(st.integers(-5, 5), st.floats(1e-6, 1.0), st.text(max_size=4)), min_size=1))
+@given(
+    st.dictionaries(
+        st.sampled_from(["lr", "rank", "seed", "init", "width"]),
+        st.one_of(st.integers(-5, 5), st.floats(1e-6, 1.0), st.text(max_size=4)),
+        min_size=1,
+    )
+)
 def test_trial_id_ignores_key_order(config: dict) -> None:
     reordered = dict(reversed(list(config.items())))
     assert trial_id(config) == trial_id(reordered)
@@ -141,7 +154,7 @@ def test_duplicate_key_and_bad_goal() -> None:
         parse_spec("goal: up\ntrial_fn: toy\nbase: {}\naxes: {lr: [1]}\n")
 
 
-# -- store ------------------------------------------------------------------------------------------------------
+# -- store ---------------------------------------------------------------------------------------------------
 def _trials(n: int = 3) -> list[Trial]:
     return expand({"steps": 5}, {"lr": [10.0 ** -(i + 1) for i in range(n)]})
 
@@ -155,7 +168,9 @@ def test_store_lifecycle_and_reclaim(tmp_path: Path) -> None:
         first = store.claim(order, "driver-a", "w0")
         assert first is not None and first.id == trials[0].id and first.owner == "driver-a"
         store.log_metrics(first.id, 1, {"loss": 2.0, "note": "text is skipped"}, driver="driver-a")
-        store.log_metrics(first.id, 1, {"loss": 1.5}, driver="driver-a")  # a resumed trial re-logs: overwritten
+        store.log_metrics(
+            first.id, 1, {"loss": 1.5}, driver="driver-a"
+        )  # a resumed trial re-logs: overwritten
         assert store.finish(first.id, "done", {"test_loss": 0.25, "nan": float("nan")}, driver="driver-a")
         second = store.claim(order, "driver-b")
         assert second is not None and second.id == trials[1].id
@@ -207,7 +222,7 @@ def test_store_rejects_directory_and_other_sweep(tmp_path: Path) -> None:
             run_sweep(spec_b, store)
 
 
-# -- trial contract ---------------------------------------------------------------------------------------------
+# -- trial contract ------------------------------------------------------------------------------------------
 def test_execute_trial_turns_exceptions_into_failed(tmp_path: Path) -> None:
     res = execute_trial(run_toy_trial, {"fail": "boom"}, tmp_path / "r")
     assert res["status"] == "failed" and res["error"].startswith("RuntimeError: boom")
@@ -223,12 +238,14 @@ def test_run_sweep_checks_arguments(tmp_path: Path) -> None:
             run_sweep(spec, store, backend="slurm")
         with pytest.raises(ValueError, match="workers: -1"):
             run_sweep(spec, store, workers=-1)
-        with pytest.raises(UserError, match="'no_such_module:f' is not a registered trial function; valid: .*toy"):
+        with pytest.raises(
+            UserError, match="'no_such_module:f' is not a registered trial function; valid: .*toy"
+        ):
             run_sweep(spec, store, trial_fn="no_such_module:f")
         assert store.trials() == []  # nothing registered when a call fails
 
 
-# -- runners ----------------------------------------------------------------------------------------------------
+# -- runners -------------------------------------------------------------------------------------------------
 MIXED_AXES = """\
     lr: [3e-2, 1e4]
     setup:
@@ -267,10 +284,24 @@ def test_kill_9_mid_trial_resumes_without_rerunning(tmp_path: Path) -> None:
     """kill -9 the sweep driver while a trial runs: rerun finishes everything, finished trials are not rerun,
     the interrupted one resumes from its checkpoint and ends exactly where an uninterrupted run does."""
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(toy_spec("lr: [1e-2, 2e-2, 3e-2]\n", base="{steps: 60, eval_every: 10, sleep: 0.03}"))
+    spec_file.write_text(
+        toy_spec("lr: [1e-2, 2e-2, 3e-2]\n", base="{steps: 60, eval_every: 10, sleep: 0.03}")
+    )
     store_path = tmp_path / "s.sqlite"
-    cmd = [sys.executable, "-c", "from widelora.cli import app; app()", "sweep", str(spec_file), "--store", str(store_path),
-           "--workers", "1", "--threads", "1", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from widelora.cli import app; app()",
+        "sweep",
+        str(spec_file),
+        "--store",
+        str(store_path),
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--no-report",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "runs"
@@ -281,8 +312,11 @@ def test_kill_9_mid_trial_resumes_without_rerunning(tmp_path: Path) -> None:
         with ResultStore(store_path) as s:
             recs = s.trials()
         running = [r for r in recs if r.status == "running"]
-        return (sum(r.status == "done" for r in recs) >= 1 and bool(running)
-                and (runs / running[0].id / "toy_checkpoint.safetensors").exists())
+        return (
+            sum(r.status == "done" for r in recs) >= 1
+            and bool(running)
+            and (runs / running[0].id / "toy_checkpoint.safetensors").exists()
+        )
 
     try:
         _wait_for(second_trial_checkpointed, 120, "a finished trial and a checkpointed running one")
@@ -343,8 +377,11 @@ def test_ray_matches_local(local_store: Path, tmp_path: Path) -> None:
     assert json.loads(json.dumps(out.counts)) == out.counts
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "sweeps").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parent.parent / "examples" / "sweeps").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_example_specs_parse(path: Path) -> None:
     from widelora.sweep import load_spec
 
@@ -354,7 +391,7 @@ def test_example_specs_parse(path: Path) -> None:
     assert "seed" in spec.axes and ("lr" in spec.axes)
 
 
-# -- trial functions: a registry, never an import from a spec ----------------------------------------------------
+# -- trial functions: a registry, never an import from a spec ------------------------------------------------
 def test_spec_cannot_import_arbitrary_code(monkeypatch: pytest.MonkeyPatch) -> None:
     """`trial_fn: os:system` used to import and call any function; now only registered names are accepted."""
     imported: list[str] = []
@@ -365,8 +402,11 @@ def test_spec_cannot_import_arbitrary_code(monkeypatch: pytest.MonkeyPatch) -> N
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr("builtins.__import__", spy)
-    with pytest.raises(SpecError, match=r"line 2: trial_fn: 'os:system' is not a registered trial function; "
-                                        r"valid: finetune, toy"):
+    with pytest.raises(
+        SpecError,
+        match=r"line 2: trial_fn: 'os:system' is not a registered trial function; "
+        r"valid: finetune, toy",
+    ):
         parse_spec("name: t\ntrial_fn: os:system\nbase: {}\naxes: {lr: [1e-3]}\n")
     monkeypatch.undo()
     assert "os" not in imported
@@ -378,7 +418,7 @@ def test_spec_cannot_import_arbitrary_code(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_finetune_spec_is_checked_against_run_config() -> None:
-    """Keys come from RunConfig itself (no stale copy), and every trial's values are validated before a run."""
+    """Keys come from RunConfig itself (no stale copy); every trial's values are validated before a run."""
     from widelora.train import RunConfig
 
     with pytest.raises(SpecError, match=r"unknown base key 'learning_rate'.*valid keys:.*max_grad_norm"):

@@ -21,7 +21,8 @@ def record_trial(config: dict, run_dir: Path, on_metrics=None) -> dict:
 @pytest.fixture
 def recorder():
     register_trial("record", config_keys={"lr", "seed", "max_grad_norm", "epochs", "steps", "setup", "init"})(
-        record_trial)
+        record_trial
+    )
     yield
     unregister_trial("record")
 
@@ -36,12 +37,14 @@ def configs_seen(store: ResultStore) -> dict[str, dict]:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_nulls_reach_the_trial_function(recorder, tmp_path: Path, workers: int) -> None:
-    spec = parse_spec(spec_text("""\
+    spec = parse_spec(
+        spec_text("""\
         base: {max_grad_norm: null, steps: null, epochs: 1.0}
         axes:
           lr: [1e-3]
           init: [null, init_a]
-        """))
+        """)
+    )
     assert all(t.config["max_grad_norm"] is None and t.config["steps"] is None for t in spec.trials())
     with ResultStore(tmp_path / "s.sqlite") as store:
         run_sweep(spec, store, workers=workers, threads=1)
@@ -53,8 +56,9 @@ def test_nulls_reach_the_trial_function(recorder, tmp_path: Path, workers: int) 
     assert sorted(str(c["init"]) for c in seen.values()) == ["None", "init_a"]
 
 
-@pytest.mark.xfail(reason="needs RunConfig/build_config to honour explicit nulls (train layer, in progress)",
-                   strict=False)
+@pytest.mark.xfail(
+    reason="needs RunConfig/build_config to honour explicit nulls (train layer, in progress)", strict=False
+)
 def test_finetune_trials_get_their_nulls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Through the built-in `finetune` trial, `max_grad_norm: null` reaches RunConfig (clipping off)."""
     from widelora.train import loop
@@ -74,12 +78,14 @@ def test_finetune_trials_get_their_nulls(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_setup_recommended_reaches_every_trial(recorder, tmp_path: Path) -> None:
-    spec = parse_spec(spec_text("""\
+    spec = parse_spec(
+        spec_text("""\
         setup: recommended
         base: {steps: 3}
         axes:
           lr: [1e-3, 1e-2]
-        """))
+        """)
+    )
     assert [t.config["setup"] for t in spec.trials()] == ["recommended", "recommended"]
     with ResultStore(tmp_path / "s.sqlite") as store:
         run_sweep(spec, store, workers=0, threads=1)
@@ -87,14 +93,16 @@ def test_setup_recommended_reaches_every_trial(recorder, tmp_path: Path) -> None
 
 
 def test_setup_as_an_axis_value(recorder, tmp_path: Path) -> None:
-    spec = parse_spec(spec_text("""\
+    spec = parse_spec(
+        spec_text("""\
         base: {steps: 3}
         axes:
           seed: [0]
           setup:
             - {label: PEFT default, init: kaiming}
             - recommended
-        """))
+        """)
+    )
     trials = spec.trials()
     assert [t.labels["setup"] for t in trials] == ["PEFT default", "recommended"]
     assert trials[0].config == {"steps": 3, "seed": 0, "init": "kaiming"}
@@ -106,7 +114,9 @@ def test_setup_as_an_axis_value(recorder, tmp_path: Path) -> None:
 
 
 def test_setup_needs_a_trial_function_that_takes_it(recorder) -> None:
-    with pytest.raises(SpecError, match=r"line 3: trial function 'toy' takes no 'setup' key; valid keys: .*lr"):
+    with pytest.raises(
+        SpecError, match=r"line 3: trial function 'toy' takes no 'setup' key; valid keys: .*lr"
+    ):
         parse_spec("name: t\ntrial_fn: toy\nsetup: recommended\nbase: {}\naxes: {lr: [1e-3]}\n")
     with pytest.raises(SpecError, match="trial function 'toy' takes no 'setup' key"):
         parse_spec("name: t\ntrial_fn: toy\nbase: {}\naxes:\n  setup: [recommended]\n")

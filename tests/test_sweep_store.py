@@ -1,5 +1,6 @@
 """The sweep store shared by several drivers: atomic claims, no trial run twice, finished trials never
-overwritten, run folders independent of the working directory, bad store paths, and migration of old stores."""
+overwritten, run folders independent of the working directory, bad store paths, and migration of old
+stores."""
 
 from __future__ import annotations
 
@@ -38,15 +39,23 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _add_driver(store_path: Path, driver: str, pid: int, host: str | None = None, heartbeat: float | None = None,
-                token: str = "") -> None:
+def _add_driver(
+    store_path: Path,
+    driver: str,
+    pid: int,
+    host: str | None = None,
+    heartbeat: float | None = None,
+    token: str = "",
+) -> None:
     with sqlite3.connect(store_path) as conn:
         now = time.time()
-        conn.execute("INSERT INTO drivers VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                     (driver, host or socket.gethostname(), pid, token, now, heartbeat or now))
+        conn.execute(
+            "INSERT INTO drivers VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            (driver, host or socket.gethostname(), pid, token, now, heartbeat or now),
+        )
 
 
-# -- two drivers on one store -----------------------------------------------------------------------------------
+# -- two drivers on one store --------------------------------------------------------------------------------
 @pytest.fixture
 def nested_driver(tmp_path: Path):
     """A trial function that, while running the first trial, starts a second driver on the same store."""
@@ -69,8 +78,8 @@ def nested_driver(tmp_path: Path):
 
 
 def test_two_drivers_share_the_work_and_never_run_a_trial_twice(nested_driver) -> None:
-    """Driver A runs trial 0; meanwhile driver B starts on the same store. B must leave A's running trial alone
-    (A is alive) and run the other three; A then finds nothing left. Every trial runs exactly once."""
+    """Driver A runs trial 0; meanwhile driver B starts on the same store. B must leave A's running trial
+    alone (A is alive) and run the other three; A then finds nothing left. Every trial runs exactly once."""
     state, runs = nested_driver
     with ResultStore(state["store"]) as store:
         first = run_sweep(state["spec"], store, workers=0, threads=1)
@@ -124,16 +133,31 @@ def test_running_trials_are_reclaimed_only_from_drivers_that_are_gone(tmp_path: 
 
 @pytest.mark.integration
 def test_two_driver_processes_on_one_store(tmp_path: Path) -> None:
-    """Two `widelora sweep` processes started together on one store: all trials done, each run exactly once."""
+    """Two `widelora sweep` processes started together on one store: all trials done, each exactly once."""
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(toy_spec("lr: [1e-2, 2e-2, 3e-2, 4e-2, 5e-2, 6e-2]\n",
-                                  base="{steps: 20, eval_every: 5, sleep: 0.02}"))
+    spec_file.write_text(
+        toy_spec("lr: [1e-2, 2e-2, 3e-2, 4e-2, 5e-2, 6e-2]\n", base="{steps: 20, eval_every: 5, sleep: 0.02}")
+    )
     store_path = tmp_path / "s.sqlite"
-    cmd = [sys.executable, "-c", "from widelora.cli import app; app()", "sweep", str(spec_file), "--store",
-           str(store_path), "--workers", "1", "--threads", "1", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from widelora.cli import app; app()",
+        "sweep",
+        str(spec_file),
+        "--store",
+        str(store_path),
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--no-report",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for p in procs:
         _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -146,9 +170,10 @@ def test_two_driver_processes_on_one_store(tmp_path: Path) -> None:
     assert len(drivers) == 2 and all(d.stopped is not None for d in drivers.values())
 
 
-# -- run folders ------------------------------------------------------------------------------------------------
-def test_run_folders_do_not_depend_on_the_working_directory(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+# -- run folders ---------------------------------------------------------------------------------------------
+def test_run_folders_do_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store opened by a relative path from A keeps its trials' folders when the sweep is rerun from B: an
     interrupted trial resumes in its own folder instead of restarting in a new one."""
     first, second = tmp_path / "a", tmp_path / "b"
@@ -175,8 +200,9 @@ def test_run_folders_do_not_depend_on_the_working_directory(tmp_path: Path,
         assert conn.execute("SELECT run_dir FROM trials").fetchone()[0] == f"runs/{rec.id}"
 
 
-def test_runs_dir_outside_the_store_folder_is_stored_absolute(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_dir_outside_the_store_folder_is_stored_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     trials = expand({"steps": 5}, {"lr": [1e-2]})
     with ResultStore(tmp_path / "store" / "s.sqlite") as store:
@@ -184,11 +210,13 @@ def test_runs_dir_outside_the_store_folder_is_stored_absolute(tmp_path: Path,
         assert store.trials()[0].run_dir == str(tmp_path / "elsewhere" / trials[0].id)
 
 
-# -- files that are not stores, and stores of an older schema ----------------------------------------------------
+# -- files that are not stores, and stores of an older schema ------------------------------------------------
 def test_paths_that_are_not_stores_are_clear_file_problems(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("these are my notes, not a database\n" * 50)
-    with pytest.raises(FileProblem, match=rf"{text}: cannot be opened as a sweep store \(file is not a database"):
+    with pytest.raises(
+        FileProblem, match=rf"{text}: cannot be opened as a sweep store \(file is not a database"
+    ):
         ResultStore(text)
     assert text.read_text().startswith("these are my notes")  # untouched
     with pytest.raises(FileProblem, match=rf"{tmp_path}: is a folder, not a sweep store"):
@@ -234,10 +262,11 @@ def test_version_1_store_is_migrated_in_place(tmp_path: Path, monkeypatch: pytes
     with sqlite3.connect(path) as conn:
         conn.executescript(V1_SCHEMA)
         for t, status in ((done, "done"), (cut, "running")):
-            conn.execute("INSERT INTO trials (id, idx, config, labels, status, attempts, run_dir, created) "
-                         "VALUES (?, ?, ?, ?, ?, 1, ?, 0)",
-                         (t.id, t.index, __import__("json").dumps(t.config), "{}", status,
-                          f"sweeps/toy/runs/{t.id}"))
+            conn.execute(
+                "INSERT INTO trials (id, idx, config, labels, status, attempts, run_dir, created) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?, 0)",
+                (t.id, t.index, __import__("json").dumps(t.config), "{}", status, f"sweeps/toy/runs/{t.id}"),
+            )
         conn.execute("INSERT INTO finals VALUES (?, 'test_loss', 0.125)", (done.id,))
     (tmp_path / "sweeps" / "toy" / "runs" / done.id).mkdir(parents=True)  # v1 folder, relative to the old cwd
     with ResultStore(path) as store:

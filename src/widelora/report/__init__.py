@@ -7,8 +7,13 @@ from pathlib import Path
 from widelora.report.summary import SweepResults, load_results
 
 
-def build_report(results: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
-                 goal: str | None = None, all_trials: bool = False) -> tuple[Path, dict[str, Path], SweepResults]:
+def build_report(
+    results: str | Path,
+    out_dir: str | Path | None = None,
+    metric: str | None = None,
+    goal: str | None = None,
+    all_trials: bool = False,
+) -> tuple[Path, dict[str, Path], SweepResults]:
     """Figures + ``index.html`` for the sweep store at ``results``; returns (page, figures, summary).
 
     ``out_dir`` defaults to a ``report`` folder beside the store.

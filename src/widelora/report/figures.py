@@ -1,8 +1,8 @@
-"""Paper-style PNG figures of a sweep: metric vs learning rate (seed mean ± standard error, optimum marked — the
-initialization paper's Figures 4/5), an LR × group heatmap, and training curves at each group's best LR.
+"""Paper-style PNG figures of a sweep: metric vs learning rate (seed mean ± standard error, optimum marked —
+the initialization paper's Figures 4/5), an LR × group heatmap, and training curves at each group's best LR.
 
-Figures are written atomically (temp file, then rename) with the non-interactive Agg backend, so a report can be
-built on a headless machine while a sweep still runs.
+Figures are written atomically (temp file, then rename) with the non-interactive Agg backend, so a report can
+be built on a headless machine while a sweep still runs.
 """
 
 from __future__ import annotations
@@ -26,9 +26,19 @@ from widelora.report.summary import (
 )
 
 STYLE = {
-    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9.5, "xtick.labelsize": 10,
-    "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-    "grid.alpha": 0.3, "grid.linestyle": "-", "savefig.bbox": "tight", "figure.dpi": 100,
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 9.5,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linestyle": "-",
+    "savefig.bbox": "tight",
+    "figure.dpi": 100,
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 DPI = 150
@@ -43,7 +53,7 @@ def save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_metric_by_group(res: SweepResults, path: Path) -> Path | None:
-    """For a sweep without an lr axis: one bar per group (seed mean ± s.e.); diverged seeds written on the bar."""
+    """A sweep without an lr axis: one bar per group (seed mean ± s.e.), diverged seeds written on it."""
     groups = res.groups()
     scale = display_scale(res.metric)
     with plt.rc_context(STYLE):
@@ -51,15 +61,30 @@ def plot_metric_by_group(res: SweepResults, path: Path) -> Path | None:
         for i, g in enumerate(groups):
             p = g.points[0]
             if p.n:
-                ax.bar(i, p.mean * scale, yerr=p.se * scale if p.n > 1 else None, color=COLORS[i % len(COLORS)],
-                       alpha=0.85, capsize=4)
+                ax.bar(
+                    i,
+                    p.mean * scale,
+                    yerr=p.se * scale if p.n > 1 else None,
+                    color=COLORS[i % len(COLORS)],
+                    alpha=0.85,
+                    capsize=4,
+                )
             if p.diverged or not p.n:
                 note = f"{p.diverged} diverged" if p.diverged else "no result"
-                ax.annotate(note, (i, 0), xytext=(0, 4), textcoords="offset points", ha="center", color="#aa0000",
-                            fontsize=9)
+                ax.annotate(
+                    note,
+                    (i, 0),
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                    color="#aa0000",
+                    fontsize=9,
+                )
         ax.set_xticks(range(len(groups)))
         tilt = len(groups) > 3 or max(len(g.label) for g in groups) > 12
-        ax.set_xticklabels([g.label for g in groups], rotation=20 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_xticklabels(
+            [g.label for g in groups], rotation=20 if tilt else 0, ha="right" if tilt else "center"
+        )
         ax.set_ylabel(metric_label(res.metric))
         ax.set_title(f"{res.name}: {res.metric} per group (seed mean ± s.e.)", fontsize=11)
         return save(fig, path)
@@ -93,22 +118,51 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
                 m = np.array([p.mean for p in pts]) * scale
                 se = np.array([p.se for p in pts]) * scale
                 best = g.best(res.goal)
-                label = g.label if best is None else f"{g.label}  (best {best.mean * scale:.4g} @ lr {best.lr:.2g})"
+                label = (
+                    g.label
+                    if best is None
+                    else f"{g.label}  (best {best.mean * scale:.4g} @ lr {best.lr:.2g})"
+                )
                 ax.plot(x, m, "-o", color=color, lw=1.8, ms=4.5, label=label)
                 ax.fill_between(x, m - se, m + se, color=color, alpha=0.18, lw=0)
                 if best is not None:
-                    ax.plot([best.lr], [best.mean * scale], marker="*", ms=16, color=color, mec="black", mew=0.7,
-                            zorder=5, alpha=0.9)
+                    ax.plot(
+                        [best.lr],
+                        [best.mean * scale],
+                        marker="*",
+                        ms=16,
+                        color=color,
+                        mec="black",
+                        mew=0.7,
+                        zorder=5,
+                        alpha=0.9,
+                    )
                 partial = [p for p in pts if p.diverged]
                 if partial:
-                    ax.plot([p.lr for p in partial], [p.mean * scale for p in partial], "o", ms=11, mfc="none",
-                            mec="#aa0000", mew=1.6, zorder=6,
-                            label=None if partial_labelled else "some seeds diverged (ringed)")
+                    ax.plot(
+                        [p.lr for p in partial],
+                        [p.mean * scale for p in partial],
+                        "o",
+                        ms=11,
+                        mfc="none",
+                        mec="#aa0000",
+                        mew=1.6,
+                        zorder=6,
+                        label=None if partial_labelled else "some seeds diverged (ringed)",
+                    )
                     partial_labelled = True
             dead = [p.lr for p in g.points if p.diverged and not p.n]
             if dead and div_y is not None:
-                ax.plot(dead, [div_y] * len(dead), "x", color=color, ms=8 + 3 * i, mew=2, alpha=0.85,
-                        label=None if dead_labelled else "every seed diverged")
+                ax.plot(
+                    dead,
+                    [div_y] * len(dead),
+                    "x",
+                    color=color,
+                    ms=8 + 3 * i,
+                    mew=2,
+                    alpha=0.85,
+                    label=None if dead_labelled else "every seed diverged",
+                )
                 dead_labelled = True
         ax.set_xscale("log")
         if res.goal == "min" and finite and min(finite) > 0 and max(finite) / min(finite) > 30:
@@ -120,15 +174,18 @@ def plot_metric_vs_lr(res: SweepResults, path: Path, title: str | None = None) -
             ax.set_xticklabels([f"{v:.2g}" for v in all_lrs], rotation=35 if len(all_lrs) > 6 else 0)
             ax.minorticks_off()
         band = "±1 s.e. over seeds" if seeds > 1 else "single seed"
-        ax.set_title(title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)",
-                     fontsize=11)
+        ax.set_title(
+            title or f"{res.name}: {res.metric} vs learning rate (mean, {band}; ★ best)", fontsize=11
+        )
         n_entries = len(groups) + int(dead_labelled) + int(partial_labelled)
-        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if n_entries > 4 else 2)
+        ax.legend(
+            frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if n_entries > 4 else 2
+        )
         return save(fig, path)
 
 
 def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
-    """Groups × learning rates, cell = seed-mean metric; the best LR of each row is boxed, diverged cells grey."""
+    """Groups × learning rates, cell = seed-mean metric; each row's best LR boxed, diverged seeds counted."""
     groups = [g for g in res.groups() if g.points]
     if not groups:
         return None
@@ -154,8 +211,15 @@ def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
                 if np.isfinite(v):
                     dark = (v < mid) == (res.goal == "max")
                     extra = f"\n+{diverged[i, j]} div." if diverged[i, j] else ""
-                    ax.text(j, i, f"{v:.3g}{extra}", ha="center", va="center", fontsize=9 if not extra else 8,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.3g}{extra}",
+                        ha="center",
+                        va="center",
+                        fontsize=9 if not extra else 8,
+                        color="white" if dark else "black",
+                    )
                 elif diverged[i, j]:
                     ax.text(j, i, "div.", ha="center", va="center", fontsize=9, color="#aa0000")
             best = groups[i].best(res.goal)
@@ -163,11 +227,15 @@ def plot_heatmap(res: SweepResults, path: Path) -> Path | None:
                 j = lrs.index(best.lr)
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.2))
         ax.set_xticks(range(len(lrs)))
-        ax.set_xticklabels(["default" if v is None else f"{v:.2g}" for v in lrs], rotation=35 if len(lrs) > 6 else 0)
+        ax.set_xticklabels(
+            ["default" if v is None else f"{v:.2g}" for v in lrs], rotation=35 if len(lrs) > 6 else 0
+        )
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g.label for g in groups])
         ax.set_xlabel("learning rate")
-        ax.set_title(f"{res.name}: {res.metric} (seed mean; red box = best LR per row; div. = diverged seeds)")
+        ax.set_title(
+            f"{res.name}: {res.metric} (seed mean; red box = best LR per row; div. = diverged seeds)"
+        )
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cbar.set_label(metric_label(res.metric))
         return save(fig, path)
@@ -199,18 +267,32 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
             for i, g in enumerate(groups):
                 best = g.best(res.goal)
                 color = COLORS[i % len(COLORS)]
-                series = [res.curves[t.id][name] for t in res.trials_of(g, best.lr)
-                          if t.status == "done" and name in res.curves.get(t.id, {})]
+                series = [
+                    res.curves[t.id][name]
+                    for t in res.trials_of(g, best.lr)
+                    if t.status == "done" and name in res.curves.get(t.id, {})
+                ]
                 if not series:
                     continue
                 window = _window(max(len(s) for s in series))
                 for s in series:
-                    ax.plot([p[0] for p in s], _smooth([p[1] * scale for p in s], window), color=color, lw=0.6,
-                            alpha=0.35)
+                    ax.plot(
+                        [p[0] for p in s],
+                        _smooth([p[1] * scale for p in s], window),
+                        color=color,
+                        lw=0.6,
+                        alpha=0.35,
+                    )
                 steps = sorted(set.intersection(*({p[0] for p in s} for s in series)))
                 if steps:
                     mean = [np.mean([dict(s)[k] for s in series]) * scale for k in steps]
-                    ax.plot(steps, _smooth(mean, window), color=color, lw=2, label=f"{g.label} (lr {best.lr_text})")
+                    ax.plot(
+                        steps,
+                        _smooth(mean, window),
+                        color=color,
+                        lw=2,
+                        label=f"{g.label} (lr {best.lr_text})",
+                    )
                     smoothed = max(smoothed, window)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(metric_label(name))
@@ -258,5 +340,13 @@ def make_figures(res: SweepResults, out_dir: str | Path) -> dict[str, Path]:
     return made
 
 
-__all__ = ["Group", "make_figures", "plot_curves", "plot_heatmap", "plot_metric_by_group", "plot_metric_vs_lr",
-           "pretty", "save"]
+__all__ = [
+    "Group",
+    "make_figures",
+    "plot_curves",
+    "plot_heatmap",
+    "plot_metric_by_group",
+    "plot_metric_vs_lr",
+    "pretty",
+    "save",
+]

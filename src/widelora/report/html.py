@@ -17,7 +17,8 @@ from widelora.files import atomic_write_text
 from widelora.report.summary import SweepResults, display_scale, metric_label, pretty
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;
 color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:1.8em}h3{font-size:1.05em}
@@ -26,7 +27,8 @@ text-align:left}th{background:#f4f4f4}td.num{text-align:right;font-variant-numer
 tr.best td{background:#eef7ee;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}.muted{color:#666;font-size:.9em}
 .headline{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.6em 1em;margin:1em 0}
-code,pre{background:#f6f8fa;padding:.1em .3em;border-radius:3px;font-size:.9em}pre{padding:.6em;overflow-x:auto}
+code,pre{background:#f6f8fa;padding:.1em .3em;border-radius:3px;font-size:.9em}
+pre{padding:.6em;overflow-x:auto}
 .st-done{color:#1a7f37}.st-diverged{color:#b35900}.st-failed{color:#cf222e}
 """
 
@@ -42,7 +44,7 @@ class Section:
 
 
 def mean_se(mean: float, se: float, n: int, mean_fmt: str = ".4g", se_fmt: str = ".2g") -> str:
-    """"mean ± s.e." — or "mean (1 seed)" where a standard error does not exist (it is not 0)."""
+    """ "mean ± s.e." — or "mean (1 seed)" where a standard error does not exist (it is not 0)."""
     if n < 2 or not math.isfinite(se):
         return f"{mean:{mean_fmt}} ({n} seed)"
     return f"{mean:{mean_fmt}} ± {se:{se_fmt}}"
@@ -90,13 +92,24 @@ def best_table(res: SweepResults) -> str:
             rows.append([g.label, "—", "—", 0, diverged, g.failed])
             scores.append(math.nan)
             continue
-        rows.append([g.label, best.lr if best.lr is not None else "default",
-                     Raw(mean_se(best.mean * scale, best.se * scale, best.n)), best.n, diverged, g.failed])
+        rows.append(
+            [
+                g.label,
+                best.lr if best.lr is not None else "default",
+                Raw(mean_se(best.mean * scale, best.se * scale, best.n)),
+                best.n,
+                diverged,
+                g.failed,
+            ]
+        )
         scores.append(best.mean)
     finite = [(s, i) for i, s in enumerate(scores) if math.isfinite(s)]
     top = [(max if res.goal == "max" else min)(finite)[1]] if finite else []
-    return table(["group", "best lr", f"{metric_label(res.metric)} (mean ± s.e.)", "seeds", "diverged", "failed"],
-                 rows, top)
+    return table(
+        ["group", "best lr", f"{metric_label(res.metric)} (mean ± s.e.)", "seeds", "diverged", "failed"],
+        rows,
+        top,
+    )
 
 
 def trials_table(res: SweepResults) -> str:
@@ -116,9 +129,17 @@ def trials_table(res: SweepResults) -> str:
     for t in res.trials:
         status = Raw(f'<span class="st-{t.status}">{t.status}</span>')
         err = (t.error or "").splitlines()[0][:120] if t.error else ""
-        rows.append([Raw(f"<code>{t.id}</code>"), *[pretty(t.labels.get(k, "")) for k in label_keys], status,
-                     *[t.final.get(k, "") for k in names], t.seconds if t.seconds is not None else "", t.attempts,
-                     err])
+        rows.append(
+            [
+                Raw(f"<code>{t.id}</code>"),
+                *[pretty(t.labels.get(k, "")) for k in label_keys],
+                status,
+                *[t.final.get(k, "") for k in names],
+                t.seconds if t.seconds is not None else "",
+                t.attempts,
+                err,
+            ]
+        )
     return table(["id", *label_keys, "status", *names, "seconds", "attempts", "error"], rows)
 
 
@@ -128,7 +149,9 @@ def metadata_table(res: SweepResults) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()))
     total_s = sum(inv.get("seconds", 0.0) for inv in res.invocations)
     rows = [
-        ["sweep", res.name], ["store", str(res.path)], ["trials", f"{len(res.trials)} ({counts})"],
+        ["sweep", res.name],
+        ["store", str(res.path)],
+        ["trials", f"{len(res.trials)} ({counts})"],
         ["headline metric", f"{res.metric} ({'higher' if res.goal == 'max' else 'lower'} is better)"],
         ["trial function", spec.get("trial_fn", "")],
         ["axes", Raw(f"<code>{html.escape(json.dumps(spec.get('axes', {})))}</code>")],
@@ -137,9 +160,16 @@ def metadata_table(res: SweepResults) -> str:
     ]
     for inv in res.invocations:
         when = _dt.datetime.fromtimestamp(inv.get("started", 0), _dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        rows.append(["", (f"{when}: backend {inv.get('backend')}, {inv.get('workers')} worker(s) × "
-                          f"{inv.get('threads')} thread(s), ran {inv.get('ran')} trial(s) in "
-                          f"{inv.get('seconds', 0):.0f} s")])
+        rows.append(
+            [
+                "",
+                (
+                    f"{when}: backend {inv.get('backend')}, {inv.get('workers')} worker(s) × "
+                    f"{inv.get('threads')} thread(s), ran {inv.get('ran')} trial(s) in "
+                    f"{inv.get('seconds', 0):.0f} s"
+                ),
+            ]
+        )
     return table(["", ""], rows)
 
 
@@ -150,15 +180,23 @@ def sweep_sections(res: SweepResults, figures: dict[str, Path]) -> list[Section]
         sec.paragraphs.append(html.escape(res.spec["description"]))
     sec.paragraphs.extend(f'<span class="st-diverged">Note: {html.escape(n)}.</span>' for n in res.notes)
     captions = {
-        "metric_vs_lr": f"{res.metric} vs learning rate: seed mean with a ±1 standard-error band; the star marks "
-                        "each group's best learning rate; a red ring marks points where some seeds diverged (they "
-                        "are left out of the mean); × marks learning rates where every seed diverged.",
-        "metric_by_group": f"{res.metric} of each group (the sweep has no lr axis): seed mean ± 1 standard error; "
-                           "diverged seeds are written on the bar and left out of the mean.",
-        "heatmap": "Seed-mean metric for every group and learning rate; the red box is each row's best; "
-                   "'div.' counts diverged seeds (never averaged in).",
-        "curves": "Metrics logged during training at each group's best learning rate (thick: seed mean; thin: "
-                  "individual seeds).",
+        "metric_vs_lr": (
+            f"{res.metric} vs learning rate: seed mean with a ±1 standard-error band; the star marks each "
+            "group's best learning rate; a red ring marks points where some seeds diverged (they are left "
+            "out of the mean); × marks learning rates where every seed diverged."
+        ),
+        "metric_by_group": (
+            f"{res.metric} of each group (the sweep has no lr axis): seed mean ± 1 standard error; diverged "
+            "seeds are written on the bar and left out of the mean."
+        ),
+        "heatmap": (
+            "Seed-mean metric for every group and learning rate; the red box is each row's best; 'div.' "
+            "counts diverged seeds (never averaged in)."
+        ),
+        "curves": (
+            "Metrics logged during training at each group's best learning rate (thick: seed mean; thin: "
+            "individual seeds)."
+        ),
     }
     for kind in ("metric_vs_lr", "metric_by_group", "heatmap", "curves"):
         if kind in figures:
@@ -184,8 +222,10 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section], intro:
         parts.append(f"<h2>{html.escape(sec.title)}</h2>")
         parts.extend(f"<p>{p}</p>" for p in sec.paragraphs)
         for fig, caption in sec.figures:
-            parts.append(f"<figure>{embed_png(fig, caption)}<figcaption class='muted'>{html.escape(caption)}"
-                         "</figcaption></figure>")
+            parts.append(
+                f"<figure>{embed_png(fig, caption)}<figcaption class='muted'>{html.escape(caption)}"
+                "</figcaption></figure>"
+            )
         parts.extend(sec.tables)
     parts.append("</body></html>")
     return atomic_write_text(path, "\n".join(parts))

@@ -2,10 +2,11 @@
 mean and standard error of the headline metric, and each group's best learning rate.
 
 A *group* is one configuration apart from ``lr`` and ``seed`` (e.g. init=init_a, or a setup label): trials are
-averaged as seeds only when their whole configs match apart from the seed, so trials of an earlier version of the
-spec (an edited ``base``) are never mixed in. By default only the trials of the spec last run into the store are
-reported, and the report says how many older ones it left out. Diverged trials are counted, never averaged in
-(a NaN would poison the mean). A sweep without an ``lr`` axis has one point per group (the trial's own lr).
+averaged as seeds only when their whole configs match apart from the seed, so trials of an earlier version of
+the spec (an edited ``base``) are never mixed in. By default only the trials of the spec last run into the
+store are reported, and the report says how many older ones it left out. Diverged trials are counted, never
+averaged in (a NaN would poison the mean). A sweep without an ``lr`` axis has one point per group (the trial's
+own lr).
 """
 
 from __future__ import annotations
@@ -21,13 +22,28 @@ from widelora.sweep.store import ResultStore, TrialRecord
 
 #: Preferred headline metrics when a spec does not name one, with their direction.
 METRIC_PREFERENCE: tuple[tuple[str, str], ...] = (
-    ("eval_accuracy", "max"), ("test_accuracy", "max"), ("accuracy", "max"), ("eval_perplexity", "min"),
-    ("test_perplexity", "min"), ("perplexity", "min"), ("eval_ppl", "min"), ("ppl", "min"),
-    ("eval_loss", "min"), ("test_loss", "min"), ("loss", "min"),
+    ("eval_accuracy", "max"),
+    ("test_accuracy", "max"),
+    ("accuracy", "max"),
+    ("eval_perplexity", "min"),
+    ("test_perplexity", "min"),
+    ("perplexity", "min"),
+    ("eval_ppl", "min"),
+    ("ppl", "min"),
+    ("eval_loss", "min"),
+    ("test_loss", "min"),
+    ("loss", "min"),
 )
 PRETTY = {
-    "init_a": "Init[A]", "init_b": "Init[B]", "kaiming": "Kaiming (PEFT default)", "gaussian": "Gaussian",
-    "lora_one": "LoRA-One", "lora_ga": "LoRA-GA", "pissa": "PiSSA", "adamw": "AdamW", "loraplus": "LoRA+",
+    "init_a": "Init[A]",
+    "init_b": "Init[B]",
+    "kaiming": "Kaiming (PEFT default)",
+    "gaussian": "Gaussian",
+    "lora_one": "LoRA-One",
+    "lora_ga": "LoRA-GA",
+    "pissa": "PiSSA",
+    "adamw": "AdamW",
+    "loraplus": "LoRA+",
     "scaled_gd": "scaled GD",
 }
 X_AXIS = "lr"
@@ -35,7 +51,7 @@ X_AXIS = "lr"
 
 @dataclass
 class Point:
-    """The seeds of one (group, lr) cell; ``lr`` is None when the trials did not set one (the trial's default)."""
+    """The seeds of one (group, lr) cell; ``lr`` is None where the trials did not set one (their default)."""
 
     lr: float | None
     values: list[float]
@@ -155,7 +171,7 @@ def _lr(t: TrialRecord) -> float | None:
 
 
 def _distinguish(groups: list[Group]) -> None:
-    """Groups that share a label (their configs differ outside the varied axes) get the differing keys added."""
+    """Groups sharing a label (configs that differ outside the varied axes) get the differing keys added."""
     by_label: dict[str, list[Group]] = {}
     for g in groups:
         by_label.setdefault(g.label, []).append(g)
@@ -163,8 +179,14 @@ def _distinguish(groups: list[Group]) -> None:
         if len(same) < 2:
             continue
         configs = [dict(g.trials[0].config) for g in same]
-        keys = sorted({k for c in configs for k in c if k not in (*SEED_KEYS, X_AXIS)
-                       and len({_hashable(x.get(k)) for x in configs}) > 1})
+        keys = sorted(
+            {
+                k
+                for c in configs
+                for k in c
+                if k not in (*SEED_KEYS, X_AXIS) and len({_hashable(x.get(k)) for x in configs}) > 1
+            }
+        )
         for g, c in zip(same, configs):
             g.label = f"{g.label} [" + ", ".join(f"{k}={pretty(c.get(k))}" for k in keys) + "]"
 
@@ -202,12 +224,14 @@ def display_scale(metric: str) -> float:
     return 100.0 if "acc" in metric.lower() else 1.0
 
 
-def load_results(path: str | Path, metric: str | None = None, goal: str | None = None,
-                 all_trials: bool = False) -> SweepResults:
+def load_results(
+    path: str | Path, metric: str | None = None, goal: str | None = None, all_trials: bool = False
+) -> SweepResults:
     """Open a store (a ``.sqlite`` file, or a folder holding exactly one) and summarise it.
 
     Only the trials of the spec last run into the store are kept unless ``all_trials``; a note says how many
-    others the store holds (from an earlier version of the spec), since they are not seeds of the current ones.
+    others the store holds (from an earlier version of the spec), since they are not seeds of the current
+    ones.
     """
     store_path = find_store(path)
     with ResultStore(store_path) as store:
@@ -223,8 +247,10 @@ def load_results(path: str | Path, metric: str | None = None, goal: str | None =
         stale = [t for t in trials if t.id not in current]
         if stale:
             trials = [t for t in trials if t.id in current]
-            notes.append(f"{len(stale)} trial(s) in the store belong to an earlier version of the spec (another "
-                         "base or grid) and are left out: they are not seeds of the current trials")
+            notes.append(
+                f"{len(stale)} trial(s) in the store belong to an earlier version of the spec (another "
+                "base or grid) and are left out: they are not seeds of the current trials"
+            )
         if not trials:
             raise UserError(f"RESULTS: none of the current spec's trials is in {str(store_path)!r} yet")
     chosen, inferred_goal = choose_metric(trials, metric or spec.get("metric"))
@@ -235,8 +261,15 @@ def load_results(path: str | Path, metric: str | None = None, goal: str | None =
     if diverged:
         notes.append(f"{diverged} trial(s) diverged: they are counted per group and never averaged in")
     return SweepResults(
-        name=spec.get("name") or store_path.stem, path=store_path, spec=spec, metric=chosen, goal=final_goal,
-        trials=trials, curves=curves, invocations=invocations, notes=notes,
+        name=spec.get("name") or store_path.stem,
+        path=store_path,
+        spec=spec,
+        metric=chosen,
+        goal=final_goal,
+        trials=trials,
+        curves=curves,
+        invocations=invocations,
+        notes=notes,
     )
 
 
@@ -250,13 +283,15 @@ def find_store(path: str | Path) -> Path:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise FileProblem(p, "holds no *.sqlite sweep store", "give a sweep's results.sqlite or its folder")
+            raise FileProblem(
+                p, "holds no *.sqlite sweep store", "give a sweep's results.sqlite or its folder"
+            )
         raise FileProblem(p, f"holds several stores: {[str(f) for f in found]}", "name one of them")
     raise FileProblem(p, "does not exist", "give a sweep's .sqlite store or its folder")
 
 
 def choose_metric(trials: list[TrialRecord], wanted: str | None) -> tuple[str, str]:
-    """The headline metric and its direction: ``wanted`` if any trial has it, else the preferred one present."""
+    """The headline metric and its direction: ``wanted`` if a trial has it, else the preferred one present."""
     present: list[str] = []
     for t in trials:
         for k in t.final:

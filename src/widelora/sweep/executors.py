@@ -1,8 +1,9 @@
-"""Where trials run: in this process, or in spawned local worker processes (Ray: `widelora.sweep.ray_backend`).
+"""Where trials run: in this process, or in spawned local worker processes (Ray:
+`widelora.sweep.ray_backend`).
 
-An executor only runs what it is given. Claiming trials, recording metrics and outcomes, and choosing run folders
-is the driver's job (`widelora.sweep.runners.drive`), done the same way for every executor. The trial function
-contract::
+An executor only runs what it is given. Claiming trials, recording metrics and outcomes, and choosing run
+folders is the driver's job (`widelora.sweep.runners.drive`), done the same way for every executor. The trial
+function contract::
 
     fn(config: dict, run_dir: Path, on_metrics: Callable[[int, dict], None] | None = None) -> dict
     # returns {"status": "done" | "diverged" | "failed", "final": {...}, "error": str | None,
@@ -55,8 +56,12 @@ class Executor(Protocol):
         """Stop the workers; trials still running are the driver's to release."""
 
 
-def execute_trial(fn: TrialFn, config: Mapping[str, Any], run_dir: str | Path,
-                  on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+def execute_trial(
+    fn: TrialFn,
+    config: Mapping[str, Any],
+    run_dir: str | Path,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     """Run one trial and return a well-formed result; exceptions become ``failed`` with their traceback."""
     run_dir = Path(run_dir)
 
@@ -76,7 +81,9 @@ def execute_trial(fn: TrialFn, config: Mapping[str, Any], run_dir: str | Path,
 def normalize_result(result: Any) -> dict[str, Any]:
     """Check a trial function's return value against the contract; anything else is a ``failed`` trial."""
     if not isinstance(result, Mapping):
-        return failed(f"trial function returned {type(result).__name__}, expected a dict with 'status' and 'final'")
+        return failed(
+            f"trial function returned {type(result).__name__}, expected a dict with 'status' and 'final'"
+        )
     status = result.get("status")
     if status not in ("done", "diverged", "failed"):
         return failed(f"trial function returned status {status!r}; valid: done, diverged, failed")
@@ -87,8 +94,12 @@ def normalize_result(result: Any) -> dict[str, Any]:
     if status == "failed" and not error:
         error = "trial function reported failure without an error message"
     ckpt = result.get("checkpoint")
-    return {"status": status, "final": plain(final), "error": None if error is None else str(error),
-            "checkpoint": None if ckpt is None else str(ckpt)}
+    return {
+        "status": status,
+        "final": plain(final),
+        "error": None if error is None else str(error),
+        "checkpoint": None if ckpt is None else str(ckpt),
+    }
 
 
 def failed(message: str) -> dict[str, Any]:
@@ -110,7 +121,7 @@ def plain(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class InlineExecutor:
-    """Runs one trial at a time inside the driver (``workers=0``: for debugging; a hard crash ends the sweep)."""
+    """Runs one trial at a time in the driver (``workers=0``: for debugging; a hard crash ends the sweep)."""
 
     worker_name = "inline"
 
@@ -132,8 +143,9 @@ class InlineExecutor:
         old = torch.get_num_threads()
         torch.set_num_threads(self._threads)
         try:
-            result = execute_trial(self._fn, rec.config, rec.run_dir,
-                                   lambda step, m: emit(("metrics", rec.id, step, m)))
+            result = execute_trial(
+                self._fn, rec.config, rec.run_dir, lambda step, m: emit(("metrics", rec.id, step, m))
+            )
         finally:
             torch.set_num_threads(old)
         self._queued.pop(0)
@@ -160,7 +172,7 @@ def thread_env(threads: int) -> Iterator[None]:
 
 
 def _worker_main(wid: int, fn: TrialFn, threads: int, tasks: Any, results: Any) -> None:
-    """Worker process: run trials sent on ``tasks``, report on ``results``; exit at once if the driver dies."""
+    """Worker process: run trials from ``tasks``, report on ``results``; exit at once if the driver dies."""
     parent = mp.parent_process()
     if parent is not None:
 
@@ -172,13 +184,14 @@ def _worker_main(wid: int, fn: TrialFn, threads: int, tasks: Any, results: Any) 
     torch.set_num_threads(threads)
     while (task := tasks.get()) is not None:
         tid, config, run_dir = task
-        result = execute_trial(fn, config, run_dir,
-                               lambda step, m, _tid=tid: results.put(("metrics", wid, _tid, step, m)))
+        result = execute_trial(
+            fn, config, run_dir, lambda step, m, _tid=tid: results.put(("metrics", wid, _tid, step, m))
+        )
         results.put(("done", wid, tid, result))
 
 
 class LocalExecutor:
-    """``workers`` spawned processes with ``threads`` torch threads each; a dead worker fails only its trial."""
+    """``workers`` spawned processes of ``threads`` torch threads each; a dead worker fails only its trial."""
 
     def __init__(self, fn: TrialFn, workers: int, threads: int) -> None:
         self._fn, self._workers, self._threads = fn, workers, threads
@@ -206,8 +219,12 @@ class LocalExecutor:
         wid, self._next = self._next, self._next + 1
         q = self._ctx.Queue()
         with thread_env(self._threads):
-            p = self._ctx.Process(target=_worker_main, args=(wid, self._fn, self._threads, q, self._results),
-                                  daemon=True, name=f"widelora-sweep-{wid}")
+            p = self._ctx.Process(
+                target=_worker_main,
+                args=(wid, self._fn, self._threads, q, self._results),
+                daemon=True,
+                name=f"widelora-sweep-{wid}",
+            )
             p.start()
         self._queues[wid], self._procs[wid] = q, p
         return wid
@@ -229,8 +246,16 @@ class LocalExecutor:
                 rec = self._busy.pop(wid, None)
                 del self._procs[wid], self._queues[wid]
                 if rec is not None:
-                    emit(("done", rec.id, failed(f"worker process died (exit code {p.exitcode}) while running "
-                                                 f"the trial {rec.labels}")))
+                    emit(
+                        (
+                            "done",
+                            rec.id,
+                            failed(
+                                f"worker process died (exit code {p.exitcode}) while running "
+                                f"the trial {rec.labels}"
+                            ),
+                        )
+                    )
 
     def close(self) -> None:
         for q in self._queues.values():

@@ -1,8 +1,8 @@
 """The grid of a sweep: trials as points of the axes' product, each named by a hash of its full config.
 
-The id hashes the whole resolved config (base and axis values, explicit nulls included), so the same trial keeps
-its id when a spec is reordered or extended, and a trial whose config changed in any key (an edited ``base``) is a
-different trial, never a new "seed" of the old one.
+The id hashes the whole resolved config (base and axis values, explicit nulls included), so the same trial
+keeps its id when a spec is reordered or extended, and a trial whose config changed in any key (an edited
+``base``) is a different trial, never a new "seed" of the old one.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def config_key(config: Mapping[str, Any], leave_out: tuple[str, ...] = SEED_KEYS
 
 
 def expand(base: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[Trial]:
-    """Product of the axes over ``base`` (last axis fastest); a ``setup`` axis contributes several keys at once.
+    """Product of the axes over ``base`` (last axis fastest); a ``setup`` axis contributes several keys at
+    once.
 
     Raises ValueError when two grid points give the same config (a duplicated value), since the store keys
     results by config and the duplicate would silently be run once.

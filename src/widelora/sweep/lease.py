@@ -1,9 +1,9 @@
 """Who is driving a sweep: each driver process registers itself in the store and keeps a heartbeat there.
 
-A trial is claimed by one driver at a time. A ``running`` trial may be taken back only when its driver is really
-gone: on this host, its process no longer exists (or its pid now belongs to another process, told apart by the
-process start time); on another host, its heartbeat is older than ``stale_after`` seconds. A driver that is
-merely slow keeps its trials, so no trial ever runs twice.
+A trial is claimed by one driver at a time. A ``running`` trial may be taken back only when its driver is
+really gone: on this host, its process no longer exists (or its pid now belongs to another process, told apart
+by the process start time); on another host, its heartbeat is older than ``stale_after`` seconds. A driver
+that is merely slow keeps its trials, so no trial ever runs twice.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class DriverInfo:
 
 
 def process_token(pid: int) -> str:
-    """The start time of process ``pid`` (Linux ``/proc``), so a reused pid is not taken for the old process."""
+    """Start time of process ``pid`` (Linux ``/proc``), so a reused pid is not taken for the old process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -53,7 +53,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def driver_alive(info: DriverInfo | None, now: float | None = None, stale_after: float = STALE_AFTER_SECONDS) -> bool:
+def driver_alive(
+    info: DriverInfo | None, now: float | None = None, stale_after: float = STALE_AFTER_SECONDS
+) -> bool:
     """Whether the driver that owns a trial may still be running it (see the module docstring)."""
     if info is None or info.stopped is not None:
         return False

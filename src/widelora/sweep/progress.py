@@ -14,8 +14,8 @@ ProgressFn = Callable[[str, TrialRecord, int, int], None]
 
 
 class TrialProgress:
-    """A ProgressFn: the bar counts finished trials of the grid (by any driver); finished trials get a line with
-    the headline ``metric`` first, so a log of the sweep reads on its own."""
+    """A ProgressFn: the bar counts finished trials of the grid (by any driver); finished trials get a line
+    with the headline ``metric`` first, so a log of the sweep reads on its own."""
 
     def __init__(self, metric: str | None = None, file: Any = None, disable: bool | None = None) -> None:
         self.metric = metric
@@ -25,8 +25,15 @@ class TrialProgress:
 
     def __call__(self, event: str, rec: TrialRecord, finished: int, total: int) -> None:
         if self._bar is None:
-            self._bar = tqdm(total=total, initial=finished, unit="trial", desc="sweep", file=self._file,
-                             disable=self._disable, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total,
+                initial=finished,
+                unit="trial",
+                desc="sweep",
+                file=self._file,
+                disable=self._disable,
+                dynamic_ncols=True,
+            )
         labels = " ".join(f"{k}={v}" for k, v in rec.labels.items())
         if event == "running":
             self._bar.set_postfix_str(f"started {labels}", refresh=False)

@@ -1,7 +1,8 @@
 """The Ray executor: each claimed trial becomes a Ray task; its metrics reach the driver through a Ray queue.
 
-Ray is an optional dependency (``pip install 'widelora[ray]'``). The driver claims a trial only when a task slot
-is free, exactly as with local workers, so several drivers (or a local and a Ray driver) can share one store.
+Ray is an optional dependency (``pip install 'widelora[ray]'``). The driver claims a trial only when a task
+slot is free, exactly as with local workers, so several drivers (or a local and a Ray driver) can share one
+store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from widelora.sweep.executors import Emit, TrialFn, execute_trial, failed, norma
 from widelora.sweep.store import TrialRecord
 
 
-def _ray_trial(fn: TrialFn, tid: str, config: dict[str, Any], run_dir: str, threads: int, events: Any) -> dict:
+def _ray_trial(
+    fn: TrialFn, tid: str, config: dict[str, Any], run_dir: str, threads: int, events: Any
+) -> dict:
     """Body of the Ray task: runs where Ray placed it; metrics go to the driver through ``events``."""
     torch.set_num_threads(threads)
     result = execute_trial(fn, config, run_dir, lambda step, m: events.put(("metrics", tid, step, m)))
@@ -29,8 +32,9 @@ class RayExecutor:
 
     worker_name = "ray"
 
-    def __init__(self, fn: TrialFn, workers: int, threads: int, address: str | None = None,
-                 gpus: float = 0.0) -> None:
+    def __init__(
+        self, fn: TrialFn, workers: int, threads: int, address: str | None = None, gpus: float = 0.0
+    ) -> None:
         try:
             import ray
             from ray.util.queue import Queue

@@ -7,8 +7,8 @@ function registers it before running the sweep::
     def my_trial(config, run_dir, on_metrics=None) -> dict: ...
 
 ``config_keys`` (None: any key) lets a spec's keys be checked before anything runs; ``check`` may validate one
-trial's whole config (``finetune`` builds a RunConfig from it), so a bad value is found before the first hour of
-sweeping, not after it.
+trial's whole config (``finetune`` builds a RunConfig from it), so a bad value is found before the first hour
+of sweeping, not after it.
 """
 
 from __future__ import annotations
@@ -41,15 +41,21 @@ class TrialFunction:
 _TRIALS: dict[str, TrialFunction] = {}
 
 
-def register_trial(name: str, *, config_keys: Iterable[str] | None = None,
-                   check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[TrialFn], TrialFn]:
+def register_trial(
+    name: str,
+    *,
+    config_keys: Iterable[str] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[TrialFn], TrialFn]:
     """Decorator: make ``fn`` available to specs as ``trial_fn: <name>``."""
     if not isinstance(name, str) or not name or ":" in name:
         raise UserError(f"trial function name {name!r} must be a non-empty string without ':'")
 
     def add(fn: TrialFn) -> TrialFn:
         if name in _TRIALS and _TRIALS[name].fn is not fn:
-            raise UserError(f"trial function {name!r} is already registered ({_TRIALS[name].fn.__qualname__})")
+            raise UserError(
+                f"trial function {name!r} is already registered ({_TRIALS[name].fn.__qualname__})"
+            )
         keys = frozenset(config_keys) if config_keys is not None else None
         _TRIALS[name] = TrialFunction(name, fn, keys, check)
         return fn
@@ -70,8 +76,10 @@ def get_trial(name: str) -> TrialFunction:
     """The registered trial function ``name``; a UserError lists the valid names."""
     entry = _TRIALS.get(LEGACY_NAMES.get(name, name)) if isinstance(name, str) else None
     if entry is None:
-        raise UserError(f"trial_fn: {name!r} is not a registered trial function; valid: "
-                        f"{', '.join(trial_names())} (register others with widelora.sweep.register_trial)")
+        raise UserError(
+            f"trial_fn: {name!r} is not a registered trial function; valid: "
+            f"{', '.join(trial_names())} (register others with widelora.sweep.register_trial)"
+        )
     return entry
 
 

@@ -1,10 +1,11 @@
 """Run a sweep: register its trials, then claim and run pending ones until none is left, on any backend.
 
 One bookkeeping path serves every backend: the driver claims a trial in the store only when its executor has a
-free slot, gives the executor the trial's run folder as the store resolved it, and records metrics and outcomes
-as the executor reports them. Several drivers (on one machine or several) can run the same spec into one store at
-once: they share the pending trials and never run one twice. A trial whose driver died (``kill -9``) is taken back
-by the next driver and resumes from its checkpoint; finished trials are never run again.
+free slot, gives the executor the trial's run folder as the store resolved it, and records metrics and
+outcomes as the executor reports them. Several drivers (on one machine or several) can run the same spec into
+one store at once: they share the pending trials and never run one twice. A trial whose driver died
+(``kill -9``) is taken back by the next driver and resumes from its checkpoint; finished trials never run
+again.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def _ray(fn: TrialFn, workers: int, threads: int, address: str | None, gpus: flo
 
 
 #: Backend name → executor factory ``(fn, workers, threads, address, gpus_per_trial)``.
-BACKENDS: dict[str, Callable[[TrialFn, int, int, str | None, float], Executor]] = {"local": _local, "ray": _ray}
+BACKENDS: dict[str, Callable[[TrialFn, int, int, str | None, float], Executor]] = {
+    "local": _local,
+    "ray": _ray,
+}
 
 
 def run_sweep(
@@ -65,14 +69,14 @@ def run_sweep(
     trial_fn: str | None = None,
     progress: ProgressFn | None = None,
 ) -> SweepOutcome:
-    """Register the spec's trials in ``store`` and run those not finished yet; safe to call again after a crash,
-    and safe to call from several processes at once.
+    """Register the spec's trials in ``store`` and run those not finished yet; safe to call again after a
+    crash, and safe to call from several processes at once.
 
     ``workers`` processes (local) or concurrent Ray tasks each use ``threads`` torch threads (default: the
     machine's cores divided among the workers); ``workers=0`` runs the trials one by one in this process (for
-    debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds one
-    folder per trial (default: ``runs`` beside the store). Pending trials run in the order of the spec as given
-    now, so listing the most informative values first makes a sweep that is stopped early still useful.
+    debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds
+    one folder per trial (default: ``runs`` beside the store). Pending trials run in the order of the spec as
+    given now, so listing the most informative values first makes a sweep that is stopped early still useful.
     """
     if backend not in BACKENDS:
         raise UserError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -112,8 +116,18 @@ def run_sweep(
         lease.stop()
         store.unregister_driver(lease.id)  # trials still running here (Ctrl-C) go back to pending
     seconds = time.time() - start
-    store.append_meta("invocations", {"backend": backend, "workers": workers, "threads": threads,
-                                      "started": start, "seconds": seconds, "ran": len(ran), "driver": lease.id})
+    store.append_meta(
+        "invocations",
+        {
+            "backend": backend,
+            "workers": workers,
+            "threads": threads,
+            "started": start,
+            "seconds": seconds,
+            "ran": len(ran),
+            "driver": lease.id,
+        },
+    )
     return SweepOutcome(store=store.path, counts=store.counts(), ran=ran, skipped=skipped, seconds=seconds)
 
 
@@ -121,17 +135,26 @@ def _check_store_matches(store: ResultStore, spec: SweepSpec, trial: str) -> Non
     """A store holds one sweep of one trial function: refuse to mix in another (their ids could collide)."""
     stored_name = store.get_meta("name")
     if stored_name is not None and stored_name != spec.name:
-        raise UserError(f"store: {str(store.path)!r} holds sweep {stored_name!r}, not {spec.name!r}; "
-                        "give another --store path")
+        raise UserError(
+            f"store: {str(store.path)!r} holds sweep {stored_name!r}, not {spec.name!r}; "
+            "give another --store path"
+        )
     stored_fn = (store.get_meta("spec") or {}).get("trial_fn")
     if stored_fn is not None and LEGACY_NAMES.get(stored_fn, stored_fn) != trial:
-        raise UserError(f"store: {str(store.path)!r} holds trials of trial function {stored_fn!r}, not "
-                        f"{trial!r}; give another --store path")
+        raise UserError(
+            f"store: {str(store.path)!r} holds trials of trial function {stored_fn!r}, not "
+            f"{trial!r}; give another --store path"
+        )
 
 
-def drive(store: ResultStore, driver: str, order: Sequence[str], executor: Executor,
-          progress: ProgressFn | None = None) -> list[str]:
-    """Claim trials in ``order`` while ``executor`` has room, record what it reports; returns the ids it ran."""
+def drive(
+    store: ResultStore,
+    driver: str,
+    order: Sequence[str],
+    executor: Executor,
+    progress: ProgressFn | None = None,
+) -> list[str]:
+    """Claim trials in ``order`` while ``executor`` has room, record what it reports; return the ids run."""
     total = len(order)
     worker = f"{socket.gethostname()}:{executor.worker_name}"
     ran: list[str] = []
@@ -144,7 +167,9 @@ def drive(store: ResultStore, driver: str, order: Sequence[str], executor: Execu
             store.log_metrics(event[1], event[2], event[3], driver=driver)
             return
         tid, result = event[1], event[2]
-        store.finish(tid, result["status"], result["final"], result["error"], result["checkpoint"], driver=driver)
+        store.finish(
+            tid, result["status"], result["final"], result["error"], result["checkpoint"], driver=driver
+        )
         if progress is not None:
             progress(result["status"], store.trial(tid), finished(), total)
 

@@ -62,7 +62,9 @@ CREATE TABLE drivers (
 def connect(path: Path) -> sqlite3.Connection:
     """Open ``path`` as a store connection (autocommit; transactions are explicit), or raise FileProblem."""
     if path.is_dir():
-        raise FileProblem(path, "is a folder, not a sweep store", f"give a file such as {path / 'results.sqlite'}")
+        raise FileProblem(
+            path, "is a folder, not a sweep store", f"give a file such as {path / 'results.sqlite'}"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
@@ -89,8 +91,12 @@ def prepare(conn: sqlite3.Connection, path: Path, store_dir: Path) -> None:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else 1
             if version > SCHEMA_VERSION:
-                raise FileProblem(path, f"was written by a newer widelora (store schema {version}; this one "
-                                  f"reads up to {SCHEMA_VERSION})", "upgrade widelora to read it")
+                raise FileProblem(
+                    path,
+                    f"was written by a newer widelora (store schema {version}; this one "
+                    f"reads up to {SCHEMA_VERSION})",
+                    "upgrade widelora to read it",
+                )
             for v in range(version, SCHEMA_VERSION):
                 MIGRATIONS[v](conn, store_dir)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

@@ -18,10 +18,10 @@ A spec looks like::
         - recommended                       # shorthand for {label: recommended, setup: recommended}
 
 Keys are checked against the trial function's config keys (for ``finetune``: RunConfig's), and every trial's
-config is checked by the trial function's own validator (``finetune`` builds its RunConfig), so a bad key or value
-is found before anything runs. ``null`` is a value like any other: ``max_grad_norm: null`` switches clipping off.
-Errors name the file, the line, the bad key and the valid keys, because a typo found after an hour of sweeping
-costs an hour.
+config is checked by the trial function's own validator (``finetune`` builds its RunConfig), so a bad key or
+value is found before anything runs. ``null`` is a value like any other: ``max_grad_norm: null`` switches
+clipping off. Errors name the file, the line, the bad key and the valid keys, because a typo found after an
+hour of sweeping costs an hour.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class SpecError(UserError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; everyone writes ``1e-4``)."""
+    """SafeLoader that reads ``1e-4`` as a float too (YAML 1.1 wants ``1.0e-4``; everyone writes ``1e-4``)."""
 
 
 _Loader.add_implicit_resolver(
@@ -97,8 +97,13 @@ class SweepSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form stored beside the results, so a report knows what was swept."""
         return {
-            "name": self.name, "description": self.description, "trial_fn": self.trial_fn,
-            "metric": self.metric, "goal": self.goal, "base": self.base, "axes": self.axes,
+            "name": self.name,
+            "description": self.description,
+            "trial_fn": self.trial_fn,
+            "metric": self.metric,
+            "goal": self.goal,
+            "base": self.base,
+            "axes": self.axes,
         }
 
 
@@ -106,8 +111,11 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a spec file; raises SpecError naming the file and line of any problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileProblem(path, "no such spec file" if not path.exists() else "is not a file",
-                          "give a sweep spec such as examples/sweeps/toy_quick.yaml")
+        raise FileProblem(
+            path,
+            "no such spec file" if not path.exists() else "is not a file",
+            "give a sweep spec such as examples/sweeps/toy_quick.yaml",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -129,8 +137,10 @@ def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
     data = yaml.load(text, Loader=_Loader)
     name = data.get("name") or re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem) or "sweep"
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SpecError(f"{source} line {_line(top['name'][1]) if 'name' in top else 1}: name {name!r} must be "
-                        "letters, digits, '-', '_' or '.' (it names the store file)")
+        raise SpecError(
+            f"{source} line {_line(top['name'][1]) if 'name' in top else 1}: name {name!r} must be "
+            "letters, digits, '-', '_' or '.' (it names the store file)"
+        )
     try:
         trial = get_trial(data.get("trial_fn", DEFAULT_TRIAL))
     except UserError as exc:
@@ -154,16 +164,25 @@ def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
         base["setup"] = _setup_value(data["setup"], top["setup"][1], source, valid, trial.name)
     axes_node = top["axes"][1]
     if not isinstance(axes_node, yaml.MappingNode) or not axes_node.value:
-        raise SpecError(f"{source} line {_line(axes_node)}: `axes` must be a non-empty mapping "
-                        "of config key -> list of values")
+        raise SpecError(
+            f"{source} line {_line(axes_node)}: `axes` must be a non-empty mapping "
+            "of config key -> list of values"
+        )
     axes: dict[str, list[Any]] = {}
     for key, (knode, vnode) in _mapping_nodes(axes_node, source).items():
         if valid is not None and key not in valid and key not in BUNDLE_AXES:
             raise SpecError(_unknown(source, knode, "axis", key, valid | BUNDLE_AXES))
         axes[key] = _axis_values(key, data["axes"][key], vnode, source, valid, trial.name)
     spec = SweepSpec(
-        name=name, base=base, axes=axes, trial_fn=trial.name, metric=metric, goal=goal,
-        description=str(data.get("description", "")), source=source, raw=data,
+        name=name,
+        base=base,
+        axes=axes,
+        trial_fn=trial.name,
+        metric=metric,
+        goal=goal,
+        description=str(data.get("description", "")),
+        source=source,
+        raw=data,
     )
     try:
         trials = spec.trials()
@@ -190,28 +209,37 @@ def _compose(text: str, source: str) -> yaml.MappingNode:
     if root is None:
         raise SpecError(f"{source}: the spec is empty; it needs at least `base` and `axes`")
     if not isinstance(root, yaml.MappingNode):
-        raise SpecError(f"{source} line {_line(root)}: the spec must be a mapping with keys {sorted(SPEC_KEYS)}")
+        raise SpecError(
+            f"{source} line {_line(root)}: the spec must be a mapping with keys {sorted(SPEC_KEYS)}"
+        )
     return root
 
 
 def _setup_value(value: Any, node: yaml.Node, source: str, valid: frozenset[str] | None, trial: str) -> str:
-    """A setup name (``recommended``) for the trial config's ``setup`` key; the trial function must take one."""
+    """A setup name (``recommended``) for each trial's ``setup`` key, if the trial function takes one."""
     if valid is not None and "setup" not in valid:
-        raise SpecError(f"{source} line {_line(node)}: trial function {trial!r} takes no 'setup' key; "
-                        f"valid keys: {', '.join(sorted(valid))}")
+        raise SpecError(
+            f"{source} line {_line(node)}: trial function {trial!r} takes no 'setup' key; "
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
     if not isinstance(value, str) or not value:
-        raise SpecError(f"{source} line {_line(node)}: setup {value!r} must be a setup name such as 'recommended'")
+        raise SpecError(
+            f"{source} line {_line(node)}: setup {value!r} must be a setup name such as 'recommended'"
+        )
     return value
 
 
-def _axis_values(key: str, value: Any, node: yaml.Node, source: str, valid: frozenset[str] | None,
-                 trial: str) -> list[Any]:
+def _axis_values(
+    key: str, value: Any, node: yaml.Node, source: str, valid: frozenset[str] | None, trial: str
+) -> list[Any]:
     line = _line(node)
     if isinstance(value, Mapping):
         return _range_values(key, value, source, line)
     if not isinstance(value, list) or not value:
-        raise SpecError(f"{source} line {line}: axis {key!r} must be a non-empty list of values or "
-                        f"{{min, max, num[, scale: log|linear]}}, got {value!r}")
+        raise SpecError(
+            f"{source} line {line}: axis {key!r} must be a non-empty list of values or "
+            f"{{min, max, num[, scale: log|linear]}}, got {value!r}"
+        )
     if key in BUNDLE_AXES:
         value = [_bundle(key, item, inode, source, valid, trial) for item, inode in zip(value, node.value)]
         labels = [item["label"] for item in value]
@@ -220,18 +248,23 @@ def _axis_values(key: str, value: Any, node: yaml.Node, source: str, valid: froz
     if key == "lr":
         for item, inode in zip(value, node.value):
             if isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
-                raise SpecError(f"{source} line {_line(inode)}: lr values must be positive numbers, got {item!r}")
+                raise SpecError(
+                    f"{source} line {_line(inode)}: lr values must be positive numbers, got {item!r}"
+                )
     return list(value)
 
 
-def _bundle(key: str, item: Any, node: yaml.Node, source: str, valid: frozenset[str] | None,
-            trial: str) -> dict[str, Any]:
+def _bundle(
+    key: str, item: Any, node: yaml.Node, source: str, valid: frozenset[str] | None, trial: str
+) -> dict[str, Any]:
     """One entry of a bundle axis: a mapping with a ``label``, or a setup name (``recommended``)."""
     if isinstance(item, str):
         return {"label": item, "setup": _setup_value(item, node, source, valid, trial)}
     if not isinstance(item, Mapping) or "label" not in item:
-        raise SpecError(f"{source} line {_line(node)}: each {key!r} entry must be a mapping with a 'label' and "
-                        f"config keys, or a setup name such as 'recommended'; got {item!r}")
+        raise SpecError(
+            f"{source} line {_line(node)}: each {key!r} entry must be a mapping with a 'label' and "
+            f"config keys, or a setup name such as 'recommended'; got {item!r}"
+        )
     for ikey, (iknode, _v) in _mapping_nodes(node, source).items():
         if valid is not None and ikey != "label" and ikey not in valid:
             raise SpecError(_unknown(source, iknode, f"key in axis {key!r}", ikey, valid | {"label"}))
@@ -242,17 +275,27 @@ def _range_values(key: str, value: Mapping[str, Any], source: str, line: int) ->
     allowed = {"min", "max", "num", "scale"}
     extra = set(value) - allowed
     if extra or not {"min", "max", "num"} <= set(value):
-        raise SpecError(f"{source} line {line}: range for axis {key!r} takes keys {sorted(allowed)} "
-                        f"(min, max, num required), got {sorted(value)}")
+        raise SpecError(
+            f"{source} line {line}: range for axis {key!r} takes keys {sorted(allowed)} "
+            f"(min, max, num required), got {sorted(value)}"
+        )
     lo, hi, num, scale = value["min"], value["max"], value["num"], value.get("scale", "log")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)):
-        raise SpecError(f"{source} line {line}: range min/max of axis {key!r} must be numbers, got {lo!r}, {hi!r}")
+        raise SpecError(
+            f"{source} line {line}: range min/max of axis {key!r} must be numbers, got {lo!r}, {hi!r}"
+        )
     if not isinstance(num, int) or num < 1:
-        raise SpecError(f"{source} line {line}: range num of axis {key!r} must be an integer >= 1, got {num!r}")
+        raise SpecError(
+            f"{source} line {line}: range num of axis {key!r} must be an integer >= 1, got {num!r}"
+        )
     if scale not in ("log", "linear"):
-        raise SpecError(f"{source} line {line}: range scale of axis {key!r} must be 'log' or 'linear', got {scale!r}")
+        raise SpecError(
+            f"{source} line {line}: range scale of axis {key!r} must be 'log' or 'linear', got {scale!r}"
+        )
     if scale == "log" and not (lo > 0 and hi > 0):
-        raise SpecError(f"{source} line {line}: a log range of axis {key!r} needs min, max > 0, got {lo}, {hi}")
+        raise SpecError(
+            f"{source} line {line}: a log range of axis {key!r} needs min, max > 0, got {lo}, {hi}"
+        )
     if num == 1:
         return [float(lo)]
     if scale == "log":
@@ -266,8 +309,9 @@ def _mapping_nodes(node: yaml.MappingNode, source: str) -> dict[str, tuple[yaml.
     for knode, vnode in node.value:
         key = knode.value
         if key in out:
-            raise SpecError(f"{source} line {_line(knode)}: duplicate key {key!r} "
-                            f"(first at line {_line(out[key][0])})")
+            raise SpecError(
+                f"{source} line {_line(knode)}: duplicate key {key!r} (first at line {_line(out[key][0])})"
+            )
         out[key] = (knode, vnode)
     return out
 

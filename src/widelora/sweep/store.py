@@ -1,12 +1,13 @@
 """SQLite result store: one file per sweep, safe against ``kill -9`` and shared safely by several drivers.
 
-Every state change is one IMMEDIATE transaction in WAL mode with ``synchronous=FULL``, so a crash leaves the file
-as it was after the last committed change: a trial is either recorded finished with all its final metrics, or
-not at all. A driver *claims* a pending trial (``status = 'pending'`` → ``'running'``, ``owner`` = its id) in one
-transaction, so two drivers on one store share the work and never run a trial twice. Only the owner may record
-a running trial's metrics and outcome, and a finished trial (done, diverged, failed) is never overwritten. A
-running trial goes back to pending only when its driver is gone (`widelora.sweep.lease`); it then resumes from
-the checkpoint in its run folder, which is stored relative to the store's own folder (or absolute).
+Every state change is one IMMEDIATE transaction in WAL mode with ``synchronous=FULL``, so a crash leaves the
+file as it was after the last committed change: a trial is either recorded finished with all its final
+metrics, or not at all. A driver *claims* a pending trial (``status = 'pending'`` → ``'running'``, ``owner`` =
+its id) in one transaction, so two drivers on one store share the work and never run a trial twice. Only the
+owner may record a running trial's metrics and outcome, and a finished trial (done, diverged, failed) is never
+overwritten. A running trial goes back to pending only when its driver is gone (`widelora.sweep.lease`); it
+then resumes from the checkpoint in its run folder, which is stored relative to the store's own folder (or
+absolute).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- metadata ----------------------------------------------------------------------------------------------
+    # -- metadata --------------------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-able value under ``key`` (the spec, the sweep name, timings)."""
         with self._tx() as c:
@@ -100,26 +101,28 @@ class ResultStore:
         return default if row is None else json.loads(row[0])
 
     def append_meta(self, key: str, item: Any) -> None:
-        """Append ``item`` to the list stored under ``key``, in one transaction (drivers may append at once)."""
+        """Append ``item`` to the list under ``key`` in one transaction (drivers may append at once)."""
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             items = json.loads(row[0]) if row else []
             items.append(item)
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(items, default=str)))
 
-    # -- run folders -------------------------------------------------------------------------------------------
+    # -- run folders -----------------------------------------------------------------------------------------
     def _stored_dir(self, runs_dir: str | Path | None, tid: str) -> str:
         """Inside the store's folder: relative to it; elsewhere: absolute. Never relative to the cwd."""
         folder = (Path(runs_dir).resolve() if runs_dir is not None else self.folder / "runs") / tid
-        return folder.relative_to(self.folder).as_posix() if folder.is_relative_to(self.folder) else str(folder)
+        return (
+            folder.relative_to(self.folder).as_posix() if folder.is_relative_to(self.folder) else str(folder)
+        )
 
     def _resolved_dir(self, stored: str | None) -> str | None:
         return None if stored is None else str(self.folder / stored)  # an absolute `stored` wins the join
 
-    # -- trials ------------------------------------------------------------------------------------------------
+    # -- trials ----------------------------------------------------------------------------------------------
     def add_trials(self, trials: Iterable[Trial], runs_dir: str | Path | None = None) -> int:
-        """Register trials as pending; ones already stored (same id) are left as they are. Returns how many were
-        new. Run folders default to ``runs/<id>`` beside the store."""
+        """Register trials as pending; ones already stored (same id) are left as they are. Returns how many
+        were new. Run folders default to ``runs/<id>`` beside the store."""
         now = time.time()
         new = 0
         with self._tx() as c:
@@ -127,8 +130,14 @@ class ResultStore:
                 cur = c.execute(
                     "INSERT OR IGNORE INTO trials (id, idx, config, labels, status, run_dir, created) "
                     "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                    (t.id, t.index, canonical_json(t.config), canonical_json(t.labels),
-                     self._stored_dir(runs_dir, t.id), now),
+                    (
+                        t.id,
+                        t.index,
+                        canonical_json(t.config),
+                        canonical_json(t.labels),
+                        self._stored_dir(runs_dir, t.id),
+                        now,
+                    ),
                 )
                 new += cur.rowcount
         return new
@@ -137,14 +146,18 @@ class ResultStore:
         """Record a driver, so that others can tell whether its running trials are still in hand."""
         now = time.time()
         with self._tx() as c:
-            c.execute("INSERT INTO drivers VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                      (lease.id, lease.host, lease.pid, lease.token, now, now))
+            c.execute(
+                "INSERT INTO drivers VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (lease.id, lease.host, lease.pid, lease.token, now, now),
+            )
 
     def unregister_driver(self, driver: str) -> None:
         """Mark a driver stopped; its running trials (if any are left) go back to pending."""
         with self._tx() as c:
-            c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE status = 'running' AND owner = ?",
-                      (driver,))
+            c.execute(
+                "UPDATE trials SET status = 'pending', owner = NULL WHERE status = 'running' AND owner = ?",
+                (driver,),
+            )
             c.execute("UPDATE drivers SET stopped = ? WHERE id = ?", (time.time(), driver))
 
     def drivers(self) -> dict[str, DriverInfo]:
@@ -158,8 +171,11 @@ class ResultStore:
             drivers = self.drivers()
             gone = [(tid, owner) for tid, owner in rows if not alive(drivers.get(owner))]
             for tid, owner in gone:
-                c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'running' "
-                          "AND owner IS ?", (tid, owner))
+                c.execute(
+                    "UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'running' "
+                    "AND owner IS ?",
+                    (tid, owner),
+                )
         return [tid for tid, _ in gone]
 
     def retry_failed(self, ids: Iterable[str]) -> list[str]:
@@ -168,8 +184,10 @@ class ResultStore:
         retried = []
         with self._tx() as c:
             for tid in wanted:
-                if c.execute("UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'failed'",
-                             (tid,)).rowcount:
+                if c.execute(
+                    "UPDATE trials SET status = 'pending', owner = NULL WHERE id = ? AND status = 'failed'",
+                    (tid,),
+                ).rowcount:
                     retried.append(tid)
         return retried
 
@@ -180,14 +198,18 @@ class ResultStore:
             tid = next((t for t in order if t in pending), None)
             if tid is None:
                 return None
-            c.execute("UPDATE trials SET status = 'running', owner = ?, worker = ?, attempts = attempts + 1, "
-                      "started = ?, finished = NULL, error = NULL WHERE id = ? AND status = 'pending'",
-                      (driver, worker, time.time(), tid))
+            c.execute(
+                "UPDATE trials SET status = 'running', owner = ?, worker = ?, attempts = attempts + 1, "
+                "started = ?, finished = NULL, error = NULL WHERE id = ? AND status = 'pending'",
+                (driver, worker, time.time(), tid),
+            )
         return self.trial(tid)
 
-    def log_metrics(self, trial_id: str, step: int, metrics: Mapping[str, Any], driver: str | None = None) -> None:
-        """Record metrics at ``step`` of a running trial (of ``driver``, when given); a resumed trial re-logging a
-        step overwrites it instead of duplicating."""
+    def log_metrics(
+        self, trial_id: str, step: int, metrics: Mapping[str, Any], driver: str | None = None
+    ) -> None:
+        """Record metrics at ``step`` of a running trial (of ``driver``, when given); a resumed trial
+        re-logging a step overwrites it instead of duplicating."""
         rows = [(trial_id, int(step), str(k), _num(v)) for k, v in metrics.items() if _is_number(v)]
         if not rows:
             return
@@ -196,8 +218,15 @@ class ResultStore:
                 return
             c.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
 
-    def finish(self, trial_id: str, status: str, final: Mapping[str, Any] | None = None, error: str | None = None,
-               checkpoint: str | None = None, driver: str | None = None) -> bool:
+    def finish(
+        self,
+        trial_id: str,
+        status: str,
+        final: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        checkpoint: str | None = None,
+        driver: str | None = None,
+    ) -> bool:
         """Record the outcome of a running trial (of ``driver``, when given) in one transaction.
 
         Returns False, and changes nothing, when the trial is not running (a finished trial is never
@@ -209,8 +238,11 @@ class ResultStore:
         with self._tx() as c:
             if not self._owns(c, trial_id, driver):
                 return False
-            c.execute("UPDATE trials SET status = ?, error = ?, checkpoint = ?, finished = ?, owner = NULL "
-                      "WHERE id = ?", (status, error, checkpoint, time.time(), trial_id))
+            c.execute(
+                "UPDATE trials SET status = ?, error = ?, checkpoint = ?, finished = ?, owner = NULL "
+                "WHERE id = ?",
+                (status, error, checkpoint, time.time(), trial_id),
+            )
             c.execute("DELETE FROM finals WHERE trial_id = ?", (trial_id,))
             c.executemany("INSERT INTO finals VALUES (?, ?, ?)", rows)
         return True
@@ -221,7 +253,7 @@ class ResultStore:
             raise UserError(f"trial_id: {trial_id!r} is not a trial of {str(self.path)!r}")
         return row[0] == "running" and (driver is None or row[1] == driver)
 
-    # -- reading -----------------------------------------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------------------------------------
     def pending(self) -> list[TrialRecord]:
         """Trials still to run, in spec order."""
         return [t for t in self.trials() if t.status == "pending"]
@@ -235,9 +267,19 @@ class ResultStore:
         wanted = set(ids) if ids is not None else None
         return [
             TrialRecord(
-                id=r[0], index=r[1], config=json.loads(r[2]), labels=json.loads(r[3]), status=r[4], error=r[5],
-                attempts=r[6], run_dir=self._resolved_dir(r[7]), checkpoint=r[8], started=r[9], finished=r[10],
-                final=finals.get(r[0], {}), owner=r[11],
+                id=r[0],
+                index=r[1],
+                config=json.loads(r[2]),
+                labels=json.loads(r[3]),
+                status=r[4],
+                error=r[5],
+                attempts=r[6],
+                run_dir=self._resolved_dir(r[7]),
+                checkpoint=r[8],
+                started=r[9],
+                finished=r[10],
+                final=finals.get(r[0], {}),
+                owner=r[11],
             )
             for r in rows
             if wanted is None or r[0] in wanted

@@ -1,9 +1,10 @@
 """A cheap sweep trial function with the full contract (metrics, checkpoints, resume, divergence).
 
-A frozen linear map ``W`` (width × width) gets a LoRA pair and learns a planted low-rank change from a fixed data
-set; plain-tensor Adam (so the checkpoint is a few tensors). It runs in milliseconds, so sweep logic — stores,
-crash recovery, backends — can be tested on it without a language model. Sweeps know it as ``trial_fn: toy``.
-Divergence is judged by the library's one rule (`widelora.divergence.DivergenceRule`), as in real training.
+A frozen linear map ``W`` (width × width) gets a LoRA pair and learns a planted low-rank change from a fixed
+data set; plain-tensor Adam (so the checkpoint is a few tensors). It runs in milliseconds, so sweep logic —
+stores, crash recovery, backends — can be tested on it without a language model. Sweeps know it as ``trial_fn:
+toy``. Divergence is judged by the library's one rule (`widelora.divergence.DivergenceRule`), as in real
+training.
 """
 
 from __future__ import annotations
@@ -23,8 +24,21 @@ from widelora.divergence import DivergenceRule
 from widelora.files import atomic_write
 
 CONFIG_KEYS = frozenset(
-    {"lr", "init", "method", "ratio", "rank", "width", "seed", "steps", "eval_every", "sleep", "fail", "n_train",
-     "exit"}
+    {
+        "lr",
+        "init",
+        "method",
+        "ratio",
+        "rank",
+        "width",
+        "seed",
+        "steps",
+        "eval_every",
+        "sleep",
+        "fail",
+        "n_train",
+        "exit",
+    }
 )
 INITS = ("init_a", "init_b", "kaiming")
 METHODS = ("adamw", "loraplus")
@@ -32,7 +46,7 @@ CHECKPOINT = "toy_checkpoint.safetensors"
 
 
 def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None) -> dict[str, Any]:
-    """Train the toy LoRA pair; resumes from ``run_dir``'s checkpoint; appends one line to starts.log per call."""
+    """Train the toy LoRA pair, resuming from ``run_dir``'s checkpoint; each call adds a line to starts.log."""
     unknown = set(config) - CONFIG_KEYS
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; valid: {sorted(CONFIG_KEYS)}")
@@ -73,8 +87,14 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
         B = torch.randn(width, rank, generator=g) / math.sqrt(rank)
     else:
         A = (torch.rand(rank, width, generator=g) * 2 - 1) / math.sqrt(width)
-    state = {"A": A, "B": B, "mA": torch.zeros_like(A), "vA": torch.zeros_like(A), "mB": torch.zeros_like(B),
-             "vB": torch.zeros_like(B)}
+    state = {
+        "A": A,
+        "B": B,
+        "mA": torch.zeros_like(A),
+        "vA": torch.zeros_like(A),
+        "mB": torch.zeros_like(B),
+        "vB": torch.zeros_like(B),
+    }
     step = 0
     divergence = DivergenceRule().tracker()
     ckpt = run_dir / CHECKPOINT
@@ -95,8 +115,12 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
         loss = loss_of(A, B, x, y)
         why = divergence.update(loss.item())
         if why is not None:
-            return {"status": "diverged", "final": {"train_loss": float("inf"), "step": step},
-                    "error": f"diverged at step {step}: {why}", "checkpoint": str(ckpt) if ckpt.exists() else None}
+            return {
+                "status": "diverged",
+                "final": {"train_loss": float("inf"), "step": step},
+                "error": f"diverged at step {step}: {why}",
+                "checkpoint": str(ckpt) if ckpt.exists() else None,
+            }
         gA, gB = torch.autograd.grad(loss, (A, B))
         step += 1
         for name, grad, mult in (("A", gA, 1.0), ("B", gB, ratio)):
@@ -113,19 +137,31 @@ def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None)
                 on_metrics(step, {"train_loss": loss.item(), "test_loss": test})
             _save(state, {"step": str(step), "divergence": json.dumps(divergence.state_dict())}, ckpt)
     with torch.no_grad():
-        train, test = loss_of(state["A"], state["B"], x, y).item(), loss_of(state["A"], state["B"], xt, yt).item()
+        train, test = (
+            loss_of(state["A"], state["B"], x, y).item(),
+            loss_of(state["A"], state["B"], xt, yt).item(),
+        )
     if not math.isfinite(test):
-        return {"status": "diverged", "final": {"test_loss": test}, "error": "non-finite test loss",
-                "checkpoint": str(ckpt)}
-    return {"status": "done", "final": {"train_loss": train, "test_loss": test, "step": step}, "error": None,
-            "checkpoint": str(ckpt)}
+        return {
+            "status": "diverged",
+            "final": {"test_loss": test},
+            "error": "non-finite test loss",
+            "checkpoint": str(ckpt),
+        }
+    return {
+        "status": "done",
+        "final": {"train_loss": train, "test_loss": test, "step": step},
+        "error": None,
+        "checkpoint": str(ckpt),
+    }
 
 
 def _save(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata))
+    atomic_write(
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    )
 
 
 def _meta(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as fh:
         return fh.metadata() or {}
-
