@@ -8,8 +8,8 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from widelora import models
 from widelora.cli import app
+from widelora.testing import models as tiny
 
 runner = CliRunner()
 
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     (root / "c.txt").write_text(
         "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60))
     )
-    models.save_tiny_folder(root / "llama", "llama")
+    tiny.save_tiny_folder(root / "llama", "llama")
     return root
 
 
@@ -122,3 +122,10 @@ def test_cli_errors_are_clear(setup, tmp_path):
     assert (
         res.exit_code == 0 and "paper-tinyllama-wikitext2" in res.output and "cpu-minilm-topics" in res.output
     )
+
+
+def test_set_null_is_honoured():
+    res = runner.invoke(app, ["finetune", "--set", "max_grad_norm=null", "--set", "alpha=null", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    resolved = json.loads(res.output)
+    assert resolved["max_grad_norm"] is None and resolved["alpha"] is None

@@ -137,8 +137,9 @@ def finetune(
         device=device,
         out_dir=out,
     )
+    flags = {k: v for k, v in flags.items() if v is not None}  # a flag left out is "not given"
     try:
-        flags.update(_parse_set(set_ or []))
+        flags.update(_parse_set(set_ or []))  # `--set key=null` is a real null (no clipping, no step cap)
         if resume is not None:
             saved = Path(resume) / "config.json"
             if not saved.is_file():
@@ -146,7 +147,7 @@ def finetune(
                     f"--resume {str(resume)!r}: no config.json there (not a widelora run folder)"
                 )
             data = json.loads(saved.read_text())
-            data.update({k: v for k, v in flags.items() if v is not None})
+            data.update(flags)
             data["out_dir"] = str(resume)
             cfg = RunConfig.from_dict(data)
         else:

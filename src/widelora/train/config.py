@@ -20,6 +20,21 @@ TASKS = ("causal_lm", "classification")
 EVAL_SPLITS = ("val", "test")
 
 
+class _NotGiven:
+    """The value of an override that was not given (None is a real value: `max_grad_norm: null` = no clipping)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
+def given(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`overrides` without the NOT_GIVEN entries; explicit None values stay."""
+    return {k: v for k, v in (overrides or {}).items() if v is not NOT_GIVEN}
+
+
 @dataclass
 class RunConfig:
     """One finetuning run. `steps` (optimizer steps) wins over `epochs` when both are set."""
@@ -91,9 +106,9 @@ class RunConfig:
         return cfg
 
     def replace(self, **overrides: Any) -> RunConfig:
-        """A validated copy with `overrides` applied (None values are ignored: "flag not given")."""
+        """A validated copy with `overrides` applied (NOT_GIVEN values are skipped; None is a value)."""
         merged = self.to_dict()
-        merged.update({k: v for k, v in overrides.items() if v is not None})
+        merged.update(given(overrides))
         return RunConfig.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,11 +246,11 @@ def build_config(
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults ← preset ← config file ← overrides (flags); None-valued overrides are "not given"."""
+    """Defaults ← preset ← config file ← overrides (flags); NOT_GIVEN overrides are skipped, None is a value."""
     data = preset(preset_name).to_dict() if preset_name else RunConfig().to_dict()
     if config_file is not None:
         data.update(load_config_file(config_file))
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data.update(given(overrides))
     return RunConfig.from_dict(data)
 
 
