@@ -12,28 +12,16 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from widelora.lora.layer import SCALINGS, LoRALinear, is_adaptable, linear_shape
+from widelora.lora.layer import SCALINGS, LoRALinear
+from widelora.lora.modules import is_linear, linear_shape, output_head_names
 
-ALL_LINEAR = "all-linear"
-# Output heads that "all-linear" leaves alone (PEFT does the same for the LM head).
-_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head", "output_layer")
+ALL_LINEAR = "all-linear"  # every linear layer except the output heads (widelora.lora.modules)
 
 Targets = str | Sequence[str]
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if module is head or leaf in _HEAD_NAMES or name.startswith(tuple(h + "." for h in _HEAD_NAMES)):
-            names.add(name)
-    return names
-
-
 def _describe_modules(model: nn.Module, limit: int = 40) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)})
     shown = ", ".join(leaves[:limit]) + (" ..." if len(leaves) > limit else "")
     return f"linear module names in this model: [{shown}]"
 
@@ -47,8 +35,8 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     """
     if isinstance(targets, str):
         if targets == ALL_LINEAR:
-            heads = _output_head_names(model)
-            names = [n for n, m in model.named_modules() if n and is_adaptable(m) and n not in heads]
+            heads = output_head_names(model)
+            names = [n for n, m in model.named_modules() if n and is_linear(m) and n not in heads]
         else:
             try:
                 pattern = re.compile(targets)
@@ -72,7 +60,7 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     names = [n for n in names if not any(n == a or n.startswith(a + ".") for a in adapted)]
     if not names:
         raise ValueError(f"targets={targets!r} match no module; {_describe_modules(model)}")
-    wrong = [n for n in names if not is_adaptable(model.get_submodule(n))]
+    wrong = [n for n in names if not is_linear(model.get_submodule(n))]
     if wrong:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in wrong})
         raise ValueError(

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from widelora.files import atomic_write
-from widelora.lora.layer import LoRALinear, is_adaptable, linear_shape
+from widelora.lora.layer import LoRALinear
+from widelora.lora.modules import is_linear, linear_shape
 from widelora.lora.pairs import PEFT_PREFIX, LoRAPair, require_pairs
 
 CONFIG_NAME = "adapter_config.json"
@@ -205,7 +206,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"module {name} already has a rank-{module.rank} adapter; the file has rank "
                                  f"{pair['A'].shape[0]}")
             module = module.base_layer
-        if module is None or not is_adaptable(module):
+        if module is None or not is_linear(module):
             raise ValueError(f"adapter targets module {name!r}, which this model ({type(model).__name__}) "
                              f"{'does not have' if module is None else 'has but is not a linear layer'}; the "
                              f"adapter was made for a different base model ({base_hint or 'unknown'})")

@@ -13,28 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from widelora.lora import fused as _fused
+from widelora.lora.modules import is_conv1d, linear_shape
 
 SCALINGS = ("standard", "rslora")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored as (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Whether `attach` can wrap this module."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an nn.Linear or a Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if _is_conv1d(module):
-        in_f, out_f = module.weight.shape
-        return out_f, in_f
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
 def lora_scale(alpha: float, rank: int, scaling: str) -> float:
@@ -63,7 +44,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_f, in_f = linear_shape(base_layer)
         self.base_layer = base_layer
-        self.weight_transposed = _is_conv1d(base_layer)
+        self.weight_transposed = is_conv1d(base_layer)
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling_mode = scaling

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from widelora.lora.modules import is_linear, linear_shape
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 __all__ = ["compute_loss", "estimate_gradients", "group_by_budget", "iter_gradients", "move_batch"]
@@ -64,13 +66,10 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) ->
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a linear-like module (nn.Linear or transformers' Conv1D, which stores (in, out))."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"module {type(module).__name__} has no 2-D weight; only linear layers can be adapted")
-    if type(module).__name__ == "Conv1D":
-        return int(weight.shape[1]), int(weight.shape[0])
-    return int(weight.shape[0]), int(weight.shape[1])
+    """(out, in) of a linear layer (nn.Linear or transformers' Conv1D, which stores (in, out))."""
+    if not is_linear(module):
+        raise TypeError(f"module {type(module).__name__} is not a linear layer; only linear layers can be adapted")
+    return linear_shape(module)
 
 
 def group_by_budget(

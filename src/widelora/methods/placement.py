@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from widelora.files import atomic_write_json
+from widelora.lora.modules import is_conv1d, is_linear, is_output_head_name
 
 __all__ = ["PlacementResult", "linear_modules", "module_nfn", "nfn_modules", "place"]
-
-_OUTPUT_HEADS = ("lm_head", "embed_out", "score", "classifier")
 
 
 @dataclass
@@ -109,7 +108,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if parts[-1] == "base_layer":
             parts = parts[:-1]
-        if parts[-1] in _OUTPUT_HEADS:
+        if is_output_head_name(".".join(parts)):
             continue
         # an adapted layer is scored through its wrapper: a fused forward may never call the base layer,
         # while the wrapper always receives the base layer's input
@@ -117,16 +116,10 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _is_linear(mod: nn.Module) -> bool:
-    weight = getattr(mod, "weight", None)
-    is_linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
-    return is_linear and isinstance(weight, torch.Tensor) and weight.dim() == 2
-
-
 def _base_linear(mod: nn.Module) -> nn.Module | None:
     """The frozen linear layer of ``mod``: itself, or the end of its ``base_layer`` chain (LoRA wrappers)."""
     seen = 0
-    while not _is_linear(mod):
+    while not is_linear(mod):
         child = mod._modules.get("base_layer") if hasattr(mod, "_modules") else None
         if child is None or seen > 4:
             return None
@@ -204,7 +197,7 @@ def nfn_modules(
 
     def make_hook(name: str, module: nn.Module):
         base = _base_linear(module)
-        conv1d = type(base).__name__ == "Conv1D"
+        conv1d = is_conv1d(base)
 
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             z = args[0]
