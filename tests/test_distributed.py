@@ -11,7 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from widelora import models
+from widelora.testing.models import save_tiny_folder
 
 SCRIPT = """
 import json, os, sys
@@ -42,7 +42,7 @@ def test_two_process_torchrun_gives_identical_adapters(tmp_path):
     (tmp_path / "c.txt").write_text(
         "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(80))
     )
-    models.save_tiny_folder(tmp_path / "llama", "llama")
+    save_tiny_folder(tmp_path / "llama", "llama")
     (tmp_path / "run.py").write_text(SCRIPT)
     cfg = {
         "model": str(tmp_path / "llama"),

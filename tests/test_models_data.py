@@ -11,16 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from widelora import data, models
+from widelora.errors import UserError
+from widelora.testing import models as tiny
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return models.tiny_tokenizer()
+    return tiny.tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    return models.save_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+    return tiny.save_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
 def _has(module: str) -> bool:
@@ -43,7 +45,7 @@ def test_load_local_folder_causal_lm(llama_dir):
 
 
 def test_load_local_folder_classification_head_is_seeded(tmp_path):
-    folder = models.save_tiny_folder(tmp_path / "bert", "bert", task="classification", num_labels=3)
+    folder = tiny.save_tiny_folder(tmp_path / "bert", "bert", task="classification", num_labels=3)
     m1, _ = models.load_model(folder, task="classification", num_labels=5, seed=1)
     m2, _ = models.load_model(folder, task="classification", num_labels=5, seed=1)
     m3, _ = models.load_model(folder, task="classification", num_labels=5, seed=2)
@@ -68,8 +70,40 @@ def test_bad_task_and_num_labels(llama_dir):
 def test_hub_id_resolves_and_fails_clearly_offline(monkeypatch):
     assert models.resolve("some-org/some-model") == "some-org/some-model"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="shipped models that work offline"):
-        models.load_model("widelora-test-org/does-not-exist")
+    for load in (models.load_model, models.load_tokenizer, models.max_sequence_length):
+        with pytest.raises(UserError) as err:
+            load("widelora-test-org/does-not-exist")
+        message = str(err.value)
+        assert "'widelora-test-org/does-not-exist' could not be found locally" in message
+        assert "offline" in message and "minilm-l6" in message and "smollm2-135m" in message
+
+
+def test_hub_failure_online_names_the_id_and_the_cause(monkeypatch):
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("404 Client Error: Repository Not Found")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(UserError, match=r"'someone/missing' could not be loaded from the Hugging Face hub \(404"):
+        models.load_tokenizer("someone/missing")
+
+
+def test_max_sequence_length_of_model_folder_and_config(llama_dir):
+    from transformers import GPT2Config, RobertaConfig
+
+    assert models.max_sequence_length(llama_dir) == 512
+    assert models.max_sequence_length(models.load_model(llama_dir)[0]) == 512
+    assert models.max_sequence_length(GPT2Config(n_positions=77)) == 77
+    assert models.max_sequence_length(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+
+
+@pytest.mark.slow
+def test_max_sequence_length_of_shipped_models():
+    assert models.max_sequence_length("minilm-l6") == 512
+    assert models.max_sequence_length("smollm2-135m") == 8192
 
 
 def test_missing_package_names_pip_command(monkeypatch):

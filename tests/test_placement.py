@@ -151,7 +151,7 @@ def test_place_command_prints_the_table_and_writes_json(tmp_path):
     from typer.testing import CliRunner
 
     from widelora.cli import app
-    from widelora.models import save_tiny_folder
+    from widelora.testing.models import save_tiny_folder
 
     folder = save_tiny_folder(tmp_path / "tiny")
     text = tmp_path / "docs.txt"

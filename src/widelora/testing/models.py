@@ -1,0 +1,92 @@
+"""Tiny random transformers models and a byte-level tokenizer: real architectures at ~100k parameters.
+
+Why: tests and examples need a model that loads through the same code paths as a real one (a transformers
+folder with config and tokenizer files) but builds in milliseconds and needs no download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from widelora.models import TASKS
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte symbols + 4 specials, no merges): encodes any text, needs no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_model(
+    arch: str = "llama",
+    task: str = "causal_lm",
+    num_labels: int = 2,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> nn.Module:
+    """A randomly initialized Llama or BERT with the shapes of the real thing but ~100k parameters."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
+
+    if arch not in ("llama", "bert"):
+        raise ValueError(f"arch={arch!r} is not valid; valid: ['llama', 'bert']")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not valid; valid: {list(TASKS)}")
+    common = {
+        "vocab_size": 260,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 2 * hidden,
+        "pad_token_id": 0,
+    }
+    if arch == "bert" and task != "classification":
+        raise ValueError("tiny BERT supports task='classification' only")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "llama":
+            cfg = LlamaConfig(
+                **common,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=True,
+                num_labels=num_labels,
+            )
+            model = LlamaForCausalLM(cfg) if task == "causal_lm" else LlamaForSequenceClassification(cfg)
+        else:
+            cfg = BertConfig(**common, max_position_embeddings=512, num_labels=num_labels)
+            model = BertForSequenceClassification(cfg)
+    return model.eval()
+
+
+def save_tiny_folder(
+    path: str | os.PathLike, arch: str = "llama", task: str = "causal_lm", num_labels: int = 2, seed: int = 0
+) -> Path:
+    """Write a tiny model + byte tokenizer as a transformers folder, so tests exercise the local-folder path."""
+    path = Path(path)
+    model = tiny_model(arch, task=task, num_labels=num_labels, seed=seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
