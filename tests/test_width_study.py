@@ -46,7 +46,7 @@ def test_data_is_deterministic_and_teacher_shaped():
     assert not torch.equal(a.y_train, make_data(n_train=30, n_test=5, seed=2).y_train)
 
 
-@pytest.mark.parametrize("variant", [{}, {"ratio": 4.0, "weight_decay": 0.1, "schedule": "linear", "alpha": 4.0}])
+@pytest.mark.parametrize("variant", [{}, {"ratios": (4.0,), "weight_decay": 0.1, "schedule": "linear", "alpha": 4.0}])
 def test_batched_engine_matches_one_run_per_config(variant):
     """Same loss curves as the plain loop (autograd + torch.optim.AdamW) to 1e-10 in float64."""
     cfg = tiny(widths=(24,), curve_points=12, **variant)
@@ -71,7 +71,7 @@ def test_divergence_is_detected_the_same_way():
     orig = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        res = ws.run_width_study(cfg, None, progress=False, figures=False)  # runs with 1 thread (config default)
+        res = ws.run_width_study(cfg, None, progress=False)  # runs with 1 thread (config default)
         assert torch.get_num_threads() == 2  # and gives the caller's setting back
     finally:
         torch.set_num_threads(orig)
@@ -84,7 +84,7 @@ def test_divergence_is_detected_the_same_way():
 
 def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch):
     cfg = tiny()
-    full = ws.run_width_study(cfg, tmp_path / "full", progress=False, figures=False)
+    full = ws.run_width_study(cfg, tmp_path / "full", progress=False)
 
     calls = []
     real = ws.train_chunk
@@ -97,13 +97,13 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
 
     monkeypatch.setattr(ws, "train_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ws.run_width_study(cfg, tmp_path / "resumed", progress=False, figures=False)
+        ws.run_width_study(cfg, tmp_path / "resumed", progress=False)
     assert len(list((tmp_path / "resumed" / "chunks").glob("*.json"))) == 2
     assert not list((tmp_path / "resumed" / "chunks").glob(".*tmp"))  # no half-written files
 
     calls.clear()
     monkeypatch.setattr(ws, "train_chunk", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    resumed = ws.run_width_study(cfg, tmp_path / "resumed", progress=False, figures=False)
+    resumed = ws.run_width_study(cfg, tmp_path / "resumed", progress=False)
     assert len(calls) == 2  # only the two unfinished chunks were trained
     assert resumed.rows() == full.rows()
     loaded = ws.load_results(tmp_path / "resumed")
@@ -112,8 +112,8 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
 
 
 def test_resume_ignores_chunks_of_another_config(tmp_path):
-    ws.run_width_study(tiny(steps=6), tmp_path, progress=False, figures=False)
-    res = ws.run_width_study(tiny(steps=8), tmp_path, progress=False, figures=False)
+    ws.run_width_study(tiny(steps=6), tmp_path, progress=False)
+    res = ws.run_width_study(tiny(steps=8), tmp_path, progress=False)
     assert all(c.curve_steps[-1] == 8 for c in res.chunks.values())
     saved = json.loads((tmp_path / "chunks" / "w16_init_a.json").read_text())
     assert saved["fingerprint"]["steps"] == 8
@@ -146,7 +146,7 @@ def test_config_rejects_bad_values(kw, name):
 
 def test_unknown_init_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="init_a"):  # the message lists the valid schemes
-        ws.run_width_study(tiny(inits=("init_a", "no_such_init")), tmp_path, progress=False, figures=False)
+        ws.run_width_study(tiny(inits=("init_a", "no_such_init")), tmp_path, progress=False)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -158,7 +158,7 @@ def test_quick_config_is_small_and_overridable():
 
 
 def test_config_round_trips_through_json():
-    cfg = tiny(ratio=2.0)
+    cfg = tiny(ratios=(2.0,))
     assert ws.WidthStudyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         ws.WidthStudyConfig.from_dict({"widthz": [1]})

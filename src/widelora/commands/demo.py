@@ -76,6 +76,9 @@ def run_width_part(out: Path, res: DemoResult, threads: int) -> None:
     t0 = time.time()
     try:
         res.width = run_width_study(WidthStudyConfig.quick(threads=threads), out / "width-study", progress=False)
+        from widelora.report.width_figures import write_figures_and_report
+
+        write_figures_and_report(res.width)
     except Exception as exc:  # noqa: BLE001 - one failing part must not hide the other
         res.notes.append(f"width study failed: {type(exc).__name__}: {exc}")
         traceback.print_exc()

@@ -31,7 +31,7 @@ def parse_widths(text: str) -> tuple[int, ...]:
 
 def parse_lrs(text: str) -> tuple[float, ...]:
     """"1e-4,3e-4" or "2^-16..2^-2" (factor 2 apart) or "2^-16..2^-2/2" (2 points per octave)."""
-    from widelora.experiments.width_study import lr_grid
+    from widelora.experiments.width_config import lr_grid
 
     m = _POW_RANGE.match(text.replace(" ", ""))
     if m:
@@ -43,6 +43,22 @@ def parse_lrs(text: str) -> tuple[float, ...]:
         raise ValueError(f"lrs: {text!r} is not a comma-separated list of numbers or a range like 2^-16..2^-2")
     if not values or min(values) <= 0:
         raise ValueError(f"lrs: {text!r}; expected positive learning rates")
+    return values
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """"1,4,16" or "2^0..2^8" (every power of two in between)."""
+    from widelora.experiments.width_config import lr_grid
+
+    m = _POW_RANGE.match(text.replace(" ", ""))
+    if m:
+        return lr_grid(int(m.group(1)), int(m.group(2)), int(m.group(3) or 1))
+    try:
+        values = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise ValueError(f"ratios: {text!r} is not a comma-separated list of numbers or a range like 2^0..2^8")
+    if not values or min(values) <= 0:
+        raise ValueError(f"ratios: {text!r}; expected positive ratios lr_B / lr_A")
     return values
 
 
@@ -63,12 +79,15 @@ def register(app: typer.Typer) -> None:
         inits: Annotated[str, typer.Option(help="Registered init schemes, comma-separated.")] = "init_a,init_b",
         lrs: Annotated[str | None, typer.Option(help="e.g. 2^-15..2^-3 (factor 2), 2^-15..2^-3/2, or 1e-4,3e-4")]
         = None,
-        seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: 0,1).")] = None,
+        seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: 0,1,2,3).")] = None,
         steps: Annotated[int | None, typer.Option(help="AdamW steps per run (default: 500).")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Mini-batch size (default: 16).")] = None,
         rank: Annotated[int, typer.Option(help="Student LoRA rank r.")] = 4,
         alpha: Annotated[float | None, typer.Option(help="LoRA alpha; s = alpha/r (default: alpha = r).")] = None,
-        ratio: Annotated[float, typer.Option(help="LoRA+ ratio lr_B / lr_A (1 = plain AdamW).")] = 1.0,
+        ratios: Annotated[str, typer.Option(help="LoRA+ ratios lr_B / lr_A, a grid axis: 1 (plain AdamW), "
+                                            "1,4,16 or 2^0..2^8.")] = "1",
+        eval_steps: Annotated[str, typer.Option(help="Earlier budgets at which losses are also recorded, "
+                                                "e.g. 125,250.")] = "",
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
         schedule: Annotated[str, typer.Option(help="LR schedule: constant | linear | cosine.")] = "constant",
         select_by: Annotated[str, typer.Option(help="Loss the optimum is read from: train | test.")] = "train",
@@ -81,15 +100,17 @@ def register(app: typer.Typer) -> None:
         figures: Annotated[bool, typer.Option("--figures/--no-figures")] = True,
     ) -> None:
         """Optimal LR vs width for Init[A] / Init[B] on the paper's teacher–student model, with figures."""
-        from widelora.experiments.width_figures import report_markdown
         from widelora.experiments.width_study import WidthStudyConfig, run_width_study
+        from widelora.report.width_figures import report_markdown, write_figures_and_report
 
-        overrides: dict = {"inits": _names(inits), "rank": rank, "alpha": alpha, "ratio": ratio,
+        overrides: dict = {"inits": _names(inits), "rank": rank, "alpha": alpha,
                            "weight_decay": weight_decay, "schedule": schedule, "select_by": select_by, "dtype": dtype,
                            "threads": threads}
         if workers is not None:
             overrides["workers"] = workers
         try:
+            overrides["ratios"] = parse_ratios(ratios)
+            overrides["eval_steps"] = tuple(int(v) for v in _names(eval_steps))
             if widths:
                 overrides["widths"] = parse_widths(widths)
             if lrs:
@@ -107,7 +128,9 @@ def register(app: typer.Typer) -> None:
                 get_scheme(name)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
-        result = run_width_study(config, out, progress=progress, resume=resume, figures=figures)
+        result = run_width_study(config, out, progress=progress, resume=resume)
+        if figures:
+            write_figures_and_report(result, out)
         typer.echo(report_markdown(result))
         typer.echo(f"results: {out}/results.csv, {out}/optima.csv, {out}/summary.json, {out}/report.md")
         for fig in result.figures:

@@ -1,7 +1,9 @@
 """Figures and the short report of the width study (paper Figures 2–3 and the loss-vs-LR curves behind them).
 
-All figures are written as PNG (matplotlib, Agg backend) by ``make_figures``; ``report_markdown`` gives the
-predicted-vs-measured exponent table and the optima as markdown, ready to paste into docs or an HTML report.
+The study computes (``widelora.experiments.width_study``); this module presents, and only the command (or the
+demo) calls it, so the library never imports plotting code. ``write_figures_and_report`` writes every PNG
+(matplotlib, Agg backend) and ``report.md``; ``report_markdown`` gives the predicted-vs-measured exponent table and
+the optima as markdown, ready to paste into docs or an HTML report.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from widelora.experiments.width_results import fit_key
 from widelora.files import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from widelora.experiments.width_study import WidthStudyResult
+    from widelora.experiments.width_results import WidthStudyResult
 
 INIT_COLORS = {"init_a": "#d62728", "init_b": "#1f77b4", "kaiming": "#2ca02c", "gaussian": "#9467bd"}
 INIT_LABELS = {"init_a": "Init[A]", "init_b": "Init[B]"}
@@ -31,6 +34,26 @@ def _color(init: str, inits: list[str]) -> str:
 
 def _label(init: str) -> str:
     return INIT_LABELS.get(init, init)
+
+
+def shown_ratio(result: WidthStudyResult) -> float:
+    """The LoRA+ ratio the width figures show: 1 (plain AdamW, the paper's setting) when the study has it."""
+    ratios = result.config.ratios
+    return 1.0 if 1.0 in ratios else ratios[0]
+
+
+def _optima(result: WidthStudyResult, init: str) -> list:
+    ratio = shown_ratio(result)
+    return sorted((o for o in result.optima if o.init == init and o.ratio == ratio), key=lambda o: o.width)
+
+
+def _fit(result: WidthStudyResult, init: str):
+    return result.fits.get(fit_key(init, shown_ratio(result), len(result.config.ratios) == 1))
+
+
+def _slice(chunk, values: np.ndarray, ratio: float) -> np.ndarray:
+    """[seed, config, ...] → [seed, lr, ...] of one ratio."""
+    return chunk.grid(values)[:, chunk.ratio_index(ratio)]
 
 
 def _plt():
@@ -56,7 +79,7 @@ def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
     widths = np.array(sorted(cfg.widths), dtype=float)
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     for init in inits:
-        opt = sorted((o for o in result.optima if o.init == init), key=lambda o: o.width)
+        opt = _optima(result, init)
         c = _color(init, inits)
         w = np.array([o.width for o in opt], dtype=float)
         lr = np.array([o.lr for o in opt])
@@ -64,7 +87,7 @@ def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
         for o in opt:  # per-seed best grid points, faint
             ax.scatter([o.width] * len(o.per_seed), o.per_seed, s=12, color=c, alpha=0.25, lw=0, zorder=2)
         label = _label(init)
-        fit = result.fits.get(init)
+        fit = _fit(result, init)
         if fit is not None:
             label += f": slope {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
             ax.plot(widths, fit.predict(widths), color=c, lw=1, alpha=0.6, ls="-")
@@ -72,7 +95,7 @@ def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
         if edge.any():
             ax.plot(w[edge], lr[edge], "o", mfc="white", color=c, ms=6, zorder=3)
     # reference lines through the geometric centre of the optima (constants only set the vertical position)
-    finite = np.array([o.lr for o in result.optima if math.isfinite(o.lr)])
+    finite = np.array([o.lr for i in inits for o in _optima(result, i) if math.isfinite(o.lr)])
     if finite.size:
         centre_lr = float(np.exp(np.log(finite).mean()))
         centre_w = float(np.exp(np.log(widths).mean()))
@@ -107,18 +130,19 @@ def plot_features(result: WidthStudyResult, path: Path, widths: tuple[int, int] 
         titles = []
         for init in inits:
             chunk = result.chunks.get((width, init))
-            opt = next((o for o in result.optima if o.width == width and o.init == init), None)
+            opt = next((o for o in _optima(result, init) if o.width == width), None)
             if chunk is None or opt is None or not math.isfinite(opt.lr_grid):
                 continue
             li = chunk.lrs.index(opt.lr_grid)
+            z_a, z_b = _slice(chunk, chunk.z_a, opt.ratio), _slice(chunk, chunk.z_b, opt.ratio)
             c = _color(init, inits)
             for si, seed in enumerate(chunk.seeds):
                 ls = styles[si % len(styles)]
                 lab = f"{_label(init)} seed {seed}"
-                axes[row, 0].plot(chunk.trace_steps, chunk.z_a[si, li], ls, color=c, label=lab, lw=1.4)
-                zb = np.where(chunk.z_b[si, li] > 0, chunk.z_b[si, li], np.nan)  # log axis: drop exact zeros
+                axes[row, 0].plot(chunk.trace_steps, z_a[si, li], ls, color=c, label=lab, lw=1.4)
+                zb = np.where(z_b[si, li] > 0, z_b[si, li], np.nan)  # log axis: drop exact zeros
                 axes[row, 1].plot(chunk.trace_steps, zb, ls, color=c, label=lab, lw=1.4)
-            loss = np.nanmean(chunk.train_loss[:, li])
+            loss = np.nanmean(_slice(chunk, chunk.train_loss, opt.ratio)[:, li])
             titles.append(f"{_label(init)}: lr={opt.lr_grid:.2g}, train loss {loss:.3g}")
         axes[row, 0].set_ylabel(f"n = {width}\n|Z_A|")
         axes[row, 1].set_ylabel("|Z_B|  (log scale)")
@@ -151,15 +175,18 @@ def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
             if chunk is None:
                 continue
             c = _color(init, inits)
-            for arr, ls, name in ((chunk.train_loss, "-", "train"), (chunk.test_loss, "--", "test")):
+            ratio = shown_ratio(result)
+            train, test = _slice(chunk, chunk.train_loss, ratio), _slice(chunk, chunk.test_loss, ratio)
+            for arr, ls, name in ((train, "-", "train"), (test, "--", "test")):
                 bad = ~np.isfinite(arr).all(axis=0)  # a seed diverged: no mean
                 mean = np.where(bad, np.nan, np.where(np.isfinite(arr), arr, 0.0).mean(axis=0))
                 ax.plot(lrs, mean, ls, color=c, lw=1.3, marker="o" if ls == "-" else None, ms=2.5,
                         label=f"{_label(init)} {name}")
-            opt = next((o for o in result.optima if o.width == width and o.init == init), None)
+            opt = next((o for o in _optima(result, init) if o.width == width), None)
             if opt is not None and math.isfinite(opt.lr):
                 ax.axvline(opt.lr, color=c, lw=0.8, alpha=0.6)
-            div = np.array([(chunk.diverged_step[:, i] >= 0).any() for i in range(len(lrs))])
+            div_step = _slice(chunk, chunk.diverged_step, ratio)
+            div = np.array([(div_step[:, i] >= 0).any() for i in range(len(lrs))])
             if div.any():
                 ax.plot(lrs[div], np.full(div.sum(), np.nan), "x", color=c)
         ax.set_xscale("log", base=2)
@@ -190,8 +217,8 @@ def plot_optimal_lr_compare(results: dict[str, WidthStudyResult], path: Path) ->
     shades = plt.cm.viridis(np.linspace(0.1, 0.85, len(results)))
     for ax, init in zip(axes[0], inits, strict=True):
         for (label, res), color in zip(results.items(), shades, strict=True):
-            opt = sorted((o for o in res.optima if o.init == init), key=lambda o: o.width)
-            fit = res.fits.get(init)
+            opt = _optima(res, init)
+            fit = _fit(res, init)
             lab = label + (f": {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]" if fit else "")
             ax.plot([o.width for o in opt], [o.lr for o in opt], "o-", color=color, label=lab, ms=4)
         ax.set_xscale("log", base=2)
@@ -241,7 +268,7 @@ def report_markdown(result: WidthStudyResult) -> str:
     for w in sorted(cfg.widths):
         cells = []
         for i in inits:
-            o = next((o for o in result.optima if o.width == w and o.init == i), None)
+            o = next((o for o in _optima(result, i) if o.width == w), None)
             if o is None:
                 cells.append("–")
             else:
@@ -249,13 +276,24 @@ def report_markdown(result: WidthStudyResult) -> str:
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
     settings = (f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
                 f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
-                f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {cfg.ratio:g}, AdamW betas "
+                f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {shown_ratio(result):g}, AdamW betas "
                 f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR schedule; "
                 f"optimum read from the final {cfg.select_by} loss (mean over seeds). "
                 f"Wall time {result.seconds:.1f} s ({result.loaded} of {len(result.chunks)} chunks resumed from "
                 f"disk; chunk wall times summed over the parallel workers: {result.compute_seconds:.1f} s).")
     lines += ["", settings, ""]
     return "\n".join(lines)
+
+
+def write_figures_and_report(result: WidthStudyResult, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Figures into ``<out>/figures`` and ``<out>/report.md`` (out defaults to the study's folder); the figure
+    paths are also stored in ``result.figures``."""
+    base = Path(out_dir) if out_dir is not None else result.out_dir
+    if base is None:
+        raise ValueError("out_dir: the study was run without a folder; pass one to write the figures into")
+    result.figures = make_figures(result, base / "figures")
+    write_report(result, base / "report.md")
+    return result.figures
 
 
 def write_report(result: WidthStudyResult, path: str | os.PathLike) -> Path:
