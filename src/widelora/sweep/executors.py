@@ -9,7 +9,9 @@ function contract::
     # returns {"status": "done" | "diverged" | "failed", "final": {...}, "error": str | None,
     #          "checkpoint": str | None}; resumes from the checkpoint in run_dir when one is there.
 
-A trial that raises is reported ``failed`` with its error; so is a worker process that dies.
+A trial that raises is reported ``failed`` with its error; so is a worker process that dies. Every result's
+``final`` gets ``cpu_s``, the CPU seconds of the attempt (all threads of the process that ran it), because CPU
+time, not wall time on a shared machine, is what an experiment costs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -69,13 +72,15 @@ def execute_trial(
         if on_metrics is not None:
             on_metrics(int(step), plain(values))
 
+    cpu_start = time.process_time()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        result = fn(dict(config), run_dir, metrics)
+        result = normalize_result(fn(dict(config), run_dir, metrics))
     except Exception as exc:  # noqa: BLE001 - a trial's failure must not end the sweep
         tb = traceback.format_exc(limit=-6)
-        return failed(f"{type(exc).__name__}: {exc}\n{tb}")
-    return normalize_result(result)
+        result = failed(f"{type(exc).__name__}: {exc}\n{tb}")
+    result["final"]["cpu_s"] = time.process_time() - cpu_start
+    return result
 
 
 def normalize_result(result: Any) -> dict[str, Any]:

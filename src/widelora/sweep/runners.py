@@ -68,6 +68,7 @@ def run_sweep(
     retry_failed: bool = False,
     trial_fn: str | None = None,
     progress: ProgressFn | None = None,
+    limit: int | None = None,
 ) -> SweepOutcome:
     """Register the spec's trials in ``store`` and run those not finished yet; safe to call again after a
     crash, and safe to call from several processes at once.
@@ -77,6 +78,7 @@ def run_sweep(
     debugging; a hard crash of a trial then ends the sweep, which resumes when run again). ``runs_dir`` holds
     one folder per trial (default: ``runs`` beside the store). Pending trials run in the order of the spec as
     given now, so listing the most informative values first makes a sweep that is stopped early still useful.
+    ``limit`` caps the trials this call starts (None: all), so that one worker can take turns between sweeps.
     """
     if backend not in BACKENDS:
         raise UserError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -88,6 +90,8 @@ def run_sweep(
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise UserError(f"threads: {threads!r} must be an integer >= 1")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise UserError(f"limit: {limit!r} must be an integer >= 1 (or None: no limit)")
     if gpus_per_trial < 0:
         raise UserError(f"gpus_per_trial: {gpus_per_trial!r} must be >= 0")
     trial = get_trial(trial_fn or spec.trial_fn)
@@ -109,7 +113,7 @@ def run_sweep(
         skipped = sum(r.status in FINISHED for r in store.trials(order))
         executor = BACKENDS[backend](trial.fn, workers, threads, address, gpus_per_trial)
         try:
-            ran = drive(store, lease.id, order, executor, progress)
+            ran = drive(store, lease.id, order, executor, progress, limit)
         finally:
             executor.close()
     finally:
@@ -153,8 +157,10 @@ def drive(
     order: Sequence[str],
     executor: Executor,
     progress: ProgressFn | None = None,
+    limit: int | None = None,
 ) -> list[str]:
-    """Claim trials in ``order`` while ``executor`` has room, record what it reports; return the ids run."""
+    """Claim trials in ``order`` while ``executor`` has room (at most ``limit`` in all), record what it
+    reports; return the ids run."""
     total = len(order)
     worker = f"{socket.gethostname()}:{executor.worker_name}"
     ran: list[str] = []
@@ -174,7 +180,11 @@ def drive(
             progress(result["status"], store.trial(tid), finished(), total)
 
     while True:
-        while executor.free() > 0 and (rec := store.claim(order, driver, worker)) is not None:
+        while (
+            executor.free() > 0
+            and (limit is None or len(ran) < limit)
+            and (rec := store.claim(order, driver, worker)) is not None
+        ):
             executor.submit(rec)
             ran.append(rec.id)
             if progress is not None:
