@@ -194,3 +194,57 @@ def test_run_single_can_carry_the_feature_monitor():
     assert [r["step"] for r in run.monitor_rows] == [1, 3, 5]
     assert run.monitor_rows[0]["delta1"] is None and run.monitor_rows[-1]["delta2"] > 0
     assert 0.0 < run.monitor_summary["hidden"]["delta2_share"] < 1.0
+
+
+def test_config_refuses_widths_that_do_not_fit_in_memory():
+    """2^24 used to start allocating about a petabyte; now the config refuses, naming the key and the limit."""
+    from widelora.errors import UserError
+
+    with pytest.raises(UserError, match=r"widths: 16777216 needs about .* PB.*memory_limit_gb"):
+        ws.WidthStudyConfig(widths=(128, 2**24))
+    big = ws.WidthStudyConfig(widths=(8192,), memory_limit_gb=64.0)  # the default study fits in a few GB
+    assert sum(big.memory_bytes(8192).values()) < 4 * 2**30
+
+
+def test_config_refuses_a_grid_that_does_not_fit_in_memory():
+    from widelora.errors import UserError
+
+    kw = {"widths": (256,), "seeds": tuple(range(16)), "ratios": ws.lr_grid(0, 8), "lrs": ws.lr_grid(-20, 0, 2)}
+    with pytest.raises(UserError, match=r"seeds × ratios × lrs: 16 × 9 × 41 configurations"):
+        ws.WidthStudyConfig(memory_limit_gb=0.2, **kw)
+    assert ws.WidthStudyConfig(memory_limit_gb=2.0, **kw).configs == 9 * 41
+
+
+def test_ratio_axis_matches_one_run_per_ratio():
+    """LoRA+ ratios are a grid axis: each (ratio, lr) of the batched pass equals the plain loop at that ratio."""
+    cfg = tiny(widths=(24,), ratios=(1.0, 8.0), lrs=(2.0**-8, 2.0**-6), steps=10, curve_points=10)
+    data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed,
+                     torch.float64)
+    cache = ws.build_cache(cfg, data, 24)
+    a0, b0 = zip(*[ws.initial_adapters(cfg, data, cache.frozen[i], "init_a", s)[:2]
+                   for i, s in enumerate(cfg.seeds)], strict=True)
+    chunk = ws.train_chunk(cfg, cache, data, torch.stack(a0), torch.stack(b0), init="init_a")
+    curves = chunk.grid(chunk.curve)  # [seed, ratio, lr, step]
+    assert curves.shape == (2, 2, 2, 10)
+    for si, seed in enumerate(cfg.seeds):
+        for ri, ratio in enumerate(cfg.ratios):
+            for li, lr in enumerate(cfg.lrs):
+                ref = ws.run_single(cfg, data, 24, "init_a", lr, seed, ratio=ratio)
+                np.testing.assert_allclose(curves[si, ri, li], ref.losses, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(curves[:, 0], curves[:, 1])  # the ratio changed training
+    opt8 = ws.find_optimum(chunk, ratio=8.0)
+    assert opt8.ratio == 8.0 and opt8.loss == pytest.approx(np.nanmean(chunk.losses(ratio=8.0), 0).min())
+
+
+def test_losses_at_an_earlier_budget_equal_a_shorter_run():
+    cfg = tiny(widths=(16,), steps=12, eval_steps=(5, 8), seeds=(0,))
+    short = tiny(widths=(16,), steps=8, seeds=(0,))
+    long_run = ws.run_width_study(cfg, None, progress=False).chunk(16, "init_a")
+    short_run = ws.run_width_study(short, None, progress=False).chunk(16, "init_a")
+    np.testing.assert_allclose(long_run.losses(budget=8), short_run.losses(), rtol=1e-12)
+    np.testing.assert_allclose(long_run.losses("test", budget=8), short_run.losses("test"), rtol=1e-12)
+    assert ws.find_optimum(long_run, budget=8).lr_grid == ws.find_optimum(short_run).lr_grid
+    with pytest.raises(KeyError, match="budget"):
+        long_run.losses(budget=7)
+    with pytest.raises(ValueError, match="eval_steps"):
+        tiny(steps=12, eval_steps=(12,))

@@ -174,7 +174,7 @@ class WidthStudyConfig:
             "cached features": item * 2 * S * (self.n_train + self.n_test) * n,
             # A, Bᵀ, their Adam moments and gradients, temporaries of the update; the (b × n) activation buffer
             "adapters and optimizer state": item * (12 * S * C * r * n + S * C * b * n + 4 * S * b * n),
-            "full-data-set loss": item * 3 * _FULL_LOSS_ELEMS,
+            "full-data-set loss": item * 3 * max(_FULL_LOSS_ELEMS, S * self.n_train * n),
         }
 
     def check_memory(self) -> None:
