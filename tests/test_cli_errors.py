@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from widelora.cli import app
 from widelora.commands import failures
 from widelora.errors import FileProblem, UserError
+from widelora.testing.faults import failing_writes
 from widelora.testing.models import save_tiny_folder
 
 runner = CliRunner()
@@ -129,3 +130,158 @@ def test_usage_errors_still_look_like_click(files):
     assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["fine-tune"])
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+# ------------------------------------------------------------------------------------------------- the matrix
+WAITING_FOR_H1 = pytest.mark.xfail(
+    strict=False, reason="waiting for H1 (config/checkpoint errors naming the file)"
+)
+
+
+def finetune_args(files, out, *extra: str) -> list[str]:
+    return [
+        "finetune",
+        "--model",
+        str(files / "llama"),
+        "--dataset",
+        str(files / "docs.txt"),
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "2",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("command", ["place", "finetune"])
+def test_hub_id_while_offline(files, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = place_args if command == "place" else lambda f, *e: finetune_args(f, tmp_path / "run", *e)
+    result = runner.invoke(app, args(files, "--model", "widelora-test-org/not-here"))
+    line = error_line(result, "widelora-test-org/not-here", "could not be found locally", "offline")
+    assert "smollm2-135m" in line and "minilm-l6" in line
+
+
+@pytest.mark.parametrize("error,words", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full")])
+def test_read_only_or_full_out_folder_for_finetune(files, tmp_path, error, words):
+    out = tmp_path / "out"
+    out.mkdir()
+    with failing_writes(out, error):
+        result = runner.invoke(app, finetune_args(files, out / "run"))
+    error_line(result, str(out / "run"), words)
+
+
+@pytest.mark.parametrize("error,words", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full")])
+def test_read_only_or_full_out_folder_for_place(files, tmp_path, error, words):
+    with failing_writes(tmp_path, error):
+        result = runner.invoke(app, place_args(files, "--out", str(tmp_path / "plop.json")))
+    error_line(result, str(tmp_path), words)
+    assert not (tmp_path / "plop.json").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "result.json"])
+def test_disk_fills_up_during_a_run(files, tmp_path, name):
+    """The run has started writing when the disk fills up: the write of `name` fails with ENOSPC."""
+    with failing_writes(tmp_path / "run" / name, errno.ENOSPC):
+        result = runner.invoke(app, finetune_args(files, tmp_path / "run"))
+    error_line(result, name, "disk is full")
+
+
+def test_file_given_as_out_folder(files, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("my notes")
+    result = runner.invoke(app, finetune_args(files, taken))
+    error_line(result, str(taken), "is a file")
+    assert taken.read_text() == "my notes"
+
+
+def test_folder_given_as_out_file(files, tmp_path):
+    result = runner.invoke(app, place_args(files, "--out", str(tmp_path)))
+    error_line(result, str(tmp_path), "is a folder")
+
+
+@WAITING_FOR_H1
+def test_malformed_config_yaml_names_the_file_and_line(files, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("rank: 4\nlr: [1e-3\nsteps: 2\n")
+    result = runner.invoke(app, ["finetune", "--config", str(config), "--dry-run"])
+    error_line(result, str(config), "line 3")
+
+
+@WAITING_FOR_H1
+def test_malformed_config_json_names_the_file(files, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text('{"rank": 4,, }')
+    result = runner.invoke(app, ["finetune", "--config", str(config), "--dry-run"])
+    error_line(result, str(config))
+
+
+def test_malformed_sweep_spec_names_the_file(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\naxes: {lr: [1e-3, 2e-3\n")
+    result = runner.invoke(app, ["sweep", str(spec), "--dry-run"])
+    error_line(result, str(spec))
+
+
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_store_that_is_not_a_database(tmp_path, command):
+    store = tmp_path / "results.sqlite"
+    store.write_text("these are my notes, not a database\n" * 20)
+    if command == "report":
+        args = ["report", str(store)]
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("name: t\ntrial_fn: toy\nbase: {steps: 1}\naxes: {lr: [0.1]}\n")
+        args = ["sweep", str(spec), "--store", str(store), "--workers", "0", "--no-report"]
+    result = runner.invoke(app, args)
+    error_line(result, str(store))
+    assert store.read_text().startswith("these are my notes")
+
+
+@WAITING_FOR_H1
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "state.json"])
+def test_corrupt_checkpoint_on_resume(files, tmp_path, damaged):
+    out = tmp_path / "run"
+    assert runner.invoke(app, finetune_args(files, out)).exit_code == 0
+    (out / "result.json").unlink()  # an interrupted run: resume will read the checkpoint
+    for checkpoint in (out / "checkpoints").glob("step-*"):
+        (checkpoint / damaged).write_bytes(b"\x00garbage")
+    result = runner.invoke(app, ["finetune", "--resume", str(out), "--no-progress"])
+    error_line(result, str(out))
+
+
+def test_unknown_preset():
+    result = runner.invoke(app, ["finetune", "--preset", "no-such-preset", "--dry-run"])
+    error_line(result, "no-such-preset", "cpu-")
+
+
+@pytest.mark.parametrize("command", ["place", "finetune"])
+@pytest.mark.parametrize(
+    "flag,value,names",
+    [
+        ("--model", "no-such-model", ["no-such-model", "smollm2-135m", "minilm-l6"]),
+        ("--dataset", "no-such-dataset", ["no-such-dataset", "wikipedia", "tweets"]),
+    ],
+)
+def test_unknown_model_or_dataset(files, tmp_path, command, flag, value, names):
+    args = place_args if command == "place" else lambda f, *e: finetune_args(f, tmp_path / "run", *e)
+    result = runner.invoke(app, args(files, flag, value))
+    error_line(result, *names)
+
+
+def test_malformed_data_file_names_file_and_line(files, tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    result = runner.invoke(app, place_args(files, "--dataset", str(bad)))
+    error_line(result, str(bad), "line 2")

@@ -16,6 +16,7 @@ import errno
 import json
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 from safetensors import SafetensorError
@@ -46,6 +47,8 @@ def _one_line(text: str) -> str:
 def _os_error(exc: OSError) -> str:
     where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
     hint = _OS_HINTS.get(exc.errno) if exc.errno is not None else None
+    if exc.errno == errno.EEXIST and exc.filename is not None and Path(exc.filename).is_file():
+        hint = "is a file where a folder is expected: choose another path"
     if hint is None:
         return f"{where}: {exc.strerror or exc}" if where else str(exc)
     return f"{where}: {hint}" if where else f"{hint} ({exc.strerror or exc})"
