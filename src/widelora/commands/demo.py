@@ -3,8 +3,8 @@ comparison of PEFT-default LoRA against widelora's recommended setup, summarised
 
 Budget: under 15 minutes on 2 CPU cores. The real-model part is a sweep (widelora.sweep) on MiniLM-L6 topic
 classification, stored in ``<out>/real-model/results.sqlite``; running the demo again resumes it (``--fresh``
-starts over). A teammate's piece that is missing (width study, training loop, LoRA-One) is skipped with a note
-rather than failing the whole demo.
+starts over, and only in a folder that an earlier demo created). A part that fails is reported with a note rather
+than failing the whole demo.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from widelora.files import claim_folder
 
 #: The setups compared; each a sweep "setup" bundle. PEFT's defaults: Kaiming-uniform A, B = 0, one AdamW LR.
 SETUPS: list[dict[str, Any]] = [
@@ -67,12 +68,9 @@ def real_model_spec_text(lrs: list[float], seeds: list[int], steps: int, setups:
 
 
 def run_width_part(out: Path, res: DemoResult, threads: int) -> None:
-    """(a) The toy width study at its quick scale (issue 3); skipped with a note when unavailable."""
-    try:
-        from widelora.experiments.width_study import WidthStudyConfig, run_width_study
-    except ImportError as exc:
-        res.notes.append(f"width study skipped: widelora.experiments.width_study is not available ({exc})")
-        return
+    """(a) The toy width study at its quick scale (issue 3)."""
+    from widelora.experiments.width_study import WidthStudyConfig, run_width_study
+
     t0 = time.time()
     try:
         res.width = run_width_study(WidthStudyConfig.quick(threads=threads), out / "width-study", progress=False)
@@ -88,20 +86,11 @@ def run_width_part(out: Path, res: DemoResult, threads: int) -> None:
 def run_real_part(out: Path, res: DemoResult, lrs: list[float], seeds: list[int], steps: int, workers: int,
                   threads: int) -> None:
     """(b) PEFT-default LoRA vs widelora's recommended setups on MiniLM topic classification, as a sweep."""
+    from widelora.methods.init import available_schemes
     from widelora.sweep import ResultStore, TrialProgress, parse_spec, run_sweep
 
-    try:
-        import widelora.train  # noqa: F401
-    except ImportError as exc:
-        res.notes.append(f"real-model comparison skipped: widelora.train is not available ({exc})")
-        return
     setups = list(SETUPS)
-    try:
-        from widelora.methods.init import available_schemes
-
-        known = set(available_schemes())
-    except ImportError:
-        known = {"kaiming", "init_a"}
+    known = set(available_schemes())
     for s in list(setups):
         if s["init"] not in known:
             setups.remove(s)
@@ -204,7 +193,9 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int, typer.Option(help="Torch threads per worker.")] = 1,
         skip_width: Annotated[bool, typer.Option(help="Skip the width study.")] = False,
         skip_real: Annotated[bool, typer.Option(help="Skip the real-model comparison.")] = False,
-        fresh: Annotated[bool, typer.Option(help="Delete earlier results in --out first (else resume).")] = False,
+        fresh: Annotated[
+            bool, typer.Option(help="Delete an earlier demo's results in --out first (else resume).")
+        ] = False,
     ) -> None:
         """Run the quick width study and the MiniLM comparison; write <out>/index.html; print the headline."""
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -216,9 +207,7 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             typer.echo(f"error: --lrs {lrs!r} / --seeds {seeds!r} must be comma-separated numbers", err=True)
             raise typer.Exit(2) from None
-        if fresh and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        claim_folder(out, "demo", fresh=fresh)  # refuses a folder that an earlier demo did not create
         res = DemoResult(out=out)
         t0 = time.time()
         if not skip_width:
