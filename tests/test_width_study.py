@@ -248,3 +248,27 @@ def test_losses_at_an_earlier_budget_equal_a_shorter_run():
         long_run.losses(budget=7)
     with pytest.raises(ValueError, match="eval_steps"):
         tiny(steps=12, eval_steps=(12,))
+
+
+def test_calibration_reads_edge_optimum_and_best_ratio_from_a_known_grid():
+    from widelora.experiments import ratio_calibration as rc
+
+    lrs, ratios = [2.0**k for k in range(-8, 0)], [1.0, 2.0, 4.0, 8.0]
+    log_lr = np.log2(lrs)[None, :]
+    log_r = np.log2(ratios)[:, None]
+    # loss is smallest at ratio 4 and lr 2^-6 / ratio^0.5; everything at lr >= 2^-2 diverges
+    base = 1.0 + (log_r - 2.0) ** 2 + (log_lr + 6.0 + 0.5 * log_r) ** 2
+    loss = np.stack([base * (1 + 0.01 * s) for s in range(3)])
+    div = np.where(np.array(lrs)[None, None, :] >= 2.0**-2, 40, -1).repeat(3, 0).repeat(4, 1)
+    loss = np.where(div > 0, np.nan, loss)
+    grid = rc.LossGrid(64, "init_a", [0, 1, 2], ratios, lrs, 100, loss, div)
+    best = rc.best_ratio(grid)
+    assert best.ratio_grid == 4.0 and best.lr == 2.0**-7 and best.gain > 1 and not best.at_edge
+    assert best.per_seed_ratio == pytest.approx([4.0] * 3)
+    e = rc.edge_and_optimum(grid, ratio=1.0)
+    assert e.per_seed_edge == [2.0**-3] * 3 and not e.edge_censored
+    assert e.optimum_grid == 2.0**-6 and e.factor_log2_mean == pytest.approx(3.0)
+    assert rc.stability_edge(np.array([False, False]), [1.0, 2.0]) == (2.0, True)  # never diverged: censored
+    assert math.isnan(rc.stability_edge(np.array([True, False]), [1.0, 2.0])[0])
+    with pytest.raises(KeyError, match="budget"):
+        rc.edge_and_optimum(grid, budget=50)
