@@ -417,6 +417,22 @@ def test_spec_cannot_import_arbitrary_code(monkeypatch: pytest.MonkeyPatch) -> N
     assert get_trial("widelora.train:run_trial").name == "finetune"
 
 
+def test_toy_trial_is_imported_only_when_a_spec_names_it() -> None:
+    """The sweep package never loads the test double on import; naming `toy` registers it then."""
+    code = (
+        "import sys\n"
+        "import widelora.sweep as s\n"
+        "assert 'widelora.testing.toy_trial' not in sys.modules, 'imported eagerly'\n"
+        "assert 'toy' in s.trial_names()\n"
+        "assert s.get_trial('toy').fn.__module__ == 'widelora.testing.toy_trial'\n"
+        "assert 'widelora.testing.toy_trial' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_finetune_spec_is_checked_against_run_config() -> None:
     """Keys come from RunConfig itself (no stale copy); every trial's values are validated before a run."""
     from widelora.train import RunConfig

@@ -8,7 +8,8 @@ function registers it before running the sweep::
 
 ``config_keys`` (None: any key) lets a spec's keys be checked before anything runs; ``check`` may validate one
 trial's whole config (``finetune`` builds a RunConfig from it), so a bad value is found before the first hour
-of sweeping, not after it.
+of sweeping, not after it. The built-in ``toy`` trial (a test double in `widelora.testing`) is imported only
+when a spec names it, so the library proper never loads test code.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from widelora.errors import UserError
-from widelora.testing.toy_trial import CONFIG_KEYS as TOY_KEYS
-from widelora.testing.toy_trial import run_toy_trial
 from widelora.train import RunConfig, build_config, run_trial
 
 TrialFn = Callable[..., Mapping[str, Any]]
@@ -69,12 +68,16 @@ def unregister_trial(name: str) -> None:
 
 
 def trial_names() -> list[str]:
-    return sorted(_TRIALS)
+    return sorted(set(_TRIALS) | set(_LAZY))
 
 
 def get_trial(name: str) -> TrialFunction:
-    """The registered trial function ``name``; a UserError lists the valid names."""
-    entry = _TRIALS.get(LEGACY_NAMES.get(name, name)) if isinstance(name, str) else None
+    """The registered trial function ``name`` (a built-in one is imported now); a UserError lists the valid
+    names."""
+    key = LEGACY_NAMES.get(name, name) if isinstance(name, str) else None
+    if key is not None and key not in _TRIALS and key in _LAZY:
+        _LAZY[key]()
+    entry = _TRIALS.get(key) if key is not None else None
     if entry is None:
         raise UserError(
             f"trial_fn: {name!r} is not a registered trial function; valid: "
@@ -90,4 +93,13 @@ def _check_run_config(config: dict[str, Any]) -> None:
 
 
 register_trial("finetune", config_keys=set(RunConfig.keys()) | {"preset"}, check=_check_run_config)(run_trial)
-register_trial("toy", config_keys=TOY_KEYS)(run_toy_trial)
+
+
+def _register_toy() -> None:
+    from widelora.testing.toy_trial import CONFIG_KEYS, run_toy_trial
+
+    register_trial("toy", config_keys=CONFIG_KEYS)(run_toy_trial)
+
+
+#: Built-in trial functions registered on first use: name -> registering function.
+_LAZY: dict[str, Callable[[], None]] = {"toy": _register_toy}
