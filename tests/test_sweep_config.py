@@ -56,9 +56,6 @@ def test_nulls_reach_the_trial_function(recorder, tmp_path: Path, workers: int) 
     assert sorted(str(c["init"]) for c in seen.values()) == ["None", "init_a"]
 
 
-@pytest.mark.xfail(
-    reason="needs RunConfig/build_config to honour explicit nulls (train layer, in progress)", strict=False
-)
 def test_finetune_trials_get_their_nulls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Through the built-in `finetune` trial, `max_grad_norm: null` reaches RunConfig (clipping off)."""
     from widelora.train import loop
