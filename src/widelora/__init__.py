@@ -14,6 +14,7 @@ from widelora.methods.init import InitUpdate, available_schemes, initialize, reg
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
 from widelora.methods.placement import PlacementResult, place
 from widelora.monitor import FeatureMonitor
+from widelora.recommend import Recommendation, recommend
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "LoRALinear",
     "LoRAPair",
     "PlacementResult",
+    "Recommendation",
     "attach",
     "available_methods",
     "available_schemes",
@@ -33,6 +35,7 @@ __all__ = [
     "match_targets",
     "merge",
     "place",
+    "recommend",
     "register_init",
     "register_optimizer",
     "save_adapter",

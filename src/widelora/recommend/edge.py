@@ -1,0 +1,109 @@
+"""The stopping rule of the learning-rate probe: where does a range test cross the stability edge?
+
+A pure function of the probe's readings (learning rate, loss, and the feature monitor's Z_A / Z_B), so it is
+tested on synthetic curves without any model. Reading `k` describes the model after the updates made with the
+learning rates of readings 0..k-1; the *edge* is the largest learning rate whose update still left a good state.
+
+A state is bad when any of these holds (the first one found names the reason):
+
+- **non-finite**: the loss or a monitored feature is NaN/inf;
+- **output instability** (seed 001, Definition 3: Z_B must stay O(1)): some adapter's output |Z_B| exceeds
+  `output_ratio` × the norm of the pretrained layer's own output |W x| at the probe's start. At ratio 1 the
+  adapter no longer perturbs the layer, it replaces it — the finite-width form of Z_B blowing up;
+- **loss rise**: the exponentially smoothed loss exceeds (1 + `rise`) × its running minimum, after
+  `warmup_readings` readings (so a noisy first batch cannot stop the probe).
+
+Internal instability (Z_A growing while Z_B stays bounded) is *not* a stop: under Init[A] it is the price of
+efficient feature learning (Theorem 1). Its onset (|Z_A| grown by `internal_growth`×) is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One probe step: the lr of the update that *follows* it, the loss of its forward, and monitor values.
+
+    `out_ratio`: max over layers of |Z_B| / |W x|₀ (None when no monitor); `za_growth`: mean over layers of
+    |Z_A| / |Z_A|₀ (None when no monitor).
+    """
+
+    step: int
+    lr: float
+    loss: float
+    out_ratio: float | None = None
+    za_growth: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rule found: the edge, why the probe stopped, and the curve's landmarks."""
+
+    edge_lr: float
+    reason: str  # non-finite | output instability | loss rise | not reached | below range (...)
+    stop_step: int | None
+    min_loss_lr: float
+    internal_lr: float | None
+    smoothed: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Thresholds of the stopping rule (module docstring). Defaults are justified in docs/results/recommend.md."""
+
+    rise: float = 0.5
+    smoothing: float = 0.5
+    warmup_readings: int = 3
+    output_ratio: float = 1.0
+    internal_growth: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.rise > 0 and math.isfinite(self.rise)):
+            raise ValueError(f"rise={self.rise!r} must be a positive number")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing={self.smoothing!r} must be in [0, 1)")
+        if not (isinstance(self.warmup_readings, int) and self.warmup_readings >= 1):
+            raise ValueError(f"warmup_readings={self.warmup_readings!r} must be an int >= 1")
+        if not self.output_ratio > 0 or not self.internal_growth > 1:
+            raise ValueError("output_ratio must be > 0 and internal_growth > 1")
+
+    def bad(self, reading: Reading, smoothed: float, running_min: float, index: int) -> str | None:
+        """Why the state of `reading` is past the edge, or None when it is fine."""
+        values = [reading.loss, reading.out_ratio, reading.za_growth]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            return "non-finite"
+        if reading.out_ratio is not None and reading.out_ratio > self.output_ratio:
+            return "output instability"
+        if index >= self.warmup_readings and smoothed > (1.0 + self.rise) * running_min:
+            return "loss rise"
+        return None
+
+    def scan(self, readings: list[Reading]) -> Verdict:
+        """Walk the readings in order and stop at the first bad state."""
+        if not readings:
+            raise ValueError("the probe produced no readings")
+        smoothed: list[float] = []
+        running_min = math.inf
+        min_lr = readings[0].lr
+        internal_lr = None
+        for i, r in enumerate(readings):
+            prev = smoothed[-1] if smoothed else r.loss
+            s = self.smoothing * prev + (1.0 - self.smoothing) * r.loss if math.isfinite(r.loss) else r.loss
+            smoothed.append(s)
+            why = self.bad(r, s, running_min, i)
+            if why is not None:
+                if i <= 1:  # the start (or the first, smallest update) is already bad: the edge is below the range
+                    return Verdict(readings[0].lr, f"below range ({why})", r.step, min_lr, internal_lr, smoothed)
+                return Verdict(readings[i - 2].lr, why, r.step, min_lr, internal_lr, smoothed)
+            if s < running_min:
+                running_min, min_lr = s, (readings[i - 1].lr if i else r.lr)
+            if internal_lr is None and i and r.za_growth is not None and r.za_growth > self.internal_growth:
+                internal_lr = readings[i - 1].lr
+        return Verdict(readings[-2].lr if len(readings) > 1 else readings[0].lr, "not reached", None, min_lr,
+                       internal_lr, smoothed)

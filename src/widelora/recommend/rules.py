@@ -1,0 +1,115 @@
+"""The width-aware rules: LoRA+ ratio, the probe's safety factor, the head's factor, rank / alpha / scaling.
+
+Each rule is a small pure function of the width `n` (the fan-in of the adapted layers) and returns its value with
+a one-line reason. The constants below are the only numbers in the recommendation; each names what calibrated it
+(docs/results/recommend.md has the measurements).
+
+The theory (seed 001 §3, LoRA+). With Adam the processed gradient has Θ(1) entries, so one step moves every
+entry of A by ~η_A and of B by ~η_B. Under Init[A] (B = 0, A ~ N(0, 1/n)) the LoRA features obey
+`Z_A ~ max(1, η_A·n)` (an aligned update of A sums n input coordinates) and the output step `δ2 = ΔB·Z_A ~ η_B·Z_A`.
+If the base learning rate sits at `η_A = n^-a`, A's features grow like `n^(1-a)` (internal instability, allowed
+for a < 1) and B is at its own output-stability edge when `η_B·Z_A = Θ(1)`, i.e. `η_B = n^(a-1)`. Hence
+
+    ratio = η_B / η_A = n^(2a - 1).
+
+a = 1 (no internal instability, LoRA+'s asymptotic regime) gives ratio ∝ n; a = 1/2 (vanilla LoRA at its edge)
+gives ratio = 1. Seed 001 argues, and the width study measures, that the optimum of Init[A] sits in between:
+a = 0.80 [0.65, 0.94] (docs/results/width_study.md), so the ratio grows like n^0.6. The constant is pinned where
+the papers' experience is: ratio 2^4 at n = 4096 (Llama-7B, LoRA+'s recommended setting). The same argument
+gives the distance between the output-stability edge (η ~ n^-1/2) and the optimum (η ~ n^-a): a factor that grows
+like n^(a - 1/2) = n^0.3; its constant is calibrated on a real task (MiniLM, n = 384).
+"""
+
+from __future__ import annotations
+
+import math
+
+# ---------------------------------------------------------------------------------------------- the constants
+#: Exponent of the optimal base learning rate of Init[A], η* ∝ n^-a: measured by the width study (500 steps,
+#: 7 widths, Init[A] optimum exponent -0.80, CI [-0.94, -0.65]); theory brackets it in [1/2, 1].
+OPTIMAL_LR_EXPONENT = 0.80
+#: The papers' LoRA+ ratio (2^4) and the width it was used at (Llama-7B hidden size).
+RATIO_ANCHOR = 16.0
+WIDTH_ANCHOR = 4096
+#: Bounds: below 1 LoRA+ would slow B below A (never what the theory asks); above 64 nobody has measured.
+RATIO_BOUNDS = (1.0, 64.0)
+#: lr = edge / factor(n): factor at the calibration width (MiniLM-L6, n = 384: edge / grid-best lr).
+EDGE_FACTOR_ANCHOR = 4.0
+EDGE_FACTOR_WIDTH = 384
+#: A fresh head is a convex problem (softmax regression on features): its best lr is its own edge / this factor.
+HEAD_EDGE_FACTOR = 4.0
+#: Used only when no probe can run: the base lr at the calibration width (MiniLM topics, grid-best Init[A] lr
+#: 1.16e-2 with one lr for A and B, halved as LoRA+ advises), scaled with the measured exponent.
+FALLBACK_LR_ANCHOR = 5.8e-3
+DEFAULT_RANK = 8
+
+
+def ratio_exponent(a: float = OPTIMAL_LR_EXPONENT) -> float:
+    """The exponent of the ratio's growth with width, 2a − 1 (module docstring)."""
+    return 2.0 * a - 1.0
+
+
+def loraplus_ratio(width: int) -> tuple[float, str]:
+    """lr_B / lr_A = 16 · (n / 4096)^(2a−1), clipped to [1, 64]; monotone non-decreasing in the width."""
+    _check_width(width)
+    e = ratio_exponent()
+    raw = RATIO_ANCHOR * (width / WIDTH_ANCHOR) ** e
+    value = min(max(raw, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
+    reason = (
+        f"LoRA+ with the ratio the theory scales with width: {RATIO_ANCHOR:g}·(n/{WIDTH_ANCHOR})^{e:.2f} at "
+        f"n = {width} (B's output edge given A's internal growth; 2^4 at n = 4096 as in the papers)"
+    )
+    return round(value, 2), reason
+
+
+def edge_factor(width: int) -> tuple[float, str]:
+    """How far below the probed stability edge the learning rate goes: F · (n / 384)^(a − 1/2), at least 2."""
+    _check_width(width)
+    e = OPTIMAL_LR_EXPONENT - 0.5
+    value = max(2.0, EDGE_FACTOR_ANCHOR * (width / EDGE_FACTOR_WIDTH) ** e)
+    reason = (
+        f"edge / {value:.3g}: the optimum lies below the output-stability edge by a factor growing like "
+        f"n^{e:.2f} (edge ~ n^-1/2, optimum ~ n^-{OPTIMAL_LR_EXPONENT:g}); constant calibrated on MiniLM"
+    )
+    return value, reason
+
+
+def fallback_lr(width: int) -> tuple[float, str]:
+    """The base learning rate when no probe can run: anchor · (n / 384)^-a."""
+    _check_width(width)
+    value = FALLBACK_LR_ANCHOR * (width / EDGE_FACTOR_WIDTH) ** (-OPTIMAL_LR_EXPONENT)
+    reason = (
+        f"no probe (no batches or no budget): theory's n^-{OPTIMAL_LR_EXPONENT:g} scaling from the MiniLM "
+        f"calibration ({FALLBACK_LR_ANCHOR:g} at n = {EDGE_FACTOR_WIDTH}); run the probe for a measured value"
+    )
+    return value, reason
+
+
+def rank_alpha_scaling(rank: int | None, alpha: float | None) -> tuple[int, float, str, dict[str, str]]:
+    """Rank (the user's, else 8), alpha = rank and standard scaling (s = 1), with reasons."""
+    r = DEFAULT_RANK if rank is None else rank
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"rank={rank!r} is not valid; rank must be a positive integer")
+    a = float(r) if alpha is None else float(alpha)
+    reasons = {
+        "rank": ("as given" if rank is not None else f"{DEFAULT_RANK}: the papers' and PEFT's default; the theory "
+                 "holds r fixed as n grows, so rank is a capacity choice, not a stability one"),
+        "alpha": ("as given" if alpha is not None else "alpha = rank (scale s = 1): the probe measures the "
+                  "learning rate, so s would only rescale it"),
+        "scaling": ("standard s = alpha/r: with Adam's sign-like steps δ2 = s·ΔB·Z_A sums r aligned terms, so "
+                    "alpha/r keeps the per-step output change, and the stability edge, independent of rank"),
+    }
+    return r, a, "standard", reasons
+
+
+def _check_width(width: int) -> None:
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+        raise ValueError(f"width={width!r} is not valid; the width (fan-in) must be a positive integer")
+
+
+def geometric_lrs(low: float, high: float, count: int) -> list[float]:
+    """`count` learning rates from `low` to `high`, evenly spaced in log."""
+    if count == 1:
+        return [low]
+    step = (math.log(high) - math.log(low)) / (count - 1)
+    return [math.exp(math.log(low) + i * step) for i in range(count)]
