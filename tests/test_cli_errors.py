@@ -111,7 +111,7 @@ def test_expected_failure_is_one_line_and_exit_2(files):
 
 def test_debug_shows_the_traceback(files):
     result = runner.invoke(app, ["--debug", *place_args(files, "--dataset", "no-such-dataset")])
-    assert isinstance(result.exception, ValueError) and result.exit_code == 1
+    assert isinstance(result.exception, UserError) and result.exit_code == 1
 
 
 def test_a_bug_keeps_its_traceback(files, monkeypatch):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from widelora import data, models
-from widelora.errors import UserError
+from widelora.errors import FileProblem, UserError
 from widelora.testing import models as tiny
 
 
@@ -87,7 +87,9 @@ def test_hub_failure_online_names_the_id_and_the_cause(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
-    with pytest.raises(UserError, match=r"'someone/missing' could not be loaded from the Hugging Face hub \(404"):
+    with pytest.raises(
+        UserError, match=r"'someone/missing' could not be loaded from the Hugging Face hub \(404"
+    ):
         models.load_tokenizer("someone/missing")
 
 
@@ -205,6 +207,61 @@ def test_other_malformed_inputs(tmp_path):
         data.load_corpus(tmp_path / "one.csv", task="classification")
     with pytest.raises(ValueError, match="task='seq2seq'"):
         data.load_corpus("wikipedia", task="seq2seq")
+
+
+@pytest.mark.parametrize("name", ["bad.txt", "bad.jsonl", "bad.csv"])
+def test_undecodable_file_names_the_file_and_line(tmp_path, name):
+    first, line = {
+        "bad.txt": (b"fine\n\n", 3),
+        "bad.jsonl": (b'{"text": "ok"}\n', 2),
+        "bad.csv": (b"text\nok\n", 3),
+    }[name]
+    p = tmp_path / name
+    p.write_bytes(first + b"caf\xe9 latin-1\n")
+    with pytest.raises(FileProblem, match=rf"{name}: line {line} is not utf-8-sig text") as err:
+        data.load_corpus(p)
+    assert err.value.path == str(p)
+
+
+def test_csv_row_without_its_label_names_the_line(tmp_path):
+    p = tmp_path / "short.csv"
+    p.write_text("text,label\nfirst,a\nsecond\nthird,b\n")
+    with pytest.raises(
+        FileProblem, match=r"short.csv: line 3 has 1 of the 2 columns; its 'label' value is missing"
+    ):
+        data.load_corpus(p, task="classification")
+
+
+def test_jsonl_null_label_names_the_line(tmp_path):
+    p = tmp_path / "null.jsonl"
+    p.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": null}\n')
+    with pytest.raises(FileProblem, match=r"line 2: 'label' is null"):
+        data.load_corpus(p, task="classification")
+
+
+def test_malformed_csv_names_the_file_and_line(tmp_path):
+    p = tmp_path / "huge.csv"
+    p.write_text("text\nshort\n" + "x" * 200_000 + "\n")
+    with pytest.raises(FileProblem, match=r"huge.csv: line 3 is not valid CSV"):
+        data.load_corpus(p)
+
+
+def test_json_array_file_and_its_errors(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"text": f"t{i}", "label": i % 2} for i in range(4)], indent=2))
+    assert data.load_corpus(p, task="classification").labels == [0, 1, 0, 1]
+    p.write_text('[\n {"text": "a"},\n {"text": "b",}\n]')
+    with pytest.raises(FileProblem, match=r"d.json: line 3, column \d+ is not valid JSON"):
+        data.load_corpus(p)
+    p.write_text('[{"text": "a"}, {"body": "b"}]')
+    with pytest.raises(FileProblem, match=r"item 1 has no field 'text'; fields: \['body'\]"):
+        data.load_corpus(p)
+
+
+def test_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    p = tmp_path / "excel.csv"
+    p.write_bytes("text,label\nyes,1\nno,0\n".encode("utf-8-sig"))
+    assert data.load_corpus(p, task="classification").texts == ["yes", "no"]
 
 
 def test_hub_dataset_without_datasets_library_names_pip():

@@ -1,0 +1,39 @@
+"""Corpora (shipped offline ones, user files, the hub) → deterministic splits → tokenized datasets → DataLoaders.
+
+Why: every experiment needs the same three steps, and splits must be by *document* (never leaking a document
+across train/test) and fixed by one seed. `corpus` holds the Corpus and its split, `shipped` / `user_files` /
+`hub` the sources, `sources.load_corpus` picks one, and `batching` tokenizes and batches.
+"""
+
+from widelora.data.batching import (
+    BlockDataset,
+    LabeledDataset,
+    TaskData,
+    encode_labeled,
+    make_collate,
+    make_loader,
+    pack_tokens,
+    prepare,
+)
+from widelora.data.corpus import TASKS, Corpus, split_corpus
+from widelora.data.shipped import DATASETS, ShippedData
+from widelora.data.sources import load_corpus
+from widelora.data.user_files import READERS
+
+__all__ = [
+    "DATASETS",
+    "READERS",
+    "TASKS",
+    "BlockDataset",
+    "Corpus",
+    "LabeledDataset",
+    "ShippedData",
+    "TaskData",
+    "encode_labeled",
+    "load_corpus",
+    "make_collate",
+    "make_loader",
+    "pack_tokens",
+    "prepare",
+    "split_corpus",
+]
