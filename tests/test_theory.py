@@ -123,3 +123,14 @@ def test_exponent_table_flags_consistency():
     assert by["init_a"]["consistent"] is True  # -0.7 lies in [-1, -1/2]
     assert by["init_b"]["consistent"] is False  # -0.5 is not -1
     assert by["init_b"]["predicted_max_stable"] == pytest.approx(-1.0)
+
+
+def test_exponent_table_flags_intervals_too_wide_to_say_anything():
+    """A 3-width fit with an interval like [-2.8, 1.4] must not be reported as a measured exponent."""
+    rng = np.random.default_rng(0)
+    widths = [128, 1024, 8192]
+    noisy = theory.fit_loglog_slope(widths, [w**-0.7 * math.exp(rng.normal(0, 1.5)) for w in widths])
+    clean = theory.fit_loglog_slope([2**k for k in range(7, 14)], [2 ** (-0.75 * k) for k in range(7, 14)])
+    rows = {r["init"]: r for r in theory.exponent_table({"init_a": noisy, "init_b": clean})}
+    assert noisy.ci_high - noisy.ci_low > theory.INFORMATIVE_CI_WIDTH and not rows["init_a"]["informative"]
+    assert rows["init_b"]["informative"]

@@ -283,6 +283,11 @@ def fit_loglog_slope(
     return SlopeFit(slope, intercept, float(lo), float(hi), stderr, r2, len(lx), confidence, method)
 
 
+# The candidate exponents (-1 and -1/2) are 1/2 apart: a 95 % interval wider than that cannot tell them apart, so
+# reports show such a fit as "not determined", never as a result.
+INFORMATIVE_CI_WIDTH = 0.5
+
+
 def exponent_table(fits: dict[str, SlopeFit]) -> list[dict]:
     """Rows of predicted vs measured optimal-LR exponents, one per scheme, for the study's report."""
     rows = []
@@ -301,6 +306,7 @@ def exponent_table(fits: dict[str, SlopeFit]) -> list[dict]:
             "confidence": fit.confidence,
             "n_points": fit.n_points,
             "r2": fit.r2,
+            "informative": bool(fit.ci_high - fit.ci_low <= INFORMATIVE_CI_WIDTH),
         }
         if pred:
             lo, hi = pred.optimal_lr_range

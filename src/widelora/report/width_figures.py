@@ -17,6 +17,7 @@ import numpy as np
 
 from widelora.experiments.width_results import fit_key
 from widelora.files import atomic_write, atomic_write_text
+from widelora.theory import INFORMATIVE_CI_WIDTH
 
 if TYPE_CHECKING:  # pragma: no cover
     from widelora.experiments.width_results import WidthStudyResult
@@ -88,7 +89,9 @@ def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
             ax.scatter([o.width] * len(o.per_seed), o.per_seed, s=12, color=c, alpha=0.25, lw=0, zorder=2)
         label = _label(init)
         fit = _fit(result, init)
-        if fit is not None:
+        if fit is not None and fit.ci_high - fit.ci_low > INFORMATIVE_CI_WIDTH:
+            label += f": slope not determined (95% CI {fit.ci_high - fit.ci_low:.1f} wide)"
+        elif fit is not None:
             label += f": slope {fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]"
             ax.plot(widths, fit.predict(widths), color=c, lw=1, alpha=0.6, ls="-")
         ax.plot(w[~edge], lr[~edge], "o-", color=c, label=label, ms=6, zorder=3)
@@ -258,6 +261,11 @@ def report_markdown(result: WidthStudyResult) -> str:
     for row in result.exponent_rows():
         lo, hi = row["predicted_optimal_range"]
         rng = f"{lo:g}" if lo == hi else f"between {lo:g} and {hi:g}"
+        if not row["informative"]:  # an interval this wide says nothing: never shown as a result
+            lines.append(f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
+                         f"not determined (95% CI {row['ci_high'] - row['ci_low']:.1f} wide) | "
+                         f"{row['r2']:.2f} | – |")
+            continue
         lines.append(f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
                      f"{row['measured_slope']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | "
                      f"{row['r2']:.2f} | {'yes' if row['consistent'] else 'no'} |")
