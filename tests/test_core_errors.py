@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import widelora as wl
-from tests.conftest import TinyMLP, tiny_llama
+from widelora.testing.models import TinyMLP, tiny_llama
 
 
 def _snapshot(model):

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import widelora as wl
-from tests.conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from widelora.testing.models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 
 def _randomize_b(model: nn.Module, std: float = 0.05) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import widelora as wl
-from tests.conftest import TinyMLP, tiny_gpt2, tiny_llama
+from widelora.testing.models import TinyMLP, tiny_gpt2, tiny_llama
 
 ZERO_PRODUCT = ["init_a", "init_b", "kaiming", "gaussian"]
 

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 
 import widelora as wl
-from tests.conftest import TinyMLP, tiny_bert_classifier
+from widelora.testing.models import TinyMLP, tiny_bert_classifier
 
 
 def _lr_wd_by_param(opt: torch.optim.Optimizer) -> dict[int, tuple[float, float]]:

@@ -14,7 +14,7 @@ from torch import nn
 import widelora as wl
 import widelora.methods.gradient_inits  # registers the lora_one / lora_ga init schemes
 import widelora.methods.precondition  # registers the lora_one / scaled_gd optimizers
-from tests.conftest import TinyMLP, tiny_llama
+from widelora.testing.models import TinyMLP, tiny_llama
 from widelora.methods.gradient_inits import lora_ga_factors, lora_one_factors
 from widelora.methods.gradients import estimate_gradients, group_by_budget
 from widelora.methods.precondition import precondition_gradients
@@ -365,7 +365,7 @@ def test_preconditioned_training_on_a_peft_model_reduces_the_loss():
 
 def test_lora_one_on_gpt2_conv1d_and_with_a_memory_budget():
     """Conv1D stores W as (in, out): G must still come out (out, in); grouping must not change the result."""
-    from tests.conftest import tiny_gpt2
+    from widelora.testing.models import tiny_gpt2
 
     base = tiny_gpt2()
     batches = _batches()

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 import widelora as wl
-from tests.conftest import tiny_llama
+from widelora.testing.models import tiny_llama
 from widelora.methods.placement import linear_modules, module_type, place
 
 

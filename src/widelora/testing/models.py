@@ -90,3 +90,64 @@ def save_tiny_folder(
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# Hand-sized models for the core layer tests: shapes small enough to reason about, one per architecture family.
+
+
+class TinyMLP(nn.Module):
+    """Two linear layers and a norm: enough structure for targets, groups and merges."""
+
+    def __init__(self, d_in: int = 12, d_hidden: int = 16, d_out: int = 5) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden)
+        self.norm = nn.LayerNorm(d_hidden)
+        self.down = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.norm(self.up(x))))
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama (vocab 64, width 32, grouped-query attention) with untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    """A 2-layer BERT sequence classifier (vocab 60, width 32)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=num_labels,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer GPT-2 (Conv1D layers, tied head; vocab 64, width 32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(cfg).eval()
