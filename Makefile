@@ -27,11 +27,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/widelora demo --out demo-report
 
+# The full suite (what CI runs): unit, slow (real shipped models) and integration (torchrun, Ray, kill -9) tests.
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Seconds to a few minutes: leaves out the real-model and multi-process tests.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
