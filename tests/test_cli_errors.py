@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -285,3 +288,31 @@ def test_malformed_data_file_names_file_and_line(files, tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     result = runner.invoke(app, place_args(files, "--dataset", str(bad)))
     error_line(result, str(bad), "line 2")
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes through file permissions; covered by the simulation"
+)
+def test_really_read_only_out_folder(files, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = runner.invoke(app, place_args(files, "--out", str(locked / "plop.json")))
+    finally:
+        locked.chmod(0o755)
+    error_line(result, str(locked), "permission denied")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_console_run_prints_one_line_or_the_traceback(tmp_path, debug):
+    """The real entry point in a fresh interpreter: stderr is one line, unless WIDELORA_DEBUG asks for more."""
+    env = {**os.environ, "WIDELORA_DEBUG": "1" if debug else "0"}
+    args = [sys.executable, "-m", "widelora.cli", "place", "--dataset", str(tmp_path / "missing.jsonl")]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
+    if debug:
+        assert done.returncode == 1 and "Traceback" in done.stderr and "UserError" in done.stderr
+    else:
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "missing.jsonl" in done.stderr
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
