@@ -272,3 +272,21 @@ def test_calibration_reads_edge_optimum_and_best_ratio_from_a_known_grid():
     assert math.isnan(rc.stability_edge(np.array([True, False]), [1.0, 2.0])[0])
     with pytest.raises(KeyError, match="budget"):
         rc.edge_and_optimum(grid, budget=50)
+
+
+def test_exponent_sensitivity_reads_every_budget_and_sub_grid(tmp_path):
+    from widelora.experiments import exponent_sensitivity as es
+
+    cfg = tiny(widths=(16, 32, 64), lrs=ws.lr_grid(-10, -5, 2), seeds=(0,), steps=10, eval_steps=(5,))
+    res = ws.run_width_study(cfg, tmp_path, progress=False)
+    rows = es.sensitivity(ws.load_results(tmp_path))
+    assert {(r["init"], r["budget"], r["grid"]) for r in rows} == {
+        (i, b, g) for i in cfg.inits for b in (5, 10) for g in ("full", "every other point (even)",
+                                                                  "every other point (odd)")}
+    full = next(r for r in rows if (r["init"], r["budget"], r["grid"]) == ("init_a", 10, "full"))
+    assert full["optima"] == {o.width: o.lr for o in res.optima if o.init == "init_a"}
+    sub = es.sub_grid(res.chunk(16, "init_a"), slice(0, None, 2))
+    assert sub.lrs == list(cfg.lrs[::2]) and sub.train_loss.shape == (1, len(cfg.lrs[::2]))
+    assert es.verdict(-0.8, -0.9, -0.7, "init_b").startswith("excludes")
+    assert es.verdict(-0.95, -1.1, -0.8, "init_b") == "consistent with the prediction"
+    assert es.verdict(-0.9, -1.5, -0.3, "init_b").startswith("not determined")
