@@ -19,7 +19,7 @@ from widelora.lora.layer import linear_shape
 from widelora.lora.pairs import lora_pairs
 from widelora.recommend import rules
 from widelora.recommend.edge import StopRule
-from widelora.recommend.head import head_range_test
+from widelora.recommend.head import first_step_size
 from widelora.recommend.probe import LossFn, hf_loss, plan_probe, range_test
 from widelora.recommend.setup import Recommendation
 from widelora.recommend.snapshot import preserved, temporary_adapters
@@ -120,13 +120,13 @@ def recommend(
                      f"{summary['cost_steps']:.3g} training steps ({100 * summary['cost_fraction']:.1f} % of the run)")
     if heads:
         if head_module is not None and result.head_inputs:
-            head_verdict, head_curve = head_range_test(head_module, result.head_inputs, rule=rule)
-            rec.head_lr = head_verdict.edge_lr / rules.HEAD_EDGE_FACTOR
-            reasons["head_lr"] = (f"the head's own edge {head_verdict.edge_lr:.3g} ({head_verdict.reason}) / "
-                                  f"{rules.HEAD_EDGE_FACTOR:g}, found on its cached input features (a fresh head "
-                                  "is a linear model learned from scratch, not a small perturbation)")
-            summary["head"] = {**head_verdict.to_dict(), "curve": [r.loss for r in head_curve],
-                               "lrs": [r.lr for r in head_curve], "factor": rules.HEAD_EDGE_FACTOR}
+            eta, line = first_step_size(head_module, result.head_inputs)
+            rec.head_lr = eta / rules.HEAD_STEP_FACTOR
+            reasons["head_lr"] = (f"the head's own scale: its first Adam step is best at size {eta:.3g} on the "
+                                  f"cached features (÷ {rules.HEAD_STEP_FACTOR:g}); a fresh head learns a linear "
+                                  "model from scratch, it is not a small perturbation like the adapters")
+            summary["head"] = {"first_step": eta, "factor": rules.HEAD_STEP_FACTOR, "line": line,
+                               "examples": sum(len(y) for _, y in result.head_inputs)}
         else:
             rec.head_lr = rec.lr * ratio
             reasons["head_lr"] = "B's rate (the head is an output-side matrix, like B); its input could not be cached"

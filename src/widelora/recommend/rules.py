@@ -36,8 +36,9 @@ RATIO_BOUNDS = (1.0, 64.0)
 #: lr = edge / factor(n): factor at the calibration width (MiniLM-L6, n = 384: edge / grid-best lr).
 EDGE_FACTOR_ANCHOR = 4.0
 EDGE_FACTOR_WIDTH = 384
-#: A fresh head is a convex problem (softmax regression on features): its best lr is its own edge / this factor.
-HEAD_EDGE_FACTOR = 4.0
+#: head lr = η₁ / this, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached features
+#: (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM topics.
+HEAD_STEP_FACTOR = 1.0
 #: Used only when no probe can run: the base lr at the calibration width (MiniLM topics, grid-best Init[A] lr
 #: 1.16e-2 with one lr for A and B, halved as LoRA+ advises), scaled with the measured exponent.
 FALLBACK_LR_ANCHOR = 5.8e-3
