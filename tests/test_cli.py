@@ -76,7 +76,8 @@ def test_claim_folder_refuses_another_commands_folder(tmp_path):
     assert (run / "adapter.safetensors").read_bytes() == b"weights"
     assert claim_folder(tmp_path / "empty", "demo") == tmp_path / "empty"  # a new folder is claimed
     (tmp_path / "bare").mkdir()
-    assert (claim_folder(tmp_path / "bare", "demo", fresh=True) / OWNER_MARKER).is_file()  # so is an empty one
+    bare = claim_folder(tmp_path / "bare", "demo", fresh=True)  # so is an empty one
+    assert (bare / OWNER_MARKER).is_file()
 
 
 def test_claim_folder_fresh_keeps_a_linked_folder_and_what_links_point_to(tmp_path):
