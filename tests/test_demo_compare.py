@@ -78,6 +78,14 @@ def test_diverged_cell_is_never_best_and_is_counted():
     assert setup.best("max").lr == 1e-3
 
 
+def test_unfinished_trials_are_not_results():
+    trials = [
+        trial("p", "A", 0, None, 1e-3, status="pending"),
+        trial("r", "B", 0, None, 1e-3, status="running"),
+    ]
+    assert collect(trials, "accuracy") == {}
+
+
 def test_value_at_half_budget_comes_from_the_curves():
     trials = [trial("t0", "A", 0, 0.9, 1e-3), trial("t1", "A", 1, 0.8, 1e-3)]
     curves = {

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+FINISHED = ("done", "diverged", "failed")
 #: Final-metric keys where a trial function records the learning rate it chose itself (probe, finder).
 CHOSEN_LR_KEYS = ("chosen_lr", "lr")
 
@@ -111,6 +112,8 @@ def collect(
     """
     out: dict[str, SetupResult] = {}
     for t in trials:
+        if t.status not in FINISHED:
+            continue  # pending or running: not a result yet
         label = str(t.labels.get(setup_axis, "all"))
         setup = out.setdefault(label, SetupResult(label))
         has_grid = "lr" in t.labels
