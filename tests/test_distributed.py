@@ -22,12 +22,12 @@ import widelora.train.loop as loop
 
 cfg, run_dir, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 captured = {}
-real_build = loop.build
+real_build = loop.build_run
 def spy(*a, **k):
     built = real_build(*a, **k)
-    captured["model"] = built[2]
+    captured["model"] = built.model
     return built
-loop.build = spy
+loop.build_run = spy
 result = train(cfg, run_dir)
 rank = os.environ["RANK"]
 save_file(trainable_state(captured["model"]), f"{out}/rank{rank}.safetensors")

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 
 import widelora as wl
 from widelora import models
-from widelora.testing.models import save_tiny_folder
 from widelora.data import prepare
+from widelora.testing.models import save_tiny_folder
 from widelora.train import RunConfig, build_config, preset, run_trial, train
-from widelora.train.config import NOT_GIVEN, PRESETS, parse_targets
-from widelora.train.loop import BatchOrder, evaluate, make_schedule
+from widelora.train.config import NOT_GIVEN, parse_targets
+from widelora.train.evaluation import evaluate
+from widelora.train.presets import PRESETS
+from widelora.train.schedule import BatchOrder, make_schedule
 
 WORDS = [
     "the",
@@ -176,47 +178,113 @@ def test_resume_is_bit_for_bit(files, tmp_path):
     assert clash["status"] == "failed" and "different config" in clash["error"]
 
 
-def blow_up_loss(monkeypatch, from_step: int, factor: float) -> None:
-    """Multiply the training loss by `factor` (nan: non-finite) from the `from_step`-th training forward on.
+def blow_up_loss(monkeypatch, factor) -> list[int]:
+    """Multiply the k-th training forward's loss by `factor(k)` (nan: non-finite). Returns the forward counter
+    (set it to the checkpoint's step before resuming, so the schedule follows the run's steps).
 
     Divergence is made to happen on purpose: whether a huge learning rate overflows depends on the CPU.
     """
     real = models.load_model
+    seen = [0]
 
     def load_model(*args, **kwargs):
         model, info = real(*args, **kwargs)
-        seen = [0]
 
         def hook(module, inputs, output):
             if module.training:
                 seen[0] += 1
-                if seen[0] >= from_step:
-                    output.loss = output.loss * factor
+                output.loss = output.loss * factor(seen[0])
             return output
 
         model.register_forward_hook(hook)
         return model, info
 
     monkeypatch.setattr(models, "load_model", load_model)
+    return seen
+
+
+def checkpoints(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 def test_divergence_keeps_last_good_checkpoint(files, tmp_path, monkeypatch):
-    blow_up_loss(monkeypatch, from_step=4, factor=float("nan"))
+    blow_up_loss(monkeypatch, lambda k: float("nan") if k >= 4 else 1.0)
     cfg = lm_cfg(files, max_grad_norm=None, steps=10, checkpoint_every=1, warmup=0)
     result = run_trial(cfg, tmp_path / "run")
     assert result["status"] == "diverged"
     err = result["error"]
-    assert "Lower the learning rate" in err and "nan" in err
+    assert "Lower the learning rate" in err and "nan" in err and "step 4" in err
+    # The loss of step 4 measured the weights of checkpoint 3: the last good checkpoint is step 2.
     ckpt = result["checkpoint"]
-    assert (
-        ckpt is not None
-        and json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
-    )
+    assert ckpt.endswith("step-000002") and checkpoints(tmp_path / "run") == ["step-000002"]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
     # The checkpoint is usable: its adapter loads and its weights are finite.
     model, _ = models.load_model(files / "llama")
     wl.attach(model, targets=["q_proj", "v_proj"], rank=4, alpha=8)
     wl.load_adapter(model, f"{ckpt}/adapter")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_exploding_loss_ends_diverged_and_rewinds(files, tmp_path, monkeypatch):
+    """A finite loss far above its start is divergence too (a tiny BERT went from 0.69 to 1821 and ended done)."""
+    blow_up_loss(monkeypatch, lambda k: 1000.0 if k >= 5 else 1.0)
+    run = tmp_path / "run"
+    result = run_trial(cls_cfg(files, steps=10, checkpoint_every=1), run)
+    assert result["status"] == "diverged", result["error"]
+    assert "above 10 × its starting value" in result["error"] and "at step 5" in result["error"]
+    # Checkpoint 4 holds the weights whose loss blew up: it is deleted, checkpoint 3 is kept and is `latest`.
+    assert result["checkpoint"] == str(run / "checkpoints" / "step-000003")
+    assert (
+        checkpoints(run) == ["step-000003"] and (run / "checkpoints" / "latest").read_text() == "step-000003"
+    )
+    assert not (run / "adapter").exists()  # a diverged run publishes no final adapter
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] == {"step": 5, "kind": "status", "status": "diverged", "reason": result["error"]}
+    assert json.loads((run / "result.json").read_text())["error"] == result["error"]
+    # Resuming a diverged run returns its result; it is not trained again.
+    assert run_trial(cls_cfg(files, steps=10, checkpoint_every=1), run)["error"] == result["error"]
+
+
+def test_one_noisy_batch_is_not_divergence(files, tmp_path, monkeypatch):
+    blow_up_loss(monkeypatch, lambda k: 30.0 if k == 3 else 1.0)  # raw loss above 10x start, smoothed below
+    result = run_trial(cls_cfg(files, steps=6, checkpoint_every=1, keep_checkpoints=2), tmp_path / "run")
+    assert result["status"] == "done"
+    assert checkpoints(tmp_path / "run") == ["step-000005", "step-000006"]
+
+
+def test_divergence_threshold_is_configurable(files, tmp_path, monkeypatch):
+    counter = blow_up_loss(monkeypatch, lambda k: 30.0 if k >= 3 else 1.0)
+    loose = run_trial(cls_cfg(files, steps=5, diverge_factor=100.0), tmp_path / "loose")
+    assert loose["status"] == "done"
+    counter[0] = 0
+    strict = run_trial(cls_cfg(files, steps=5, diverge_smoothing=0.0), tmp_path / "strict")
+    assert strict["status"] == "diverged" and "at step 3" in strict["error"]
+    with pytest.raises(ValueError, match=r"diverge_factor=1.0 is not valid"):
+        RunConfig.from_dict({"diverge_factor": 1})
+
+
+def test_divergence_rule_state_survives_resume(files, tmp_path, monkeypatch):
+    """The smoothed loss and the starting loss are checkpointed: a resumed run diverges exactly where the
+    uninterrupted one did (a fresh rule would take the already-inflated loss as its start)."""
+    counter = blow_up_loss(monkeypatch, lambda k: 4.0 ** max(0, k - 3))
+    cfg = cls_cfg(files, steps=12, checkpoint_every=2, keep_checkpoints=5)
+    full = run_trial(cfg, tmp_path / "full")
+    assert full["status"] == "diverged"
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, row):
+        if row["kind"] == "train" and step == 5:
+            raise Stop
+
+    counter[0] = 0
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", on_metrics=stop)
+    counter[0] = 4  # resumes from checkpoint 4: its next forward is step 5's
+    cut = run_trial(cfg, tmp_path / "cut")
+    assert cut["status"] == "diverged" and cut["error"].replace("cut", "full") == full["error"]
+    assert checkpoints(tmp_path / "cut") == checkpoints(tmp_path / "full")
 
 
 def test_grad_accumulation_matches_bigger_batch(files, tmp_path):

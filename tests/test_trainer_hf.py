@@ -7,9 +7,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import widelora as wl
-from widelora.testing import models
 from widelora.data import Corpus, make_collate, pack_tokens
 from widelora.lora.pairs import lora_pairs
+from widelora.testing import models
 from widelora.train import hf
 
 

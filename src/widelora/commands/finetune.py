@@ -1,11 +1,15 @@
 """`widelora finetune`: finetune a real model with LoRA from flags, a YAML config, or a preset.
 
-Precedence: defaults ← `--preset` ← `--config file.yaml` ← flags. `--resume RUN_DIR` continues an interrupted run
-with the config stored in RUN_DIR. `--targets auto` places adapters with PLoP.
+Precedence: defaults ← `--preset` ← `--config file.yaml` ← flags ← `--set key=value`. `--resume RUN_DIR`
+continues an interrupted run with the config stored in RUN_DIR. One flag per RunConfig field, generated from the
+field's metadata (help, choices), so a new field needs no edit here. Expected failures (a bad key or value, a
+folder that is not a run) raise a UserError; the app turns it into one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -13,9 +17,43 @@ from typing import Annotated, Any
 
 import typer
 
-from widelora.train.config import PRESETS, RunConfig, build_config, parse_targets
+from widelora.errors import FileProblem, UserError
+from widelora.train.config import RunConfig, field_help
+from widelora.train.presets import PRESETS, build_config
+from widelora.train.rundir import CONFIG, read_json
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError)
+#: The first field of each group of flags in `--help`.
+_PANELS = {
+    "model": "What to train",
+    "targets": "The adapter",
+    "method": "Optimizer and schedule",
+    "eval_every": "Evaluation, logging, checkpoints",
+}
+#: Flag names that differ from `--field-name`.
+_FLAG_NAMES = {"out_dir": ("--out", "-o", "--out-dir")}
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    """The type a flag parses: bool / int / float from the field's annotation, text otherwise (lists, tuples and
+    choices are parsed and checked by RunConfig)."""
+    first = str(f.type).split("|")[0].strip()
+    return {"bool": bool, "int": int, "float": float}.get(first, str)
+
+
+def _field_flags() -> list[inspect.Parameter]:
+    params, panel = [], None
+    for f in dataclasses.fields(RunConfig):
+        panel = _PANELS.get(f.name, panel)
+        kind = _flag_type(f)
+        dashed = f.name.replace("_", "-")
+        names = (f"--{dashed}/--no-{dashed}",) if kind is bool else _FLAG_NAMES.get(f.name, (f"--{dashed}",))
+        option = typer.Option(
+            None, *names, help=field_help(f.name), rich_help_panel=panel, show_default=False
+        )
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+        )
+    return params
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -26,9 +64,33 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected key=value; valid keys: {RunConfig.keys()}")
-        out[key.strip()] = yaml.safe_load(value)
+            raise UserError(f"--set {item!r}: expected key=value; valid keys: {RunConfig.keys()}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
     return out
+
+
+def _resolve(
+    preset: str | None, config: str | None, resume: str | None, flags: dict[str, Any], set_: list[str]
+) -> RunConfig:
+    """The run's config: from RUN_DIR's config.json when resuming, else defaults ← preset ← file; then flags."""
+    given = {k: v for k, v in flags.items() if v is not None}  # a flag left out is "not given"
+    given.update(_parse_set(set_))  # `--set key=null` is a real null (no clipping, no step cap)
+    if "epochs" in given and "steps" not in given:  # --epochs alone means "train by epochs"
+        given["steps"] = None
+    if resume is None:
+        return build_config(preset, config, given)
+    saved_path = Path(resume) / CONFIG
+    if not saved_path.is_file():
+        raise FileProblem(
+            resume, f"has no {CONFIG} (not a widelora run folder)", "give --resume a run folder"
+        )
+    saved = read_json(saved_path)
+    if not isinstance(saved, dict):
+        raise FileProblem(saved_path, "is not a widelora run config")
+    return RunConfig.from_dict({**saved, **given, "out_dir": str(resume)})
 
 
 def _summary(result: dict, task: str) -> str:
@@ -50,129 +112,48 @@ def _summary(result: dict, task: str) -> str:
 
 
 def finetune(
-    config: str = typer.Option(
-        None, "--config", "-c", help="YAML/JSON file of RunConfig keys (flags override)."
-    ),
-    preset: str = typer.Option(None, "--preset", "-p", help=f"Named preset: {', '.join(sorted(PRESETS))}."),
-    resume: str = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json)."),
-    out: str = typer.Option(None, "--out", "-o", help="Run folder (metrics, checkpoints, adapter)."),
-    model: str = typer.Option(None, help="Shipped name (smollm2-135m, minilm-l6), local folder or hub id."),
-    task: str = typer.Option(None, help="causal_lm | classification."),
-    dataset: str = typer.Option(
-        None, help="wikipedia | shakespeare | tweets | a .txt/.jsonl/.csv file | hf:path[:config]."
-    ),
-    text_field: str = typer.Option(None, help="Text column/field of a user file ('a,b' joins fields)."),
-    label_field: str = typer.Option(None, help="Label column/field of a user file."),
-    targets: str = typer.Option(None, help="'q_proj,v_proj', a regex, 'all-linear', or 'auto' (PLoP)."),
-    rank: int = typer.Option(None, help="LoRA rank r."),
-    alpha: float = typer.Option(None, help="LoRA alpha (scale alpha/r); default alpha = r."),
-    init: str = typer.Option(
-        None, help="init_a | init_b | kaiming | gaussian | pissa | lora_one | lora_ga ..."
-    ),
-    method: str = typer.Option(None, help="Optimizer: adamw | loraplus | lora_one | scaled_gd ..."),
-    lr: float = typer.Option(None, help="Learning rate (of A under LoRA+)."),
-    ratio: float = typer.Option(None, help="LoRA+ ratio lr_B / lr_A."),
-    weight_decay: float = typer.Option(None, help="AdamW weight decay."),
-    dropout: float = typer.Option(None, help="LoRA dropout."),
-    steps: int = typer.Option(None, help="Optimizer steps (wins over --epochs)."),
-    epochs: float = typer.Option(None, help="Passes over the training set (used when --steps is not given)."),
-    batch_size: int = typer.Option(None, help="Examples per micro-batch (per process under torchrun)."),
-    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
-    seq_len: int = typer.Option(None, help="Tokens per block (LM) / truncation length (classification)."),
-    warmup: float = typer.Option(None, help="Warmup: fraction of steps if < 1, else steps."),
-    decay: str = typer.Option(None, help="linear | cosine | constant."),
-    seed: int = typer.Option(None, help="Seed for data split, order, init and dropout."),
-    eval_every: int = typer.Option(
-        None, help="Evaluate on the validation split every N steps (0: only at the end)."
-    ),
-    eval_examples: int = typer.Option(None, help="Held-out examples (LM: blocks) per evaluation."),
-    max_train_examples: int = typer.Option(None, help="Cap on training examples (LM: blocks)."),
-    checkpoint_every: int = typer.Option(None, help="Checkpoint every N steps (0: at the end and at evals)."),
-    monitor: bool = typer.Option(None, "--monitor/--no-monitor", help="Log feature-learning statistics."),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
-    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16."),
-    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any other RunConfig key: --set max_grad_norm=0.5.")
+    *,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML/JSON file of RunConfig keys.")
     ] = None,
-    list_presets: bool = typer.Option(False, "--list-presets", help="Print the presets and exit."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="A named preset (--list-presets).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue the run in this folder (its config.json).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any RunConfig key as YAML: --set max_grad_norm=null."),
+    ] = None,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="Print the presets and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    **flags: Any,
 ) -> None:
     """Finetune a model with LoRA; prints held-out perplexity/accuracy before and after."""
     if list_presets:
-        for name in sorted(PRESETS):
-            p = PRESETS[name]
-            typer.echo(f"{name:28s} model={p['model']} dataset={p['dataset']} task={p['task']}")
+        for name, p in sorted(PRESETS.items()):
+            typer.echo(f"{name:28s} model={p.get('model')} dataset={p.get('dataset')} task={p.get('task')}")
         return
-    flags = dict(  # noqa: C408
-        model=model,
-        task=task,
-        dataset=dataset,
-        text_field=text_field,
-        label_field=label_field,
-        targets=parse_targets(targets) if targets else None,
-        rank=rank,
-        alpha=alpha,
-        init=init,
-        method=method,
-        lr=lr,
-        ratio=ratio,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seq_len=seq_len,
-        warmup=warmup,
-        decay=decay,
-        seed=seed,
-        eval_every=eval_every,
-        eval_examples=eval_examples,
-        max_train_examples=max_train_examples,
-        checkpoint_every=checkpoint_every,
-        monitor=monitor,
-        progress=progress,
-        dtype=dtype,
-        device=device,
-        out_dir=out,
-    )
-    flags = {k: v for k, v in flags.items() if v is not None}  # a flag left out is "not given"
-    try:
-        flags.update(_parse_set(set_ or []))  # `--set key=null` is a real null (no clipping, no step cap)
-        if resume is not None:
-            saved = Path(resume) / "config.json"
-            if not saved.is_file():
-                raise ValueError(
-                    f"--resume {str(resume)!r}: no config.json there (not a widelora run folder)"
-                )
-            data = json.loads(saved.read_text())
-            data.update(flags)
-            data["out_dir"] = str(resume)
-            cfg = RunConfig.from_dict(data)
-        else:
-            cfg = build_config(preset, config, flags)
-        if epochs is not None and steps is None and cfg.steps is not None:  # --epochs alone means "by epochs"
-            cfg = RunConfig.from_dict({**cfg.to_dict(), "steps": None})
-        if dry_run:
-            typer.echo(json.dumps(cfg.to_dict(), indent=1))
-            return
-        from widelora.train.loop import train
+    cfg = _resolve(preset, config, resume, flags, set_ or [])
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=1))
+        return
+    from widelora.train.loop import train
 
-        run_dir = Path(cfg.out_dir)
-        if resume is None and (run_dir / "checkpoints" / "latest").is_file():
-            raise ValueError(
-                f"run folder {str(run_dir)!r} already holds a run; continue it with "
-                f"--resume {run_dir} or choose another --out"
-            )
-        result = train(cfg, run_dir, resume=resume is not None)
-    except _USER_ERRORS as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    result = train(cfg, Path(cfg.out_dir), resume=resume is not None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(_summary(result, cfg.task))
     if result["status"] != "done":
         raise typer.Exit(1)
+
+
+_own = [
+    p
+    for p in inspect.signature(finetune, eval_str=True).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+]
+finetune.__signature__ = inspect.Signature(_own + _field_flags())
 
 
 def register(app: typer.Typer) -> None:

@@ -3,20 +3,41 @@
 `run_trial(config, run_dir, on_metrics=None) -> dict` is the contract sweeps build on: it never raises for a bad
 run; it returns `{"status": "done" | "diverged" | "failed", "final": {metric: value}, "error": str | None,
 "checkpoint": str | None, ...}` and resumes from `run_dir`'s checkpoint when one is present.
+
+Importing this package is light (the config and presets); the loop, and `widelora.train.hf` (HF Trainer glue,
+which imports transformers' Trainer), load on first use.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from widelora.train.config import PRESETS, RunConfig, build_config, preset
+from widelora.errors import UserError
+from widelora.train.checkpoint import latest_checkpoint
+from widelora.train.config import NOT_GIVEN, RunConfig
+from widelora.train.presets import PRESETS, build_config, load_config_file, preset
 
-__all__ = ["PRESETS", "RunConfig", "build_config", "preset", "run_trial", "train"]
+__all__ = [
+    "NOT_GIVEN",
+    "PRESETS",
+    "RunConfig",
+    "build_config",
+    "load_config_file",
+    "preset",
+    "run_trial",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("hf", "loop"):
+        return importlib.import_module(f"widelora.train.{name}")
+    raise AttributeError(f"module 'widelora.train' has no attribute {name!r}")
 
 
 def _as_config(config: dict | RunConfig) -> RunConfig:
@@ -24,7 +45,7 @@ def _as_config(config: dict | RunConfig) -> RunConfig:
         config.validate()
         return config
     if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict or RunConfig; got {type(config).__name__}")
+        raise UserError(f"config must be a dict or RunConfig; got {type(config).__name__}")
     data = dict(config)
     return build_config(preset_name=data.pop("preset", None), overrides=data)
 
@@ -36,9 +57,9 @@ def train(
     resume: bool = True,
 ) -> dict[str, Any]:
     """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback)."""
-    from widelora.train.loop import train as _train
+    from widelora.train import loop
 
-    return _train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume)
+    return loop.train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume)
 
 
 def run_trial(
@@ -47,7 +68,8 @@ def run_trial(
     """Run one trial to completion (or resume it); failures come back as `status="failed"`, never raised.
 
     `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks the
-    base). `on_metrics(step, row)` receives every logged row (rows have a "kind": train / eval / monitor).
+    base; None is a value, e.g. `max_grad_norm: None` turns clipping off). `on_metrics(step, row)` receives every
+    logged row (rows have a "kind": train / eval / monitor / status).
     """
     try:
         return train(config, run_dir, on_metrics=on_metrics, resume=True)
@@ -63,17 +85,8 @@ def run_trial(
             "traceback": traceback.format_exc(),
         }
         try:
-            from widelora.files import atomic_write_text
-            from widelora.train.checkpoint import latest_checkpoint
-
             ckpt = latest_checkpoint(run_dir)
             result["checkpoint"] = str(ckpt) if ckpt else None
-            if int(os.environ.get("RANK", "0")) == 0:
-                atomic_write_text(Path(run_dir) / "result.json", json.dumps(result, indent=1))
         except OSError:
             pass
         return result
-
-
-#: Keys `run_trial` accepts (the sweep engine validates specs against them).
-run_trial.config_keys = frozenset(RunConfig.keys()) | {"preset"}

@@ -1,23 +1,34 @@
-"""Glue for Hugging Face `Trainer`: widelora's optimizer + schedule, and the feature monitor as a callback.
+"""Glue for Hugging Face `Trainer`: widelora's optimizer + schedule, adapter-only saving, and the feature monitor.
 
-Why: many users already train with `Trainer`. Two lines give them LoRA+ / preconditioned optimizers and the
-Z_A / Z_B / δ statistics without leaving it:
+Why: many users already train with `Trainer`. A few lines give them LoRA+ / preconditioned optimizers, checkpoints
+that hold the adapter (exactly what `widelora.save_adapter` writes, so an init that moved the base weights —
+pissa, lora_ga — still reloads to the trained model) and the Z_A / Z_B / δ statistics without leaving it:
 
     opt, sched = widelora.train.hf.optimizers(model, lr=2e-4, method="loraplus", num_training_steps=1000)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched),
-                      callbacks=[widelora.train.hf.MonitorCallback(every=10)])
+    trainer = widelora.train.hf.Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, sched),
+                                        callbacks=[widelora.train.hf.MonitorCallback(every=10)])
+
+`widelora.train.hf.Trainer` is `transformers.Trainer` with `AdapterSaving` mixed in; mix it into other Trainer
+subclasses (e.g. TRL's) the same way. Saving goes through Trainer's `_save`, which every save path (`save_model`,
+checkpoints) calls; DeepSpeed ZeRO-3 / FSDP sharded states are not supported.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import TrainerCallback
 
+import widelora as wl
+from widelora.errors import UserError
 from widelora.train.config import DECAYS
-from widelora.train.loop import make_schedule, monitor_row
+from widelora.train.metrics import monitor_row
+from widelora.train.schedule import make_schedule
 
 
 class _Sched:
@@ -41,17 +52,44 @@ def optimizers(
     `warmup` < 1 is a fraction of `num_training_steps`, otherwise a number of steps; `optimizer_options` go to
     `create_optimizer` (ratio, weight_decay, betas, eps, ...).
     """
-    import widelora as wl
-
-    if not isinstance(num_training_steps, int) or num_training_steps <= 0:
-        raise ValueError(f"num_training_steps={num_training_steps!r} must be a positive int")
+    if (
+        isinstance(num_training_steps, bool)
+        or not isinstance(num_training_steps, int)
+        or num_training_steps <= 0
+    ):
+        raise UserError(f"num_training_steps={num_training_steps!r} must be a positive int")
     if decay not in DECAYS:
-        raise ValueError(f"decay={decay!r} is not valid; valid: {list(DECAYS)}")
-    if not isinstance(warmup, (int, float)) or warmup < 0:
-        raise ValueError(f"warmup={warmup!r} must be >= 0")
+        raise UserError(f"decay={decay!r} is not valid; valid: {list(DECAYS)}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < float("inf"):
+        raise UserError(f"warmup={warmup!r} must be a finite number >= 0")
     opt = wl.create_optimizer(model, lr=lr, method=method, **optimizer_options)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule(_Sched(warmup, decay), num_training_steps))
     return opt, sched
+
+
+class AdapterSaving:
+    """Trainer mixin: `save_model` and checkpoints write the adapter (`widelora.save_adapter`), not the full model,
+    and `train(resume_from_checkpoint=...)` loads it back into the adapted model."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        wl.save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = model if model is not None else self.model
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "adapter_config.json")):
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+            return
+        wl.load_adapter(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+
+
+class Trainer(AdapterSaving, transformers.Trainer):
+    """`transformers.Trainer` whose saved models and checkpoints are widelora adapters (see `AdapterSaving`)."""
 
 
 class MonitorCallback(TrainerCallback):
@@ -69,9 +107,7 @@ class MonitorCallback(TrainerCallback):
         self.history: list[dict] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from widelora.monitor import FeatureMonitor
-
-        self.monitor = FeatureMonitor(model, every=self.every, **self.options).attach()
+        self.monitor = wl.FeatureMonitor(model, every=self.every, **self.options).attach()
 
     def on_step_end(self, args, state, control, **kwargs):
         records = self.monitor.step(state.global_step)

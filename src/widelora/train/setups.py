@@ -1,0 +1,53 @@
+"""Who decides a run's LoRA setup: the user's config (`setup: manual`) or widelora (`setup: recommended`).
+
+This is the one place in a run's start-up where a recommendation may replace the user's targets, init, method,
+learning rates and LoRA+ ratio. It runs after the model and the data are built (a recommendation may look at the
+model's widths and at a few training batches) and before the adapters are attached and the optimizer is made.
+A setup is a function registered under its name in `SETUPS`; `widelora.recommend` provides "recommended".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from widelora.errors import UserError
+from widelora.train.config import RunConfig
+
+
+@dataclass(frozen=True)
+class SetupChoice:
+    """What a setup decides. `head_lr`: learning rate of trainable non-adapter modules (None: `lr`)."""
+
+    targets: list[str] | str
+    init: str
+    method: str
+    lr: float
+    ratio: float
+    head_lr: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: setup(cfg, model, batches) -> SetupChoice; `batches` are the first training micro-batches, on the device.
+SetupFn = Callable[[RunConfig, nn.Module, list[dict]], SetupChoice]
+
+
+def manual(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+    """The config's own choices, unchanged."""
+    return SetupChoice(targets=cfg.targets, init=cfg.init, method=cfg.method, lr=cfg.lr, ratio=cfg.ratio)
+
+
+def _recommended_unavailable(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+    raise UserError("setup='recommended' is not available in this version; use setup='manual'")
+
+
+SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": _recommended_unavailable}
+
+
+def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+    """The setup `cfg.setup` names, applied to this model and these batches."""
+    return SETUPS[cfg.setup](cfg, model, batches)
