@@ -1,0 +1,258 @@
+"""The claims ledger, evaluated: for each claim of the claims file, the measured numbers of its experiments, the
+parts its rule checks, its verdict and the CPU time its evidence cost.
+
+Sweep experiments read committed exports (`widelora.report.export`) or live stores, group the trials by their
+``setup`` label, and judge each group at its own best learning rate (`widelora.experiments.setup_comparison`:
+seed means, standard errors, seed-paired differences). Width experiments read a width study's
+``summary.json`` (fitted exponents with intervals). A source that is not there yet makes its parts *not yet
+measured*; nothing is ever filled in by hand. Rendering (markdown, figures) is `widelora.report.claims_render`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from widelora.errors import FileProblem, UserError
+from widelora.experiments.setup_comparison import SetupResult, collect, ranking
+from widelora.report.claims_spec import ClaimDef, ExperimentDef, LedgerDef, Source
+from widelora.report.export import open_results, write_export
+from widelora.report.summary import SweepResults, display_scale
+from widelora.report.verdicts import RULES, Group, Part, Settings, Verdict, cell_text, combine, exponent_part
+from widelora.sweep.store import FINISHED, TrialRecord
+
+
+@dataclass
+class Cost:
+    """CPU seconds of the trials behind an experiment; trials recorded before ``cpu_s`` existed count their
+    wall time × threads instead (an upper bound), and are counted in ``wall_only``."""
+
+    seconds: float = 0.0
+    runs: int = 0
+    wall_only: int = 0
+    unit: str = "trials"
+
+    def text(self) -> str:
+        if not self.runs:
+            return "none yet"
+        out = f"{self.seconds / 60:.1f} CPU-min ({self.runs} {self.unit})"
+        if self.wall_only:
+            out += f"; {self.wall_only} timed by wall clock × threads (an upper bound)"
+        return out
+
+
+@dataclass
+class ExperimentResult:
+    """One experiment of a claim, evaluated."""
+
+    definition: ExperimentDef
+    source: Source
+    settings: Settings
+    parts: list[Part]
+    groups: list[Group] = field(default_factory=list)
+    measured: list[str] = field(default_factory=list)
+    ranking_full: list[str] = field(default_factory=list)
+    ranking_half: list[str] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+    remaining: int = 0  # trials of the compared groups not finished yet
+    available: bool = True
+    trials: list[TrialRecord] = field(default_factory=list)
+    results: SweepResults | None = None
+    summaries: list[dict] = field(default_factory=list)  # width studies: their summary.json
+
+
+@dataclass
+class ClaimResult:
+    definition: ClaimDef
+    experiments: list[ExperimentResult]
+    verdict: Verdict
+
+    @property
+    def cost(self) -> Cost:
+        total = Cost(unit=self.experiments[0].cost.unit if self.experiments else "trials")
+        for e in self.experiments:
+            total.seconds += e.cost.seconds
+            total.runs += e.cost.runs
+            total.wall_only += e.cost.wall_only
+        return total
+
+
+class _Sources:
+    """Each source read once; a missing file is None (its experiments are not yet measured)."""
+
+    def __init__(self, ledger: LedgerDef) -> None:
+        self.ledger = ledger
+        self._cache: dict[str, object] = {}
+
+    def get(self, name: str) -> object:
+        if name not in self._cache:
+            src = self.ledger.sources[name]
+            if not src.file.exists():
+                self._cache[name] = None
+            elif src.kind == "sweep":
+                self._cache[name] = open_results(src.file)
+            else:
+                self._cache[name] = _read_summary(src.file)
+        return self._cache[name]
+
+
+def refresh(ledger: LedgerDef) -> list[str]:
+    """Export every sweep source whose live store exists into its committed file; returns what was done."""
+    done = []
+    for src in ledger.sources.values():
+        if src.kind != "sweep" or src.store is None:
+            continue
+        if src.store.exists():
+            write_export(src.store, src.file)
+            done.append(f"exported {src.store} -> {src.file}")
+        else:
+            done.append(f"skipped {src.name}: store {src.store} not on this machine")
+    return done
+
+
+def evaluate(ledger: LedgerDef) -> list[ClaimResult]:
+    """Every claim of the ledger, evaluated from its sources as they are now."""
+    sources = _Sources(ledger)
+    out = []
+    for claim in ledger.claims:
+        if claim.rule == "pending":
+            parts = [Part(claim.claim, "missing", claim.needs or "no experiment yet")]
+            exps = [_pending(e, ledger, claim) for e in claim.experiments]
+        elif claim.rule == "width_exponent":
+            exps = [_width(e, ledger, sources) for e in claim.experiments]
+            parts = [p for e in exps for p in e.parts]
+        else:
+            exps = [_sweep(e, claim, ledger, sources) for e in claim.experiments]
+            parts = [p for e in exps for p in e.parts]
+        out.append(ClaimResult(claim, exps, combine(parts)))
+    return out
+
+
+def _pending(e: ExperimentDef, ledger: LedgerDef, claim: ClaimDef) -> ExperimentResult:
+    src = ledger.sources[e.source]
+    return ExperimentResult(
+        e, src, ledger.settings, [Part(claim.claim, "missing", claim.needs)], available=False
+    )
+
+
+def _sweep(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
+    src = ledger.sources[e.source]
+    results = {g.source: sources.get(g.source) for g in e.groups}
+    main = results.get(e.source) or next((r for r in results.values() if r is not None), None)
+    metric = main.metric if isinstance(main, SweepResults) else "metric"
+    goal = main.goal if isinstance(main, SweepResults) else "max"
+    scale = display_scale(metric)
+    s = Settings(ledger.settings.z, ledger.settings.min_seeds, goal, scale, "%" if scale == 100 else "")
+    groups: list[Group] = []
+    compared: list[TrialRecord] = []
+    remaining = 0
+    for ref in e.groups:
+        res = results[ref.source]
+        if not isinstance(res, SweepResults):
+            groups.append(Group(ref.name, SetupResult(ref.name)))
+            continue
+        trials = [t for t in res.trials if str(t.labels.get("setup")) == ref.setup]
+        if not trials:
+            labels = sorted({str(t.labels.get("setup")) for t in res.trials})
+            raise UserError(
+                f"claim {claim.id}: source {ref.source!r} has no setup {ref.setup!r}; setups: {labels}"
+            )
+        if res.metric != metric:
+            raise UserError(f"claim {claim.id}: sources compare {res.metric!r} with {metric!r}")
+        half = e.half_step or _half_step(res)
+        full = collect(trials, metric).get(ref.setup, SetupResult(ref.name))
+        halves = collect(trials, metric, curves=res.curves, at_step=half) if half else {}
+        grid = len({t.config.get("lr") for t in trials})
+        groups.append(Group(ref.name, full, halves.get(ref.setup), half, grid))
+        compared += [t for t in trials if t.status in FINISHED]
+        remaining += sum(t.status not in FINISHED for t in trials)
+    available = all(isinstance(results[g.source], SweepResults) for g in e.groups)
+    parts = RULES[claim.rule](groups, s)
+    measured = [f"{g.name}: {cell_text(g.best(s), s)}{_coverage(g)}" for g in groups] if available else []
+    by_name = {g.name: g.full for g in groups}
+    full_rank = [n for n in ranking(by_name, goal) if by_name[n].best(goal) is not None]
+    halves = {g.name: g.half for g in groups if g.half is not None}
+    half_rank = [n for n in ranking(halves, goal) if halves[n].best(goal) is not None]
+    return ExperimentResult(
+        e,
+        src,
+        s,
+        parts,
+        groups,
+        measured,
+        full_rank,
+        half_rank,
+        _trial_cost(compared),
+        remaining,
+        available,
+        compared,
+        main if isinstance(main, SweepResults) else None,
+    )
+
+
+def _coverage(g: Group) -> str:
+    """How much of the group's grid is measured, when not all of it."""
+    done = sum(c.n > 0 for c in g.full.cells.values())
+    total = len(g.full.cells)
+    return (
+        "" if not total else f", best of {done} learning rates" if done == total else f" ({done} lrs so far)"
+    )
+
+
+def _half_step(res: SweepResults) -> int | None:
+    """Half the spec's step budget, when the trials logged an evaluation there."""
+    steps = (res.spec.get("base") or {}).get("steps")
+    return int(steps) // 2 if isinstance(steps, int) and steps >= 2 else None
+
+
+def _trial_cost(trials: list[TrialRecord]) -> Cost:
+    cost = Cost()
+    for t in {t.id: t for t in trials}.values():
+        cpu = t.final.get("cpu_s")
+        if cpu is not None and math.isfinite(cpu):
+            cost.seconds += cpu
+        elif t.started is not None and t.finished is not None:
+            cost.seconds += t.finished - t.started  # sweeps here ran one torch thread per trial
+            cost.wall_only += 1
+        cost.runs += 1
+    return cost
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileProblem(path, f"is not a readable width-study summary.json ({exc})") from None
+    if not isinstance(data, dict) or "fits" not in data or "config" not in data:
+        raise FileProblem(path, "is not a width-study summary.json (no 'fits' or 'config')")
+    return data
+
+
+def _width(e: ExperimentDef, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
+    src = ledger.sources[e.source]
+    summary = sources.get(e.source)
+    if not isinstance(summary, dict):
+        parts = [
+            Part(f"{name}: optimal-LR exponent", "missing", "study not run yet") for name in e.inits.values()
+        ]
+        return ExperimentResult(e, src, ledger.settings, parts, available=False)
+    predicted = {row["init"]: row for row in summary.get("exponents", [])}
+    parts, measured = [], []
+    for init, name in e.inits.items():
+        fit = summary["fits"].get(init)
+        row = predicted.get(init)
+        if fit is None or row is None:
+            parts.append(
+                Part(f"{name}: optimal-LR exponent", "missing", f"no fit for {init} in {src.file.name}")
+            )
+            continue
+        parts.append(exponent_part(name, fit, tuple(row["predicted_optimal_range"])))
+        measured.append(f"{name}: n^{fit['slope']:+.2f} [{fit['ci_low']:+.2f}, {fit['ci_high']:+.2f}]")
+    cfg = summary["config"]
+    chunks = len(summary.get("chunk_seconds", {}))
+    cost = Cost(float(summary.get("compute_seconds") or 0.0), chunks, chunks, unit="chunks of (width, init)")
+    seeds = len(cfg.get("seeds", []))
+    measured.append(f"{seeds} seeds, {cfg.get('steps')} steps, {len(cfg.get('lrs', []))} learning rates")
+    return ExperimentResult(e, src, ledger.settings, parts, measured=measured, cost=cost, summaries=[summary])
