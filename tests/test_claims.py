@@ -284,3 +284,22 @@ def test_claims_command_writes_the_ledger_and_reports_mistakes_in_one_line(
     claims.write_text(claims.read_text().replace("rule: better\n    figure", "rule: best\n    figure", 1))
     bad = CliRunner().invoke(app, ["claims", str(claims), "--out", str(out)])
     assert bad.exit_code == 2 and "'best' is not a rule" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_claims_cpu_time_counts_a_shared_group_once(toy_store: Path, tmp_path: Path) -> None:
+    extra = textwrap.indent(
+        textwrap.dedent("""\
+            - id: shared
+              claim: A beats B twice
+              rule: better
+              experiments:
+                - {source: toy, groups: [{setup: A}, {setup: B}]}
+                - {source: toy, groups: [{setup: A}, {setup: B}]}
+            """),
+        "  ",
+    )
+    ledger = load_ledger(write_claims(tmp_path, toy_store, extra))
+    write_export(toy_store, tmp_path / "toy.json")
+    shared = evaluate(ledger)[2]
+    assert [e.cost.runs for e in shared.experiments] == [18, 18]
+    assert shared.cost.runs == 18 and shared.cost.seconds == pytest.approx(shared.experiments[0].cost.seconds)

@@ -71,12 +71,18 @@ class ClaimResult:
 
     @property
     def cost(self) -> Cost:
-        total = Cost(unit=self.experiments[0].cost.unit if self.experiments else "trials")
+        """The claim's evidence cost: each trial once (experiments may share a group), plus width studies."""
+        trials = [t for e in self.experiments for t in e.trials]
+        total = _trial_cost(trials) if trials else Cost(unit=self._unit())
         for e in self.experiments:
-            total.seconds += e.cost.seconds
-            total.runs += e.cost.runs
-            total.wall_only += e.cost.wall_only
+            if e.summaries:
+                total.seconds += e.cost.seconds
+                total.runs += e.cost.runs
+                total.wall_only += e.cost.wall_only
         return total
+
+    def _unit(self) -> str:
+        return next((e.cost.unit for e in self.experiments if e.cost.runs), "trials")
 
 
 class _Sources:
