@@ -316,7 +316,10 @@ def coerce(key: str, value: Any) -> Any:
     if key == "trainable" and isinstance(value, str):
         return [t.strip() for t in value.split(",") if t.strip()]
     if key == "betas" and isinstance(value, str):
-        return tuple(_number(key, b) for b in value.split(","))
+        try:
+            return tuple(float(b) for b in value.split(","))
+        except ValueError:
+            raise UserError(f"betas={value!r} is not a number pair, e.g. 0.9,0.999") from None
     if key == "betas" and isinstance(value, (list, tuple)):
         return tuple(float(b) if _is_num(b) else b for b in value)
     if key in _FLOATS and isinstance(value, str):

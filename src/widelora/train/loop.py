@@ -81,12 +81,14 @@ def train(
     procs = Processes.start(cfg.device)
     try:
         folder = RunFolder(run_dir, cfg, resume=resume, writer=procs.main)
-        with folder, file_errors(folder.path):
-            finished = folder.finished_result()
+        with folder:
+            with file_errors(folder.path):
+                finished = folder.finished_result()
             if finished is not None:
                 return finished
             try:
-                return _train(cfg, folder, procs, on_metrics)
+                with file_errors(folder.path):
+                    return _train(cfg, folder, procs, on_metrics)
             except Exception as exc:
                 folder.record_failure(exc)
                 raise

@@ -58,6 +58,11 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
+def _is_run_config(saved: Any) -> bool:
+    """A run's config.json: RunConfig keys only (an older run may lack newer keys), naming a model and a task."""
+    return isinstance(saved, dict) and {"model", "task"} <= set(saved) <= set(RunConfig.keys())
+
+
 def _differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Keys (other than resume-free ones) whose value differs; keys absent from an older run's file take their
     defaults."""
@@ -93,8 +98,12 @@ class RunFolder:
                 "choose a new or empty folder for --out; widelora does not write over other files",
             )
         saved = read_json(path / CONFIG)
-        if not isinstance(saved, dict):
-            raise FileProblem(path / CONFIG, "is not a widelora run config", "choose another --out")
+        if not _is_run_config(saved):
+            raise FileProblem(
+                path,
+                f"is not empty and holds no widelora run (its {CONFIG} is not a run config)",
+                "choose a new or empty folder for --out; widelora does not write over other files",
+            )
         diff = _differences(saved, self.cfg)
         other = f" with a different config (keys {diff})" if diff else ""
         if not self.resume:
