@@ -92,7 +92,7 @@ def build(setup: str, base: torch.nn.Module, cfg: dict[str, Any], lr: float, see
         return model, wl.create_optimizer(model, lr=lr, method="loraplus", ratio=16.0)
     if setup == "lora-one":
         wl.initialize(model, "lora_one", seed=seed, batches=init_batches, progress=False)
-        return model, wl.create_optimizer(model, lr=lr, method="lora_one")
+        return model, wl.create_optimizer(model, lr=lr, method="lora_one_precond")
     raise ValueError(f"setup={setup!r} is unknown; valid: {list(SETUPS)}")
 
 

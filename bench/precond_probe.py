@@ -20,8 +20,8 @@ from widelora.models import load_model
 
 VARIANTS = [
     ("adamw", {}),
-    ("lora_one precond", {"method": "lora_one"}),
-    ("lora_one precond, no bias corr.", {"method": "lora_one", "bias_correction": False}),
+    ("lora_one precond", {"method": "lora_one_precond"}),
+    ("lora_one precond, no bias corr.", {"method": "lora_one_precond", "bias_correction": False}),
 ]
 
 

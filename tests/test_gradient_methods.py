@@ -298,7 +298,7 @@ def _loss(model: nn.Module) -> torch.Tensor:
 def test_preconditioned_adamw_first_step_equals_the_closed_form(bias_correction, loraplus):
     model = _two_layer_with_nonzero_adapters()
     lr, lam, eps, betas, ratio = 1e-2, 1e-6, 1e-8, (0.9, 0.999), 4.0
-    opt = wl.create_optimizer(model, lr=lr, method="lora_one", lam=lam, eps=eps, betas=betas, ratio=ratio,
+    opt = wl.create_optimizer(model, lr=lr, method="lora_one_precond", lam=lam, eps=eps, betas=betas, ratio=ratio,
                               bias_correction=bias_correction, loraplus=loraplus)
     pairs = wl.lora_pairs(model)
     before = [(p.A.detach().clone(), p.B.detach().clone()) for p in pairs]
@@ -340,11 +340,11 @@ def test_pairs_come_from_the_pair_view_not_parameter_order():
     for p in wl.lora_pairs(model):
         assert opt.partners[id(p.A)][1] is p.B and opt.partners[id(p.B)][1] is p.A
     with pytest.raises(ValueError, match="unknown options"):
-        wl.create_optimizer(model, lr=1e-3, method="lora_one", lamda=1.0)
+        wl.create_optimizer(model, lr=1e-3, method="lora_one_precond", lamda=1.0)
     with pytest.raises(ValueError, match="lam"):
-        wl.create_optimizer(model, lr=1e-3, method="lora_one", lam=-1.0)
+        wl.create_optimizer(model, lr=1e-3, method="lora_one_precond", lam=-1.0)
     with pytest.raises(ValueError, match="no LoRA pairs|has none|trainable"):
-        wl.create_optimizer(TinyMLP(), lr=1e-3, method="lora_one")
+        wl.create_optimizer(TinyMLP(), lr=1e-3, method="lora_one_precond")
 
 
 def test_preconditioned_training_on_a_peft_model_reduces_the_loss():
@@ -352,7 +352,7 @@ def test_preconditioned_training_on_a_peft_model_reduces_the_loss():
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     batches = _batches(2)
     wl.initialize(model, "lora_one", batches=batches, progress=False)
-    opt = wl.create_optimizer(model, lr=1e-2, method="lora_one")
+    opt = wl.create_optimizer(model, lr=1e-2, method="lora_one_precond")
     losses = []
     for _ in range(5):
         opt.zero_grad()

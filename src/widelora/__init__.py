@@ -4,9 +4,11 @@ Width-aware initialization (Init[A]), LoRA+, gradient-informed inits (LoRA-One, 
 instruments that show whether features are learned — on widelora's own layers and on PEFT models alike.
 """
 
-from widelora.lora.attach import attach, match_targets, merge, set_fused, unload, unmerge
-from widelora.lora.io import load_adapter, save_adapter
+from widelora.api import attach
+from widelora.lora.attach import match_targets, merge, set_fused, unload, unmerge
+from widelora.lora.io import save_adapter
 from widelora.lora.layer import LoRALinear
+from widelora.lora.load import load_adapter
 from widelora.lora.pairs import LoRAPair, lora_pairs
 from widelora.methods import gradient_inits as _gradient_inits  # noqa: F401  registers lora_one, lora_ga
 from widelora.methods import precondition as _precondition  # noqa: F401  registers the preconditioned optimizers

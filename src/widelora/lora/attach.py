@@ -1,17 +1,21 @@
-"""Attach LoRA layers to a model, and merge / unmerge / unload them.
+"""Add LoRA layers to a model, and merge / unmerge / unload them.
 
-`attach` validates everything (targets, rank against every matched layer, alpha, scheme) before it touches the
-model, so a failing call leaves the model exactly as it was.
+`add_adapters` validates everything (targets, rank against every matched layer, alpha, trainable modules) before
+it touches the model, so a failing call leaves the model exactly as it was. Initializing the new adapters is the
+job of `widelora.methods`; the user-facing `widelora.attach` (widelora/api.py) composes the two.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.layer import SCALINGS, LoRALinear
 from widelora.lora.modules import is_linear, linear_shape, output_head_names
 
@@ -41,29 +45,29 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
             try:
                 pattern = re.compile(targets)
             except re.error as exc:
-                raise ValueError(f"targets={targets!r} is not a valid regular expression: {exc}") from exc
+                raise UserError(f"targets={targets!r} is not a valid regular expression: {exc}") from exc
             names = [n for n, m in model.named_modules() if n and pattern.fullmatch(n)]
     elif isinstance(targets, Iterable):
         wanted = list(targets)
         if not wanted or not all(isinstance(t, str) and t for t in wanted):
-            raise TypeError(f"targets must be a non-empty list of module names, a regex string or "
+            raise UserError(f"targets must be a non-empty list of module names, a regex string or "
                             f"{ALL_LINEAR!r}; got {targets!r}")
         names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in wanted)]
         matched_any = {t for t in wanted if any(n == t or n.endswith("." + t) for n in names)}
         missing = [t for t in wanted if t not in matched_any]
         if missing and names:
-            raise ValueError(f"targets {missing} match no module; {_describe_modules(model)}")
+            raise UserError(f"targets {missing} match no module; {_describe_modules(model)}")
     else:
-        raise TypeError(f"targets must be a list of names, a regex string or {ALL_LINEAR!r}; got {targets!r}")
+        raise UserError(f"targets must be a list of names, a regex string or {ALL_LINEAR!r}; got {targets!r}")
     # Layers that are already adapted (and their inner base layers) are never wrapped twice.
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     names = [n for n in names if not any(n == a or n.startswith(a + ".") for a in adapted)]
     if not names:
-        raise ValueError(f"targets={targets!r} match no module; {_describe_modules(model)}")
+        raise UserError(f"targets={targets!r} match no module; {_describe_modules(model)}")
     wrong = [n for n in names if not is_linear(model.get_submodule(n))]
     if wrong:
         kinds = sorted({type(model.get_submodule(n)).__name__ for n in wrong})
-        raise ValueError(
+        raise UserError(
             f"targets={targets!r} select modules that are not linear layers ({', '.join(wrong[:5])}"
             f"{' ...' if len(wrong) > 5 else ''}; types {kinds}); LoRA wraps nn.Linear and Conv1D only. "
             f"{_describe_modules(model)}"
@@ -73,41 +77,96 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
 
 def _check_hyperparameters(rank: object, alpha: object, scaling: str, dropout: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank!r} is not valid; rank must be a positive integer")
+        raise UserError(f"rank={rank!r} is not valid; rank must be a positive integer")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha={alpha!r} is not valid; alpha must be a positive number")
+        raise UserError(f"alpha={alpha!r} is not valid; alpha must be a positive number")
     if scaling not in SCALINGS:
-        raise ValueError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")
+        raise UserError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout!r} is not valid; dropout must be in [0, 1)")
+        raise UserError(f"dropout={dropout!r} is not valid; dropout must be in [0, 1)")
 
 
-def attach(
+@dataclass
+class Added:
+    """What `add_adapters` changed: the new layers, and how to undo the whole call (used on a failed init)."""
+
+    layers: list[LoRALinear]
+    _undo: Callable[[], None]
+
+    def undo(self) -> None:
+        self._undo()
+
+
+def _kept_trainable(model: nn.Module) -> set[int]:
+    """Parameters a later `add_adapters` must not freeze: earlier adapters and earlier `trainable` modules."""
+    keep = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    for extra in getattr(model, "_widelora_trainable", []):
+        for name, module in model.named_modules():
+            if name == extra or name.endswith("." + extra):
+                keep.update(id(p) for p in module.parameters())
+    return keep
+
+
+def _untie(model: nn.Module, prefix: str, module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Give `module` its own copy of every parameter it shares with the rest of the model (tied LM heads).
+
+    PEFT's `modules_to_save` trains a copy of the module, so a tied `lm_head` is trained without changing the
+    input embeddings; widelora does the same, so the saved adapter (which lists only the head) reloads exactly.
+    """
+    outside: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not (name.startswith(prefix + ".") or name == prefix):
+            outside.add(id(p))
+    untied = []
+    for sub_name, sub in module.named_modules():
+        for p_name, p in list(sub.named_parameters(recurse=False)):
+            if id(p) in outside:
+                setattr(sub, p_name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                untied.append((sub, p_name, p))
+                where = f"{prefix}.{sub_name}" if sub_name else prefix
+                warnings.warn(
+                    f"trainable: {where}.{p_name} is tied to another module's weight (e.g. the input embeddings); "
+                    f"{where} now trains its own copy, as PEFT's modules_to_save does, and the tied module stays "
+                    "frozen",
+                    stacklevel=4,
+                )
+    return untied
+
+
+def mark_trainable(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Make the modules `names` selects (PEFT's suffix rule) trainable, untying shared weights; returns the untied.
+
+    They are remembered in `model._widelora_trainable`, so `save_adapter` writes them as `modules_to_save` and a
+    later `add_adapters` keeps them trainable.
+    """
+    untied: list[tuple[nn.Module, str, nn.Parameter]] = []
+    for n, module in list(model.named_modules()):
+        if n and any(n == t or n.endswith("." + t) for t in names):
+            untied += _untie(model, n, module)
+            for p in module.parameters():
+                p.requires_grad_(True)
+    model._widelora_trainable = sorted(set(getattr(model, "_widelora_trainable", None) or []) | set(names))
+    return untied
+
+
+def add_adapters(
     model: nn.Module,
     targets: Targets,
     rank: int = 8,
     alpha: float | None = None,
-    init: str = "init_a",
     scaling: str = "standard",
     dropout: float = 0.0,
-    seed: int | None = None,
     trainable: Sequence[str] = (),
-) -> nn.Module:
-    """Wrap the selected linear layers with LoRA adapters, freeze everything else, and initialize the adapters.
+) -> Added:
+    """Wrap the selected linear layers with (zero) LoRA adapters and freeze everything else.
 
-    `alpha=None` means `alpha = rank` (scale 1 with standard scaling). `trainable` names extra modules (e.g. a
-    classifier head) kept trainable; they are saved as PEFT `modules_to_save`. Returns the same model.
+    Earlier adapters and earlier `trainable` modules stay trainable. `alpha=None` means `alpha = rank`.
+    `trainable` names extra modules (e.g. a classifier head) kept trainable and saved as PEFT `modules_to_save`;
+    a trainable module whose weight is tied to another module gets its own copy (see `_untie`). The adapters'
+    values are left to the caller (`widelora.attach` initializes them; `load_adapter` copies them from a file).
     """
-    from widelora.methods.init import get_scheme, initialize
-
     alpha = float(rank) if alpha is None and isinstance(rank, int) else alpha
     _check_hyperparameters(rank, alpha, scaling, dropout)
-    scheme = get_scheme(init)
-    if scheme.needs_data:
-        raise ValueError(
-            f"init={init!r} needs data: attach with a random scheme (e.g. init='init_a') and then call "
-            f"widelora.initialize(model, {init!r}, batches=...)"
-        )
     names = match_targets(model, targets)
     too_big = []
     for n in names:
@@ -115,19 +174,24 @@ def attach(
         if rank > min(out_f, in_f):
             too_big.append(f"{n} ({out_f}x{in_f})")
     if too_big:
-        raise ValueError(f"rank={rank} exceeds min(out, in) for {', '.join(too_big[:5])}; choose rank <= "
-                         "the smallest dimension of every target")
+        raise UserError(
+            f"rank={rank} exceeds min(out, in) for {', '.join(too_big[:5])}; choose rank <= "
+            "the smallest dimension of every target"
+        )
+    if isinstance(trainable, str):
+        raise UserError(f"trainable={trainable!r} must be a list of module names, not a string")
     extra = list(trainable)
     all_names = {n for n, _ in model.named_modules()}
     unknown = [t for t in extra if t not in all_names and not any(n.endswith("." + t) for n in all_names)]
     if unknown:
-        raise ValueError(f"trainable={unknown} match no module; modules: {sorted(all_names)[:30]}")
+        raise UserError(f"trainable={unknown} match no module; modules: {sorted(all_names)[:30]}")
 
-    # Validated: now change the model (remembering enough to undo it if the initialization fails).
+    # Validated: now change the model, remembering enough to undo it.
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_trainable = getattr(model, "_widelora_trainable", None)
+    keep = _kept_trainable(model)
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(id(p) in keep and p.requires_grad)
     new_layers: list[LoRALinear] = []
     for n in names:
         parent_name, _, leaf = n.rpartition(".")
@@ -135,23 +199,20 @@ def attach(
         layer = LoRALinear(getattr(parent, leaf), rank=rank, alpha=alpha, scaling=scaling, dropout=dropout)
         setattr(parent, leaf, layer)
         new_layers.append(layer)
-    for n, module in model.named_modules():
-        if n and any(n == t or n.endswith("." + t) for t in extra):
-            for p in module.parameters():
-                p.requires_grad_(True)
-    model._widelora_trainable = sorted(set(getattr(model, "_widelora_trainable", [])) | set(extra))
-    try:
-        initialize(model, init, seed=seed, only={id(layer) for layer in new_layers})
-    except Exception:
+    untied = mark_trainable(model, extra)
+
+    def undo() -> None:
         _unwrap(model, new_layers)
+        for sub, p_name, original in untied:
+            setattr(sub, p_name, original)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         if previous_trainable is None:
             del model._widelora_trainable
         else:
             model._widelora_trainable = previous_trainable
-        raise
-    return model
+
+    return Added(new_layers, undo)
 
 
 def _unwrap(model: nn.Module, layers: Sequence[LoRALinear]) -> None:
@@ -166,7 +227,7 @@ def _unwrap(model: nn.Module, layers: Sequence[LoRALinear]) -> None:
 def _widelora_layers(model: nn.Module) -> list[LoRALinear]:
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no widelora LoRA layers")
+        raise UserError(f"model ({type(model).__name__}) has no widelora LoRA layers")
     return layers
 
 

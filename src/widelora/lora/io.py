@@ -1,9 +1,11 @@
-"""Adapters on disk in PEFT's own format: `adapter_config.json` + `adapter_model.safetensors`.
+"""Saving adapters in PEFT's own format: `adapter_config.json` + `adapter_model.safetensors`.
 
-What widelora writes, `peft.PeftModel.from_pretrained` loads and gives the same outputs; what PEFT wrote,
-`load_adapter` reads. Files are written under a temporary name and renamed, so a crash never leaves half a file.
+What widelora writes, `peft.PeftModel.from_pretrained` loads and gives the same outputs (reading is
+`widelora.lora.load`). Files are written under a temporary name and renamed, so a crash never leaves half a file.
 When an init moved the base weight (PiSSA, LoRA-GA: `W_res = W - s·B0 A0`), the saved adapter folds the move back
-in as a rank-2r adapter `[B, -B0] [A; A0]` with the same scale, so it applies to the unmodified base model.
+in as a rank-2r adapter `[B, -B0] [A; A0]` with the same scale, so it applies to the unmodified base model. A PEFT
+model that PEFT itself initialized with PiSSA/OLoRA is saved as PEFT's `save_pretrained` saves it: with its
+`init_lora_weights`, so every loader rebuilds the same residual base weight from the original model.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.files import atomic_write
-from widelora.lora.layer import LoRALinear
-from widelora.lora.modules import is_linear, linear_shape
+from widelora.lora.adapter_file import CONFIG_NAME, RESIDUAL_INITS, WEIGHTS_NAME
 from widelora.lora.pairs import PEFT_PREFIX, LoRAPair, require_pairs
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter"]
 
 
 def _is_rslora(pair: LoRAPair) -> bool:
@@ -45,19 +46,50 @@ def _portable_factors(pair: LoRAPair) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([a, a0.to(a)], dim=0), torch.cat([b, -b0.to(b)], dim=1)
 
 
-def _modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
-    """Extra trainable modules saved whole: widelora's `trainable=` and PEFT's ModulesToSaveWrapper."""
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        clean = name.removeprefix(PEFT_PREFIX)
-        if type(module).__name__ == "ModulesToSaveWrapper":
-            adapter = module.active_adapters[0] if module.active_adapters else "default"
-            found[clean] = module.modules_to_save[adapter]
-    for extra in getattr(model, "_widelora_trainable", []):
+def _peft_config(model: nn.Module):
+    configs = getattr(model, "peft_config", None)
+    return configs.get("default", next(iter(configs.values()), None)) if isinstance(configs, dict) else None
+
+
+def _extra_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """Non-LoRA tensors to save, the modules_to_save names and the bias mode.
+
+    PEFT models: exactly what PEFT's own `get_peft_model_state_dict` writes. widelora models: the parameters of
+    `trainable=` modules, and the biases a loaded `bias="all"`/"lora_only"` adapter made trainable.
+    """
+    config = _peft_config(model)
+    if config is not None:
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+        extras = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" not in k}
+        return extras, sorted(config.modules_to_save or []), str(config.bias)
+    extras: dict[str, torch.Tensor] = {}
+    names: set[str] = set()
+    for wanted in getattr(model, "_widelora_trainable", []):
         for name, module in model.named_modules():
-            if name == extra or name.endswith("." + extra):
-                found[name] = module
-    return found
+            if name == wanted or name.endswith("." + wanted):
+                names.add(wanted)
+                for p_name, param in module.named_parameters():
+                    extras[f"{PEFT_PREFIX}{name}.{p_name}"] = param.detach().contiguous().cpu()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for path in getattr(model, "_widelora_bias_params", []):
+        key = path if path in params else path.rpartition(".")[0] + ".base_layer." + path.rpartition(".")[2]
+        extras[f"{PEFT_PREFIX}{key}"] = params[key].detach().contiguous().cpu()
+    return extras, sorted(names), getattr(model, "_widelora_bias", "none")
+
+
+def _residual_init(model: nn.Module, pairs: list[LoRAPair]) -> str | bool:
+    """PEFT's `init_lora_weights` when PEFT built a residual base (PiSSA/OLoRA), else True."""
+    config = _peft_config(model)
+    init = getattr(config, "init_lora_weights", True) if config is not None else True
+    if not isinstance(init, str) or not init.startswith(RESIDUAL_INITS):
+        return True
+    if any(p.base_offset is not None for p in pairs):
+        raise UserError(f"the PEFT model was initialized with init_lora_weights={init!r} (base weight moved by "
+                        "PEFT) and then re-initialized by widelora with a W-moving scheme; it cannot be saved "
+                        "portably — re-initialize a fresh PEFT model instead")
+    return init
 
 
 def _target_spec(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -105,10 +137,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         alphas[p.name] = p.scale * (math.sqrt(r) if rslora else r)
         tensors[f"{PEFT_PREFIX}{p.name}.lora_A.weight"] = a.contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{p.name}.lora_B.weight"] = b.contiguous().cpu()
-    extras = _modules_to_save(model)
-    for mod_name, module in extras.items():
-        for p_name, param in module.named_parameters():
-            tensors[f"{PEFT_PREFIX}{mod_name}.{p_name}"] = param.detach().contiguous().cpu()
+    extras, modules_to_save, bias = _extra_tensors(model)
+    tensors.update(extras)
+    init = _residual_init(model, pairs)
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     transposed = {p.transposed for p in pairs}
@@ -124,8 +155,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         lora_dropout=max(dropouts) if dropouts else 0.0,
         use_rslora=rslora,
         fan_in_fan_out=transposed == {True},
-        bias="none",
-        modules_to_save=sorted({n.rsplit(".", 1)[-1] for n in extras}) or None,
+        bias=bias,
+        init_lora_weights=init,
+        modules_to_save=modules_to_save or None,
         task_type=_task_type(model),
         base_model_name_or_path=name_or_path,
         rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items() if r != r0},
@@ -138,108 +170,3 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
     return out
-
-
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (cfg_path, w_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter folder {directory} has no {path.name} (expected {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}, PEFT's format)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON ({exc}); the adapter config is corrupt") from exc
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type={config.get('peft_type') if isinstance(config, dict) else None!r}"
-                         "; widelora loads LoRA adapters only (peft_type 'LORA')")
-    unsupported = [k for k in ("use_dora", "lora_bias") if config.get(k)]
-    if unsupported:
-        raise ValueError(f"{cfg_path}: {unsupported} adapters are not supported by widelora's loader")
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as exc:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"{w_path} is corrupt or truncated and cannot be read: {exc}") from exc
-    return config, tensors
-
-
-def _lookup(pattern: dict, name: str, default):
-    for key, value in (pattern or {}).items():
-        if re.fullmatch(key, name) or re.fullmatch(rf"(.*\.)?{key}", name):
-            return value
-    return default
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapter stored in `directory` (written by widelora or PEFT) to a base `model`.
-
-    Everything is checked before the model is touched: missing modules or shape mismatches (a different base
-    model) and corrupt files raise and leave `model` unchanged.
-    """
-    from widelora.lora.attach import attach
-
-    directory = Path(directory)
-    config, tensors = _read_adapter(directory)
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    extras: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
-        if m:
-            lora.setdefault(m.group(1), {})[m.group(2)] = value
-        elif "lora_embedding" in name or "lora_magnitude" in name:
-            raise ValueError(f"{directory}: tensor {key} belongs to an adapter type widelora cannot load")
-        else:
-            extras[name] = value
-    if not lora:
-        raise ValueError(f"{directory / WEIGHTS_NAME} holds no lora_A/lora_B tensors")
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    base_hint = config.get("base_model_name_or_path")
-    plan: list[tuple[str, int, float, torch.Tensor, torch.Tensor]] = []
-    for name, pair in sorted(lora.items()):
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{directory}: module {name} has only lora_{''.join(pair)}; the file is incomplete")
-        module = modules.get(name)
-        if isinstance(module, LoRALinear):
-            if module.rank != pair["A"].shape[0]:
-                raise ValueError(f"module {name} already has a rank-{module.rank} adapter; the file has rank "
-                                 f"{pair['A'].shape[0]}")
-            module = module.base_layer
-        if module is None or not is_linear(module):
-            raise ValueError(f"adapter targets module {name!r}, which this model ({type(model).__name__}) "
-                             f"{'does not have' if module is None else 'has but is not a linear layer'}; the "
-                             f"adapter was made for a different base model ({base_hint or 'unknown'})")
-        out_f, in_f = linear_shape(module)
-        a, b = pair["A"], pair["B"]
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
-            raise ValueError(f"adapter shapes for {name} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
-                             f"model's layer ({out_f}x{in_f}); the adapter was made for a different base model "
-                             f"({base_hint or 'unknown'})")
-        alpha = float(_lookup(config.get("alpha_pattern"), name, config.get("lora_alpha", r)))
-        plan.append((name, r, alpha, a, b))
-    for name, value in extras.items():
-        target = params.get(name)
-        if target is None or target.shape != value.shape:
-            raise ValueError(f"adapter tensor {name} {tuple(value.shape)} has no matching parameter in the model"
-                             f"{'' if target is None else f' (model has {tuple(target.shape)})'}")
-    trainable = sorted({n.rsplit(".", 1)[0] for n in extras})
-    scaling = "rslora" if config.get("use_rslora") else "standard"
-    dropout = float(config.get("lora_dropout") or 0.0)
-    groups: dict[tuple[int, float], list[str]] = {}
-    for name, r, alpha, _, _ in plan:
-        if not isinstance(modules.get(name), LoRALinear):
-            groups.setdefault((r, alpha), []).append(name)
-    for (r, alpha), names in groups.items():
-        attach(model, "^(" + "|".join(re.escape(n) for n in names) + ")$", rank=r, alpha=alpha,
-               scaling=scaling, dropout=dropout, init="init_a", seed=0, trainable=trainable)
-    with torch.no_grad():
-        for name, r, alpha, a, b in plan:
-            layer = model.get_submodule(name)
-            layer.lora_A.copy_(a.to(layer.lora_A))
-            layer.lora_B.copy_(b.to(layer.lora_B))
-        new_params = dict(model.named_parameters())
-        for name, value in extras.items():
-            new_params[name].copy_(value.to(new_params[name]))
-    return model

@@ -8,6 +8,7 @@ always honoured, and adapters on embeddings really get `embedding_lr`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.pairs import lora_pairs
+from widelora.methods.setup_args import UNSET, resolve
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class OptimizerSpec:
     embedding_lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    head_lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,12 +84,17 @@ def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[
 
     LoRA+ (loraplus=True): `B` matrices and 1-D parameters at `lr · ratio` (decay unless bias/norm), adapters on
     embeddings at `embedding_lr`, everything else (A matrices, 2-D heads) at `lr`. Plain (False): one `lr`, with
-    the decay / no-decay split only.
+    the decay / no-decay split only. With `spec.head_lr` set, every trainable parameter that is not an adapter
+    factor (a fresh classification head, modules_to_save, biases, norms) goes to the "head" / "head_no_decay"
+    groups at `head_lr` instead, whatever the method.
     """
+    pair_ids = {id(t) for p in lora_pairs(model) for t in (p.A, p.B)}
     b_ids = {id(p.B) for p in lora_pairs(model)}
-    emb_ids = _embedding_adapter_ids(model) if loraplus else set()
+    emb_ids = _embedding_adapter_ids(model) if (loraplus or spec.head_lr is not None) else set()
     owners = _owners(model)
-    buckets: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "B_no_decay": [], "embedding": [], "no_decay": []}
+    buckets: dict[str, list[nn.Parameter]] = {
+        "A": [], "B": [], "B_no_decay": [], "embedding": [], "no_decay": [], "head": [], "head_no_decay": []
+    }
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -93,7 +102,9 @@ def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[
         seen.add(id(p))
         name, owner = owners.get(id(p), ("", model))
         no_decay = _is_no_decay(name, owner)
-        if id(p) in emb_ids:
+        if spec.head_lr is not None and id(p) not in pair_ids and id(p) not in emb_ids:
+            buckets["head_no_decay" if no_decay else "head"].append(p)
+        elif id(p) in emb_ids and loraplus:
             buckets["embedding"].append(p)
         elif loraplus and (id(p) in b_ids or p.ndim == 1):
             buckets["B_no_decay" if no_decay else "B"].append(p)
@@ -108,6 +119,8 @@ def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[
         "B_no_decay": (spec.lr * ratio, 0.0),
         "embedding": (spec.embedding_lr, spec.weight_decay),
         "no_decay": (spec.lr, 0.0),
+        "head": (spec.head_lr, spec.weight_decay),
+        "head_no_decay": (spec.head_lr, 0.0),
     }
     groups = [
         {"params": params, "lr": settings[key][0], "weight_decay": settings[key][1], "name": key}
@@ -115,7 +128,7 @@ def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[
         if params
     ]
     if not groups:
-        raise ValueError(f"model ({type(model).__name__}) has no trainable parameters; attach adapters first")
+        raise UserError(f"model ({type(model).__name__}) has no trainable parameters; attach adapters first")
     return groups
 
 
@@ -131,38 +144,81 @@ def _loraplus(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, spec, loraplus=True), lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 
+# Old optimizer names kept working: "lora_one" named both an init scheme and an optimizer until 0.2.
+_DEPRECATED_ALIASES = {"lora_one": "lora_one_precond"}
+
+
+def _canonical_method(method: object) -> str:
+    if isinstance(method, str) and method in _DEPRECATED_ALIASES:
+        new = _DEPRECATED_ALIASES[method]
+        warnings.warn(f"optimizer method {method!r} is deprecated (it is also an init scheme's name); use {new!r}",
+                      DeprecationWarning, stacklevel=3)
+        method = new
+    if not isinstance(method, str) or method not in _METHODS:
+        raise UserError(f"optimizer method {method!r} is unknown; valid methods: {available_methods()}")
+    return method
+
+
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
+        raise UserError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
+
+
+OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "lr": UNSET,
+    "method": "adamw",
+    "ratio": 16.0,
+    "weight_decay": 0.0,
+    "embedding_lr": 1e-6,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "head_lr": None,
+}
 
 
 def create_optimizer(
     model: nn.Module,
-    lr: float,
-    method: str = "adamw",
-    ratio: float = 16.0,
-    weight_decay: float = 0.0,
-    embedding_lr: float = 1e-6,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    lr: float = UNSET,
+    method: str = UNSET,
+    ratio: float = UNSET,
+    weight_decay: float = UNSET,
+    embedding_lr: float = UNSET,
+    betas: tuple[float, float] = UNSET,
+    eps: float = UNSET,
+    head_lr: float | None = UNSET,
+    setup: object | None = None,
     **options: Any,
 ) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters of `model` (widelora or PEFT adapters).
 
-    `method`: "adamw" (one lr), "loraplus" (lr_B = ratio · lr), or any registered method (e.g. the
-    preconditioned "lora_one" / "scaled_gd"). `options` go to the method.
+    `method`: "adamw" (one lr, the default), "loraplus" (lr_B = ratio · lr), or any registered method (e.g. the
+    preconditioned "lora_one_precond" / "scaled_gd"). `head_lr` gives every trainable parameter that is not an
+    adapter factor (a fresh head, modules_to_save, biases, norms) its own learning rate; None keeps them with the
+    adapters. Defaults: ratio 16, weight_decay 0, embedding_lr 1e-6, betas (0.9, 0.999), eps 1e-8. `setup` is any
+    object with `optimizer_kwargs() -> dict` (e.g. a `widelora.recommend` recommendation): its values fill
+    every argument not passed explicitly; explicit arguments win. `options` go to the method.
     """
-    if method not in _METHODS:
-        raise ValueError(f"optimizer method {method!r} is unknown; valid methods: {available_methods()}")
-    _positive("lr", lr)
-    _positive("ratio", ratio)
-    _positive("eps", eps)
-    _positive("embedding_lr", embedding_lr)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} is not valid; it must be a number >= 0")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas={betas!r} is not valid; it must be two numbers in [0, 1)")
-    spec = OptimizerSpec(lr=float(lr), ratio=float(ratio), weight_decay=float(weight_decay),
-                         embedding_lr=float(embedding_lr), betas=(float(betas[0]), float(betas[1])),
-                         eps=float(eps), options=dict(options))
+    passed = {"lr": lr, "method": method, "ratio": ratio, "weight_decay": weight_decay,
+              "embedding_lr": embedding_lr, "betas": betas, "eps": eps, "head_lr": head_lr}
+    args = resolve("create_optimizer", setup, "optimizer_kwargs", passed, OPTIMIZER_DEFAULTS)
+    if args["lr"] is UNSET:
+        raise UserError("create_optimizer needs lr=..., or setup=<an object whose optimizer_kwargs() gives it>")
+    method = _canonical_method(args["method"])
+    _positive("lr", args["lr"])
+    _positive("ratio", args["ratio"])
+    _positive("eps", args["eps"])
+    _positive("embedding_lr", args["embedding_lr"])
+    if args["head_lr"] is not None:
+        _positive("head_lr", args["head_lr"])
+    wd, betas = args["weight_decay"], args["betas"]
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise UserError(f"weight_decay={wd!r} is not valid; it must be a finite number >= 0")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise UserError(f"betas={betas!r} is not valid; it must be two numbers in [0, 1)")
+    spec = OptimizerSpec(lr=float(args["lr"]), ratio=float(args["ratio"]), weight_decay=float(wd),
+                         embedding_lr=float(args["embedding_lr"]), betas=(float(betas[0]), float(betas[1])),
+                         eps=float(args["eps"]),
+                         head_lr=None if args["head_lr"] is None else float(args["head_lr"]),
+                         options=dict(options))
     return _METHODS[method](model, spec)

@@ -199,5 +199,5 @@ def _build(method: str) -> Callable[[nn.Module, OptimizerSpec], torch.optim.Opti
     return build
 
 
-register_optimizer("lora_one")(_build("lora_one"))
+register_optimizer("lora_one_precond")(_build("lora_one_precond"))
 register_optimizer("scaled_gd")(_build("scaled_gd"))
