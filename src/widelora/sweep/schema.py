@@ -65,6 +65,10 @@ def connect(path: Path) -> sqlite3.Connection:
         raise FileProblem(
             path, "is a folder, not a sweep store", f"give a file such as {path / 'results.sqlite'}"
         )
+    if not _empty_or_sqlite(path):  # SQLite would take a short text file for an empty database and overwrite it
+        raise FileProblem(
+            path, "cannot be opened as a sweep store (file is not a database: no SQLite header)", STORE_HINT
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
@@ -74,6 +78,16 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+def _empty_or_sqlite(path: Path) -> bool:
+    """True for a new or empty file, or one that starts with SQLite's 16-byte header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # a new store, or one connect() reports
+    return not head or head == b"SQLite format 3\x00"
 
 
 def prepare(conn: sqlite3.Connection, path: Path, store_dir: Path) -> None:
