@@ -235,16 +235,66 @@ def calibrate(ratio_grids: dict[tuple[int, str], LossGrid], edge_grids: dict[tup
     return nan_to_none(json.loads(json.dumps(out)))
 
 
+def _width_dependence(fit: dict | None) -> str:
+    if fit is None:
+        return "no fit"
+    if fit["ci_low"] <= 0.0 <= fit["ci_high"]:
+        return "no detectable width dependence (the slope's 95% interval contains 0)"
+    return f"grows with width (slope {fit['slope']:.2f})" if fit["slope"] > 0 else \
+        f"falls with width (slope {fit['slope']:.2f})"
+
+
+def summarize(cal: dict) -> dict:
+    """The few numbers a recommendation needs, with their seed errors and whether they depend on width."""
+    out: dict = {"ratio": {}, "factor": {}}
+    for init, block in cal["ratio"].items():
+        rows = block["per_width"]
+        log_r = np.log2([r["ratio"] for r in rows])
+        log_g = np.log2([r["gain"] for r in rows if r["gain"]])
+        fit = block["optimal_ratio_vs_width"]
+        out["ratio"][init] = {
+            "optimal_ratio_per_width": {r["width"]: r["ratio"] for r in rows},
+            "optimal_ratio_geomean_over_widths": float(2 ** log_r.mean()),
+            "optimal_ratio_log2_spread_over_widths": float(log_r.std(ddof=1)),
+            "optimal_ratio_vs_width": fit,
+            "width_dependence": _width_dependence(fit),
+            "gain_geomean_over_widths": float(2 ** log_g.mean()) if log_g.size else None,
+            "gain_per_width": {r["width"]: r["gain"] for r in rows},
+        }
+    for key, by_budget in cal["edge"].items():
+        per_budget = {}
+        for budget, rows in by_budget.items():
+            f = np.array([r["factor_log2_mean"] for r in rows if r["factor_log2_mean"] is not None])
+            fit = cal["edge_fits"][key][budget]["factor_vs_width"]
+            per_budget[budget] = {
+                "factor_per_width": {r["width"]: 2 ** r["factor_log2_mean"] for r in rows
+                                     if r["factor_log2_mean"] is not None},
+                "factor_geomean_over_widths": float(2 ** f.mean()) if f.size else None,
+                "factor_log2_spread_over_widths": float(f.std(ddof=1)) if f.size > 1 else None,
+                "edge_censored_widths": [r["width"] for r in rows if r["edge_censored"]],
+                "factor_vs_width": fit,
+                "width_dependence": _width_dependence(fit),
+            }
+        out["factor"][key] = per_budget
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Calibrate the LoRA+ ratio and the edge/optimum factor.")
-    ap.add_argument("--ratio-studies", nargs="+", required=True, help="width-study folders varying the ratio")
-    ap.add_argument("--edge-studies", nargs="+", required=True, help="width-study folders for edge vs optimum")
+    ap.add_argument("--setup", nargs=3, action="append", required=True,
+                    metavar=("NAME", "RATIO_STUDIES", "EDGE_STUDIES"),
+                    help="a named setup (e.g. the LR schedule) and comma-separated width-study folders: those "
+                         "varying the ratio, and those for edge vs optimum; repeat for several setups")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
     from widelora.files import atomic_write_text
 
-    result = calibrate(load_grids(args.ratio_studies), load_grids(args.edge_studies))
-    result["sources"] = {"ratio_studies": args.ratio_studies, "edge_studies": args.edge_studies}
+    result = {}
+    for name, ratio_dirs, edge_dirs in args.setup:
+        cal = calibrate(load_grids(ratio_dirs.split(",")), load_grids(edge_dirs.split(",")))
+        cal["summary"] = nan_to_none(json.loads(json.dumps(summarize(cal))))
+        cal["sources"] = {"ratio_studies": ratio_dirs.split(","), "edge_studies": edge_dirs.split(",")}
+        result[name] = cal
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(f"written {args.out}")
 
