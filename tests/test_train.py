@@ -287,6 +287,18 @@ def test_divergence_rule_state_survives_resume(files, tmp_path, monkeypatch):
     assert checkpoints(tmp_path / "cut") == checkpoints(tmp_path / "full")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fused", "unfused"])
+def test_half_precision_base_trains_on_cpu(files, tmp_path, dtype, dropout):
+    """The paper-* presets train a bfloat16/float16 base: adapters and optimizer state stay float32."""
+    result = train(lm_cfg(files, dtype=dtype, dropout=dropout, steps=4), tmp_path / "run")
+    final = result["final"]
+    assert result["status"] == "done" and math.isfinite(final["perplexity"])
+    assert final["perplexity"] < final["before_perplexity"]
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
 def test_grad_accumulation_matches_bigger_batch(files, tmp_path):
     one = train(lm_cfg(files, steps=3, batch_size=4, warmup=0), tmp_path / "one")
     two = train(lm_cfg(files, steps=3, batch_size=2, grad_accum=2, warmup=0), tmp_path / "two")

@@ -128,7 +128,8 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
             )
 
     if resumed is None:
-        progress.before = evaluate(run.model, run.eval_loader(cfg.eval_split), cfg.task, procs.device)
+        with run.precision():
+            progress.before = evaluate(run.model, run.eval_loader(cfg.eval_split), cfg.task, procs.device)
         emit({"step": 0, "kind": "eval", "split": cfg.eval_split, **progress.before})
         checkpoint()
 
@@ -167,7 +168,7 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_rate:.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total:
-                with monitor.paused() if monitor is not None else contextlib.nullcontext():
+                with run.precision(), monitor.paused() if monitor is not None else contextlib.nullcontext():
                     val = evaluate(run.model, run.eval_loader("val"), cfg.task, procs.device)
                 emit({"step": step, "kind": "eval", "split": "val", **val})
                 checkpoint()
@@ -181,7 +182,8 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
     final: dict[str, Any] = {"step": progress.step, "train_loss": train_loss, "tokens_per_s": tok_rate}
     final.update({f"before_{k}": v for k, v in progress.before.items()})
     if status == "done":
-        after = evaluate(run.model, run.eval_loader(cfg.eval_split), cfg.task, procs.device)
+        with run.precision():
+            after = evaluate(run.model, run.eval_loader(cfg.eval_split), cfg.task, procs.device)
         final.update(after)
         emit({"step": progress.step, "kind": "eval", "split": cfg.eval_split, **after})
         progress.last_ok = progress.step + 1  # a finished run's last weights are its result
@@ -218,7 +220,7 @@ def _forward_backward(run: Run, net: nn.Module, progress: Progress) -> tuple[flo
         batch = run.micro_batch(progress.micro)
         progress.micro += 1
         last = k == cfg.grad_accum - 1
-        with net.no_sync() if run.procs.world > 1 and not last else contextlib.nullcontext():
+        with net.no_sync() if run.procs.world > 1 and not last else contextlib.nullcontext(), run.precision():
             loss = net(**batch).loss
             (loss / cfg.grad_accum).backward()
         losses.append(loss.item())

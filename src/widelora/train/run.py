@@ -7,6 +7,7 @@ change the user's choices), adapters, optimizer, schedule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import widelora as wl
 from widelora import models
 from widelora.data import TaskData, make_loader, prepare
 from widelora.errors import UserError
+from widelora.lora.modules import CLASSIFICATION_HEAD_NAMES
 from widelora.methods import placement
 from widelora.methods.init import get_scheme
 from widelora.train.config import RunConfig
@@ -25,8 +27,6 @@ from widelora.train.distributed import Processes
 from widelora.train.evaluation import to_device
 from widelora.train.schedule import BatchOrder, make_schedule
 from widelora.train.setups import SetupChoice, choose_setup
-
-_HEADS = ("classifier", "score")
 
 
 @dataclass
@@ -55,8 +55,19 @@ class Run:
             getattr(self.data, split), self.cfg.eval_batch_size or self.cfg.batch_size, self.data.collate
         )
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        return precision(self.cfg, self.procs.device)
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def precision(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Forwards under a bfloat16/float16 base run in autocast: the float32 adapters meet the base weights in the
+    base's dtype (on CPU too), while their gradients and the optimizer state stay float32."""
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
 
 
 def check_seq_len(cfg: RunConfig) -> None:
@@ -75,7 +86,7 @@ def _trainable_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
     if cfg.task != "classification":
         return []
     children = dict(model.named_children())
-    return [h for h in _HEADS if h in children]
+    return [h for h in CLASSIFICATION_HEAD_NAMES if h in children]
 
 
 def _resolve_targets(targets: list[str] | str, model: nn.Module, batches: list[dict]) -> list[str] | str:
@@ -113,21 +124,22 @@ def build_run(cfg: RunConfig, procs: Processes) -> Run:
     # ---- the setup: the one place a recommendation (setup: recommended) may replace the user's choices ----
     setup = choose_setup(cfg, model, probe)
 
-    targets = _resolve_targets(setup.targets, model, probe)
+    with precision(cfg, procs.device):
+        targets = _resolve_targets(setup.targets, model, probe)
     needs_data = get_scheme(setup.init).needs_data
     wl.attach(
         model, targets=targets, rank=cfg.rank, alpha=cfg.alpha, init="init_a" if needs_data else setup.init,
         scaling=cfg.scaling, dropout=cfg.dropout, seed=cfg.seed, trainable=_trainable_modules(model, cfg),
     )  # fmt: skip
-    if needs_data:
-        wl.initialize(
-            model, setup.init, seed=cfg.seed, batches=probe, progress=bool(cfg.progress) and procs.main
-        )
-    for (
-        p
-    ) in model.parameters():  # the adapters (and so the optimizer state) stay float32 under a bf16/fp16 base
+    # The adapters (and so the optimizer state) stay float32 under a bfloat16/float16 base.
+    for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if needs_data:
+        with precision(cfg, procs.device):
+            wl.initialize(
+                model, setup.init, seed=cfg.seed, batches=probe, progress=cfg.progress and procs.main
+            )
     model.train()
     extra: dict[str, Any] = {} if setup.head_lr is None else {"head_lr": setup.head_lr}
     optimizer = wl.create_optimizer(
