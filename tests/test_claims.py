@@ -303,3 +303,32 @@ def test_a_claims_cpu_time_counts_a_shared_group_once(toy_store: Path, tmp_path:
     shared = evaluate(ledger)[2]
     assert [e.cost.runs for e in shared.experiments] == [18, 18]
     assert shared.cost.runs == 18 and shared.cost.seconds == pytest.approx(shared.experiments[0].cost.seconds)
+
+
+def test_feature_growth_reads_z_a_at_each_widths_optimum() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from widelora.report.width_claims import feature_growth_part, features_at_optimum
+
+    def chunk(width: int) -> SimpleNamespace:
+        z_a = np.zeros((2, 3, 4))  # (seeds, lrs, trace points); the optimum's column grows like sqrt(width)
+        z_a[:, 1, -1] = [np.sqrt(width) * 0.9, np.sqrt(width) * 1.1]
+        return SimpleNamespace(lrs=[1e-3, 2e-3, 4e-3], ratio_index=lambda r: 0, z_a=z_a, z_b=z_a * 2)
+
+    widths = [128, 512, 2048]
+    study = SimpleNamespace(
+        config=SimpleNamespace(ratios=[1.0]),
+        optima=[SimpleNamespace(width=w, init="init_a", lr_grid=2e-3, ratio=1.0) for w in widths],
+        chunks={(w, "init_a"): chunk(w) for w in widths},
+    )
+    features = features_at_optimum(study)["init_a"]
+    assert features["widths"] == widths and features["z_a"] == pytest.approx([np.sqrt(w) for w in widths])
+    grows = feature_growth_part("Init[A]", features)
+    assert grows.outcome == "holds" and "n^+0.50" in grows.detail
+    shrinks = feature_growth_part("Init[A]", {**features, "z_a": [1 / z for z in features["z_a"]]})
+    assert shrinks.outcome == "contradicted"
+    flat = feature_growth_part("Init[A]", {"widths": widths * 2, "z_a": [1.0, 1.1, 0.9, 1.1, 0.9, 1.0]})
+    assert flat.outcome == "tie"
+    assert feature_growth_part("Init[A]", None).outcome == "missing"

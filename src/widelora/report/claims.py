@@ -21,6 +21,7 @@ from widelora.report.claims_spec import ClaimDef, ExperimentDef, LedgerDef, Sour
 from widelora.report.export import open_results, write_export
 from widelora.report.summary import SweepResults, display_scale
 from widelora.report.verdicts import RULES, Group, Part, Settings, Verdict, cell_text, combine, exponent_part
+from widelora.report.width_claims import export_study, feature_growth_part
 from widelora.sweep.store import FINISHED, TrialRecord
 
 
@@ -105,13 +106,14 @@ class _Sources:
 
 
 def refresh(ledger: LedgerDef) -> list[str]:
-    """Export every sweep source whose live store exists into its committed file; returns what was done."""
+    """Export every source whose live store (width: study folder) exists into its committed file; returns what
+    was done."""
     done = []
     for src in ledger.sources.values():
-        if src.kind != "sweep" or src.store is None:
+        if src.store is None:
             continue
         if src.store.exists():
-            write_export(src.store, src.file)
+            (write_export if src.kind == "sweep" else export_study)(src.store, src.file)
             done.append(f"exported {src.store} -> {src.file}")
         else:
             done.append(f"skipped {src.name}: store {src.store} not on this machine")
@@ -126,12 +128,14 @@ def evaluate(ledger: LedgerDef) -> list[ClaimResult]:
         if claim.rule == "pending":
             parts = [Part(claim.claim, "missing", claim.needs or "no experiment yet")]
             exps = [_pending(e, ledger, claim) for e in claim.experiments]
-        elif claim.rule == "width_exponent":
-            exps = [_width(e, ledger, sources) for e in claim.experiments]
+        elif claim.rule in ("width_exponent", "width_feature_growth"):
+            exps = [_width(e, claim.rule, ledger, sources) for e in claim.experiments]
             parts = [p for e in exps for p in e.parts]
         else:
             exps = [_sweep(e, claim, ledger, sources) for e in claim.experiments]
             parts = [p for e in exps for p in e.parts]
+        if claim.needs and claim.rule != "pending":
+            parts.append(Part("not measured by any experiment yet", "missing", claim.needs))
         out.append(ClaimResult(claim, exps, combine(parts)))
     return out
 
@@ -236,7 +240,7 @@ def _read_summary(path: Path) -> dict:
     return data
 
 
-def _width(e: ExperimentDef, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
+def _width(e: ExperimentDef, rule: str, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
     src = ledger.sources[e.source]
     summary = sources.get(e.source)
     if not isinstance(summary, dict):
@@ -247,6 +251,11 @@ def _width(e: ExperimentDef, ledger: LedgerDef, sources: _Sources) -> Experiment
     predicted = {row["init"]: row for row in summary.get("exponents", [])}
     parts, measured = [], []
     for init, name in e.inits.items():
+        if rule == "width_feature_growth":
+            part = feature_growth_part(name, (summary.get("features_at_optimum") or {}).get(init))
+            parts.append(part)
+            measured.append(f"{name}: {part.detail}")
+            continue
         fit = summary["fits"].get(init)
         row = predicted.get(init)
         if fit is None or row is None:

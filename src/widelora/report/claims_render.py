@@ -31,6 +31,10 @@ HOW_VERDICTS = (
 )
 RULE_TEXT = {
     "pending": "no experiment has been run yet",
+    "width_feature_growth": (
+        "the log-log slope of |Z_A| (at each width's optimal learning rate, end of training, seed mean) over width "
+        "must have its 95% interval above 0; below 0 contradicts; containing 0 is within noise"
+    ),
     "width_exponent": (
         "the fitted exponent's interval must contain the prediction (a range: the estimate inside it and the "
         "interval overlapping it); an interval that excludes it contradicts the claim"

@@ -7,9 +7,10 @@ store it is refreshed from), and per claim the experiments, the groups they comp
     settings: {z: 2, min_seeds: 3}
     sources:
       eval-minilm:
-        kind: sweep                       # sweep (an export, see widelora.report.export) | width (summary.json)
+        kind: sweep                       # sweep (an export, see widelora.report.export) | width (a study export)
         file: results/claims/eval-minilm-topics.json     # relative to this file's folder
         store: /work/eval/sweeps/eval-minilm-topics/results.sqlite   # optional: `--refresh` exports from it
+                                          # (width: the study folder, see widelora.report.width_claims)
         command: widelora sweep examples/sweeps/eval_minilm_topics.yaml --workers 1 --threads 1
         setting: all-MiniLM-L6-v2, Wikipedia topics, 120 steps x 16 x 32 tokens, 3 seeds
     claims:
@@ -40,7 +41,8 @@ from widelora.report.verdicts import RULES, Settings
 
 SOURCE_KINDS = ("sweep", "width")
 #: Rules that are not sweep comparisons: a width study's exponent, or a claim whose experiment is not run yet.
-OTHER_RULES = ("width_exponent", "pending")
+OTHER_RULES = ("width_exponent", "width_feature_growth", "pending")
+WIDTH_RULES = ("width_exponent", "width_feature_growth")
 FIGURES = ("metric_vs_lr", "optimal_lr_vs_width", "none")
 _TOP = {"title", "intro", "settings", "sources", "claims"}
 _SOURCE = {"kind", "file", "store", "command", "setting"}
@@ -85,7 +87,7 @@ class ClaimDef:
     would_change: str = ""
     figure: str = "none"
     note: str = ""
-    needs: str = ""  # pending: what is left to run
+    needs: str = ""  # what is left to run (a part of the claim no experiment measures yet)
 
 
 @dataclass
@@ -197,7 +199,7 @@ def _claim(i: int, value: Any, sources: dict[str, Source]) -> ClaimDef:
 def _experiment(where: str, value: Any, sources: dict[str, Source], rule: str) -> ExperimentDef:
     data = _mapping(value, where, _EXPERIMENT)
     source = _known(where, data.get("source"), sources)
-    wanted = "width" if rule == "width_exponent" else "sweep"
+    wanted = "width" if rule in WIDTH_RULES else "sweep"
     if sources[source].kind != wanted:
         raise UserError(
             f"{where}: rule {rule!r} needs a {wanted} source; {source!r} is a {sources[source].kind}"
@@ -212,8 +214,8 @@ def _experiment(where: str, value: Any, sources: dict[str, Source], rule: str) -
     if rule in RULES and len(groups) < 2:
         raise UserError(f"{where}: rule {rule!r} needs at least two groups")
     inits = {str(k): str(v) for k, v in _mapping(data.get("inits") or {}, f"{where}.inits").items()}
-    if rule == "width_exponent" and not inits:
-        raise UserError(f"{where}: rule 'width_exponent' needs inits: {{init_a: Init[A], ...}}")
+    if rule in WIDTH_RULES and not inits:
+        raise UserError(f"{where}: rule {rule!r} needs inits: {{init_a: Init[A], ...}}")
     half = data.get("half_step")
     return ExperimentDef(
         source, str(data.get("title") or ""), groups, inits, None if half is None else int(half)

@@ -1,0 +1,72 @@
+"""Width-study evidence for the claims ledger: a study folder reduced to one committed JSON file.
+
+A study folder (chunks of every run) is too big to commit; the ledger needs its ``summary.json`` (fitted
+exponents with intervals) and, for the feature claim (seed 001, Figure 3), the adapter's internal feature
+``|Z_A|`` and output ``|Z_B|`` at the end of training at each (width, init)'s optimal grid learning rate, seed
+mean. `export_study` writes both into one file; `feature_growth_part` judges "|Z_A| grows with width".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from widelora.errors import FileProblem
+from widelora.files import atomic_write_text
+from widelora.report.verdicts import Part
+
+
+def features_at_optimum(study: Any) -> dict[str, dict[str, list[float]]]:
+    """{init: {"widths", "z_a", "z_b"}}: final |Z_A|, |Z_B| (seed mean) at each width's optimal grid LR."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for opt in study.optima:
+        if opt.ratio != study.config.ratios[0]:
+            continue
+        chunk = study.chunks[(opt.width, opt.init)]
+        column = chunk.ratio_index(opt.ratio) * len(chunk.lrs) + chunk.lrs.index(opt.lr_grid)
+        row = out.setdefault(opt.init, {"widths": [], "z_a": [], "z_b": []})
+        row["widths"].append(opt.width)
+        row["z_a"].append(float(np.nanmean(chunk.z_a[:, column, -1])))
+        row["z_b"].append(float(np.nanmean(chunk.z_b[:, column, -1])))
+    return out
+
+
+def export_study(folder: str | Path, out: str | Path) -> Path:
+    """The study's summary.json plus ``features_at_optimum``, written to ``out`` (one small file)."""
+    from widelora.experiments.width_results import load_results
+
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FileProblem(
+            folder / "summary.json", f"cannot be read ({exc})", "finish the study first"
+        ) from None
+    summary["features_at_optimum"] = features_at_optimum(load_results(folder))
+    text = json.dumps(
+        summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    )
+    return atomic_write_text(Path(out), text + "\n")
+
+
+def feature_growth_part(name: str, features: dict[str, list[float]] | None) -> Part:
+    """ "|Z_A| grows with width": the log-log slope of |Z_A| at the optimum over widths, its 95% interval above
+    zero (holds), below zero (contradicted), or containing zero (tie)."""
+    from widelora.theory import fit_loglog_slope
+
+    text = f"{name}: |Z_A| at the optimal learning rate grows with width"
+    if not features or len(features.get("widths", [])) < 3:
+        return Part(text, "missing", "no |Z_A| at the optimum in the study file (export it with --refresh)")
+    fit = fit_loglog_slope(features["widths"], features["z_a"])
+    detail = (
+        f"|Z_A| ∝ n^{fit.slope:+.2f} [{fit.ci_low:+.2f}, {fit.ci_high:+.2f}] (95% CI, {fit.n_points} widths)"
+    )
+    if fit.ci_low > 0:
+        return Part(text, "holds", detail)
+    if fit.ci_high < 0:
+        return Part(text, "contradicted", detail)
+    return Part(text, "tie", detail + "; the interval contains 0")
