@@ -318,12 +318,8 @@ def test_feature_growth_reads_z_a_at_each_widths_optimum() -> None:
         return SimpleNamespace(lrs=[1e-3, 2e-3, 4e-3], ratio_index=lambda r: 0, z_a=z_a, z_b=z_a * 2)
 
     widths = [128, 512, 2048]
-    study = SimpleNamespace(
-        config=SimpleNamespace(ratios=[1.0]),
-        optima=[SimpleNamespace(width=w, init="init_a", lr_grid=2e-3, ratio=1.0) for w in widths],
-        chunks={(w, "init_a"): chunk(w) for w in widths},
-    )
-    features = features_at_optimum(study)["init_a"]
+    optima = [{"width": w, "init": "init_a", "lr_grid": 2e-3, "ratio": 1.0} for w in widths]
+    features = features_at_optimum(optima, lambda w, init: chunk(w))["init_a"]
     assert features["widths"] == widths and features["z_a"] == pytest.approx([np.sqrt(w) for w in widths])
     grows = feature_growth_part("Init[A]", features)
     assert grows.outcome == "holds" and "n^+0.50" in grows.detail

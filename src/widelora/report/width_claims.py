@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +21,33 @@ from widelora.files import atomic_write_text
 from widelora.report.verdicts import Part
 
 
-def features_at_optimum(study: Any) -> dict[str, dict[str, list[float]]]:
-    """{init: {"widths", "z_a", "z_b"}}: final |Z_A|, |Z_B| (seed mean) at each width's optimal grid LR."""
+def features_at_optimum(
+    optima: Iterable[Mapping[str, Any]], chunk_of: Callable[[int, str], Any]
+) -> dict[str, dict[str, list[float]]]:
+    """{init: {"widths", "z_a", "z_b"}}: final |Z_A|, |Z_B| (seed mean) at each width's optimal grid LR.
+
+    ``optima`` are the summary's rows (width, init, lr_grid, ratio); ``chunk_of(width, init)`` gives the chunk
+    with the traces. Only the first ratio of a study that varies it is read (plain AdamW when ratio 1 is first).
+    """
     out: dict[str, dict[str, list[float]]] = {}
-    for opt in study.optima:
-        if opt.ratio != study.config.ratios[0]:
+    rows = list(optima)
+    first_ratio = rows[0].get("ratio", 1.0) if rows else 1.0
+    for opt in rows:
+        if opt.get("ratio", 1.0) != first_ratio:
             continue
-        chunk = study.chunks[(opt.width, opt.init)]
-        column = chunk.ratio_index(opt.ratio) * len(chunk.lrs) + chunk.lrs.index(opt.lr_grid)
-        row = out.setdefault(opt.init, {"widths": [], "z_a": [], "z_b": []})
-        row["widths"].append(opt.width)
+        chunk = chunk_of(opt["width"], opt["init"])
+        column = chunk.ratio_index(opt.get("ratio", 1.0)) * len(chunk.lrs) + chunk.lrs.index(opt["lr_grid"])
+        row = out.setdefault(opt["init"], {"widths": [], "z_a": [], "z_b": []})
+        row["widths"].append(opt["width"])
         row["z_a"].append(float(np.nanmean(chunk.z_a[:, column, -1])))
         row["z_b"].append(float(np.nanmean(chunk.z_b[:, column, -1])))
     return out
 
 
 def export_study(folder: str | Path, out: str | Path) -> Path:
-    """The study's summary.json plus ``features_at_optimum``, written to ``out`` (one small file)."""
-    from widelora.experiments.width_results import load_results
+    """The study's summary.json plus ``features_at_optimum``, written to ``out`` (one small file). Chunks are
+    read as they are (a study made by another version of the code is still readable)."""
+    from widelora.experiments.width_results import ChunkResult, chunk_path
 
     folder = Path(folder)
     try:
@@ -46,7 +56,15 @@ def export_study(folder: str | Path, out: str | Path) -> Path:
         raise FileProblem(
             folder / "summary.json", f"cannot be read ({exc})", "finish the study first"
         ) from None
-    summary["features_at_optimum"] = features_at_optimum(load_results(folder))
+
+    def chunk_of(width: int, init: str) -> Any:
+        path = chunk_path(folder, width, init)
+        try:
+            return ChunkResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise FileProblem(path, f"is not a readable width-study chunk ({exc})") from None
+
+    summary["features_at_optimum"] = features_at_optimum(summary.get("optima", []), chunk_of)
     text = json.dumps(
         summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
     )
