@@ -45,3 +45,12 @@ __all__ = [
     "unload",
     "unmerge",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`widelora.train` (with `widelora.train.hf`) loads on first use, so that `import widelora` stays light."""
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("widelora.train")
+    raise AttributeError(f"module 'widelora' has no attribute {name!r}")
