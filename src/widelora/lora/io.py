@@ -62,7 +62,7 @@ def _extra_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model)
-        extras = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" not in k}
+        extras = {k: v.detach().cpu().clone() for k, v in state.items() if ".lora_" not in k}
         return extras, sorted(config.modules_to_save or []), str(config.bias)
     extras: dict[str, torch.Tensor] = {}
     names: set[str] = set()
