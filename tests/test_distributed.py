@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,6 +37,7 @@ with open(f"{out}/rank{rank}.json", "w") as fh:
 """
 
 
+@pytest.mark.integration
 def test_two_process_torchrun_gives_identical_adapters(tmp_path):
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]

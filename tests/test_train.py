@@ -334,6 +334,32 @@ def test_targets_auto_uses_plop(files, tmp_path, monkeypatch):
     assert len(result["targets"]) == 3 and all(isinstance(t, str) for t in result["targets"])
 
 
+def test_setup_seam_decides_before_adapters_and_optimizer(files, tmp_path, monkeypatch):
+    """`setup: recommended` calls the registered setup once the model and data exist, before any adapter."""
+    from widelora.lora.pairs import lora_pairs
+    from widelora.train import setups
+
+    seen = {}
+
+    def recommend(cfg, model, batches):
+        seen["adapters"], seen["batches"] = len(lora_pairs(model)), len(batches)
+        return setups.SetupChoice(targets=["q_proj"], init="init_a", method="adamw", lr=3e-3, ratio=1.0)
+
+    monkeypatch.setitem(setups.SETUPS, "recommended", recommend)
+    manual = train(lm_cfg(files, steps=1), tmp_path / "manual")
+    assert manual["setup"]["lr"] == 1e-2 and manual["setup"]["targets"] == ["q_proj", "v_proj"] and not seen
+    result = train(lm_cfg(files, steps=1, setup="recommended"), tmp_path / "rec")
+    assert (
+        seen == {"adapters": 0, "batches": 8}
+        and result["setup"]["lr"] == 3e-3
+        and result["targets"] == ["q_proj"]
+    )
+    rows = [json.loads(x) for x in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == [pytest.approx(3e-3)]
+    saved = load_file(tmp_path / "rec" / "checkpoints" / "step-000001" / "trainable.safetensors")
+    assert saved and all("q_proj" in k for k in saved)
+
+
 def test_monitor_rows_are_logged(files, tmp_path):
     train(lm_cfg(files, steps=4, monitor=True, monitor_every=2), tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
