@@ -54,6 +54,40 @@ def test_load_local_folder_classification_head_is_seeded(tmp_path):
     assert not torch.equal(m1.classifier.weight, m3.classifier.weight)
 
 
+def _stderr_lines(capfd) -> list[str]:
+    return [line for line in capfd.readouterr().err.splitlines() if not line.startswith("Loading weights")]
+
+
+@pytest.mark.parametrize("arch,saved_labels,labels", [("llama", 2, 3), ("bert", 3, 4)])
+def test_a_new_classification_head_is_one_line_not_a_missing_table(tmp_path, capfd, arch, saved_labels, labels):
+    """A causal-LM folder gains a head (MISSING) or a classifier changes its label count (MISMATCH) (issue 14)."""
+    task = "causal_lm" if arch == "llama" else "classification"
+    folder = tiny.save_tiny_folder(tmp_path / arch, arch, task=task, num_labels=saved_labels)
+    capfd.readouterr()
+    models.load_model(folder, task="classification", num_labels=labels)
+    lines = [line for line in _stderr_lines(capfd) if line.strip()]
+    head = "score" if arch == "llama" else "classifier"
+    expected = (
+        f"widelora: the classification head {head!r} ({labels} labels) is new: initialized from seed 0 and "
+        "trained with the adapters"
+    )
+    assert lines == [expected]
+
+
+def test_weights_missing_outside_the_head_are_still_named(tmp_path, capfd):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny.save_tiny_folder(tmp_path / "llama", "llama")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    capfd.readouterr()
+    models.load_model(folder, task="classification", num_labels=2)
+    err = "\n".join(_stderr_lines(capfd))
+    assert "head 'score' (2 labels) is new" in err
+    assert "weights not in the checkpoint, randomly initialized: model.norm.weight" in err
+
+
 def test_unknown_model_name_lists_shipped_models():
     with pytest.raises(ValueError, match="smollm2-135m") as err:
         models.load_model("no-such-model")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from widelora.errors import FileProblem, UserError
+from widelora.lora.modules import CLASSIFICATION_HEAD_NAMES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -228,6 +231,54 @@ def _ensure_pad(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
 
 
+#: transformers' log lines about a classification head the user asked for: replaced by `_say_what_is_new`.
+_HEAD_REPORTS = ("LOAD REPORT", "incompatible to the `id2label` map")
+
+
+class _DropHeadReports(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(marker in record.getMessage() for marker in _HEAD_REPORTS)
+
+
+@contextlib.contextmanager
+def _head_report_silenced() -> Iterator[None]:
+    """Hide transformers' loading table while a classifier loads; `_say_what_is_new` reports instead."""
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.configuration_utils")]
+    drop = _DropHeadReports()
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+
+
+def _say_what_is_new(model: nn.Module, info: dict, num_labels: int, seed: int) -> None:
+    """One line for the fresh head the user asked for; any other weight the checkpoint lacked is named too.
+
+    Why: transformers prints a table of "MISSING ... newly initialized" keys on every classification run, which
+    reads like a fault although a new head is exactly what was asked for. A key outside the head is a real
+    surprise (a different architecture), so it is still reported, by name.
+    """
+    new = set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())}
+    heads = [h for h in CLASSIFICATION_HEAD_NAMES if any(k == h or k.startswith(h + ".") for k in new)]
+    other = sorted(k for k in new if k.split(".", 1)[0] not in heads)
+    if heads:
+        names = ", ".join(repr(h) for h in heads)
+        print(
+            f"widelora: the classification head {names} ({num_labels} labels) is new: initialized from seed {seed} "
+            "and trained with the adapters",
+            file=sys.stderr,
+        )
+    if other:
+        shown = ", ".join(other[:8]) + (f" and {len(other) - 8} more" if len(other) > 8 else "")
+        print(
+            f"widelora: warning: {type(model).__name__}: weights not in the checkpoint, randomly initialized: {shown}",
+            file=sys.stderr,
+        )
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: str = "causal_lm",
@@ -257,9 +308,12 @@ def load_model(
             if task == "causal_lm":
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    source, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
-                )
+                with _head_report_silenced():
+                    model, info = AutoModelForSequenceClassification.from_pretrained(
+                        source, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True,
+                        output_loading_info=True,
+                    )  # fmt: skip
+                _say_what_is_new(model, info, num_labels, seed)
     _ensure_pad(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
