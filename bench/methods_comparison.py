@@ -8,7 +8,7 @@ Part 2 (placement, Init[A] + LoRA+): PLoP's NFN ranking of q,k,v,o,gate,up,down 
   vs MLP-only (gate,up,down).
 
 Each run trains a deep copy of one loaded base model on the same batches, with the library's public API
-(`attach`, `initialize`, `create_optimizer`, `place`) and `widelora.train.loop.evaluate` for held-out
+(`attach`, `initialize`, `create_optimizer`, `place`) and `widelora.train.evaluation.evaluate` for held-out
 perplexity: warmup 10 % + linear decay, grad clipping 1.0, like `widelora.train`, but the model is loaded,
 the data tokenized and the base perplexity measured once instead of once per run (which `widelora.train`
 does and which this budget cannot afford on a shared 2-core machine). One learning rate per setup (no sweep
@@ -68,7 +68,7 @@ def _lm_batches(ds, batch: int, collate) -> list[dict]:
 
 @torch.no_grad()
 def _perplexity(model, batches: list[dict]) -> float:
-    from widelora.train.loop import evaluate
+    from widelora.train.evaluation import evaluate
 
     return evaluate(model, batches, "causal_lm", torch.device("cpu"))["perplexity"]
 
