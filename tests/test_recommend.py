@@ -127,8 +127,9 @@ def test_stop_rule_rejects_bad_thresholds() -> None:
 
 # ------------------------------------------------------------------------------------------- the object
 def _rec(**kw) -> Recommendation:
-    base = dict(targets=["q_proj", "v_proj"], rank=8, alpha=8.0, trainable=["classifier"], lr=1e-3, ratio=4.0,
-                head_lr=5e-2, width=384, steps=60, reasons={"lr": "probe edge 4e-3 / 4", "ratio": "width rule"})
+    base = {"targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 8.0, "trainable": ["classifier"], "lr": 1e-3,
+            "ratio": 4.0, "head_lr": 5e-2, "width": 384, "steps": 60,
+            "reasons": {"lr": "probe edge 4e-3 / 4", "ratio": "width rule"}}
     base.update(kw)
     return Recommendation(**base)
 
@@ -164,3 +165,14 @@ def test_recommendation_rejects_invalid_values(key, value) -> None:
 def test_from_dict_names_unknown_keys() -> None:
     with pytest.raises(UserError, match="unknown recommendation key"):
         Recommendation.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
+
+
+# ------------------------------------------------------------------------------------- the fastai-style baseline
+def test_fastai_suggestions_on_a_synthetic_curve() -> None:
+    from widelora.recommend.lr_finder import suggest
+
+    lrs = [1e-6 * 10**k for k in range(7)]  # 1e-6 ... 1
+    smoothed = [2.0, 1.9, 1.5, 0.8, 0.6, 1.0, 50.0]  # steepest fall 1e-4 -> 1e-3, minimum at 1e-2
+    s = suggest(lrs, smoothed)
+    assert s["minimum"] == pytest.approx(1e-3) and s["steep"] == pytest.approx(1e-4)
+    assert s["steep_div10"] == pytest.approx(1e-5)

@@ -191,3 +191,22 @@ def test_recommend_rejects_a_missing_run_length_and_a_bad_budget() -> None:
         recommend(tiny_llama(), _lm_batches(), steps=0)
     with pytest.raises(UserError, match="budget"):
         recommend(tiny_llama(), _lm_batches(), steps=100, budget=0.9)
+
+
+def test_lr_finder_stops_on_divergence_and_restores_the_model() -> None:
+    from widelora.recommend.lr_finder import lr_finder
+
+    model = tiny_llama()
+    wl.attach(model, targets=["q_proj", "v_proj"], rank=4, seed=0)
+    before = _state(model)
+    calls = []
+
+    def loss_fn(m, batch):  # the loss explodes deterministically from the 30th step
+        calls.append(1)
+        loss = m(**batch).loss
+        return loss * 1e3 if len(calls) >= 30 else loss
+
+    result = lr_finder(model, _lm_batches(), num_it=100, loss_fn=loss_fn)
+    assert len(result.lrs) == 30 and result.examples == 30 * 4
+    assert result.suggestions["minimum"] < result.lrs[-1]
+    assert _same(before, _state(model))

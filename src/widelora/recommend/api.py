@@ -121,11 +121,11 @@ def recommend(
     if heads:
         if head_module is not None and result.head_inputs:
             eta, line = first_step_size(head_module, result.head_inputs)
-            rec.head_lr = eta / rules.HEAD_STEP_FACTOR
-            reasons["head_lr"] = (f"the head's own scale: its first Adam step is best at size {eta:.3g} on the "
-                                  f"cached features (÷ {rules.HEAD_STEP_FACTOR:g}); a fresh head learns a linear "
-                                  "model from scratch, it is not a small perturbation like the adapters")
-            summary["head"] = {"first_step": eta, "factor": rules.HEAD_STEP_FACTOR, "line": line,
+            rec.head_lr = eta * rules.HEAD_STEP_MULTIPLIER
+            reasons["head_lr"] = (f"{rules.HEAD_STEP_MULTIPLIER:g} × {eta:.3g}, the best size of the head's first "
+                                  "Adam step on its cached input features: a fresh head learns a linear model from "
+                                  "scratch, it is not a small perturbation like the adapters")
+            summary["head"] = {"first_step": eta, "multiplier": rules.HEAD_STEP_MULTIPLIER, "line": line,
                                "examples": sum(len(y) for _, y in result.head_inputs)}
         else:
             rec.head_lr = rec.lr * ratio

@@ -14,7 +14,7 @@ output change*: Adam's first step (bias-corrected) moves every weight by exactly
 move by lr · Σ_j |h_j|-sized amounts. The line search below finds the step size η₁ that minimizes the loss along
 that first update direction — the largest per-step change the head can usefully make — on the cached features
 (no forward or backward through the body; a few hundred tiny matmuls). The head's learning rate is then
-η₁ / HEAD_STEP_FACTOR (widelora.recommend.rules), calibrated on head-only training in docs/results/recommend.md.
+HEAD_STEP_MULTIPLIER × η₁ (widelora.recommend.rules), calibrated on head-only training in docs/results/recommend.md.
 """
 
 from __future__ import annotations

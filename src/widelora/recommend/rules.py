@@ -36,9 +36,10 @@ RATIO_BOUNDS = (1.0, 64.0)
 #: lr = edge / factor(n): factor at the calibration width (MiniLM-L6, n = 384: edge / grid-best lr).
 EDGE_FACTOR_ANCHOR = 4.0
 EDGE_FACTOR_WIDTH = 384
-#: head lr = η₁ / this, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached features
-#: (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM topics.
-HEAD_STEP_FACTOR = 1.0
+#: head lr = this × η₁, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached
+#: features (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM topics
+#: (best head lr / η₁; warmup and decay mean the average step is about half the peak).
+HEAD_STEP_MULTIPLIER = 2.0
 #: Used only when no probe can run: the base lr at the calibration width (MiniLM topics, grid-best Init[A] lr
 #: 1.16e-2 with one lr for A and B, halved as LoRA+ advises), scaled with the measured exponent.
 FALLBACK_LR_ANCHOR = 5.8e-3

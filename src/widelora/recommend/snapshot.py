@@ -87,7 +87,7 @@ def temporary_adapters(model: nn.Module, **attach_kwargs: Any) -> Iterator[nn.Mo
     The RNG state and `requires_grad` flags are restored by the caller's `preserved` block; this undoes the
     module surgery and the trainable-module bookkeeping `attach` adds.
     """
-    from widelora.lora.attach import attach
+    from widelora import attach
 
     before = {id(m) for m in model.modules() if isinstance(m, LoRALinear)}
     had_trainable = hasattr(model, "_widelora_trainable")
