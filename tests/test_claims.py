@@ -328,3 +328,35 @@ def test_feature_growth_reads_z_a_at_each_widths_optimum() -> None:
     flat = feature_growth_part("Init[A]", {"widths": widths * 2, "z_a": [1.0, 1.1, 0.9, 1.1, 0.9, 1.0]})
     assert flat.outcome == "tie"
     assert feature_growth_part("Init[A]", None).outcome == "missing"
+
+
+def test_fits_by_budget_reads_each_recorded_budgets_optima() -> None:
+    """Losses planted with their minimum at lr = 2^-(log2 n) at step 250 and 2^-(log2 n)/2 at the end: the
+    exponents at the two budgets come out -1 and -1/2."""
+    import numpy as np
+
+    from widelora.experiments.width_results import ChunkResult
+    from widelora.report.width_claims import fits_by_budget
+
+    lrs = [2.0**-k for k in range(2, 16)]
+    widths = [2**k for k in (7, 9, 11, 13)]
+
+    def bowl(best: float) -> np.ndarray:  # (seeds, lrs) loss with its minimum at `best`
+        x = np.log2(np.array(lrs)) - np.log2(best)
+        return np.stack([1.0 + x**2, 1.1 + x**2])
+
+    def chunk(width: int) -> ChunkResult:
+        final, early = bowl(width**-0.5), bowl(1.0 / width)
+        s, c = final.shape
+        return ChunkResult(
+            width=width, init="init_b", lrs=lrs, seeds=[0, 1], train_loss=final, test_loss=final,
+            diverged_step=np.full((s, c), -1), curve_steps=np.array([1000]), curve=final[:, :, None],
+            trace_steps=np.array([0, 1000]), z_a=np.ones((s, c, 2)), z_b=np.ones((s, c, 2)),
+            eval_steps=np.array([250]), eval_train_loss=early[:, :, None], eval_test_loss=early[:, :, None],
+        )  # fmt: skip
+
+    summary = {"config": {"inits": ["init_b"], "widths": widths, "select_by": "train"}}
+    out = fits_by_budget(summary, lambda w, init: chunk(w))
+    assert list(out) == ["250"]
+    assert out["250"]["fits"]["init_b"]["slope"] == pytest.approx(-1.0, abs=1e-6)
+    assert [o["lr_grid"] for o in out["250"]["optima"]] == [1.0 / w for w in widths]

@@ -250,13 +250,23 @@ def _width(e: ExperimentDef, rule: str, ledger: LedgerDef, sources: _Sources) ->
         return ExperimentResult(e, src, ledger.settings, parts, available=False)
     predicted = {row["init"]: row for row in summary.get("exponents", [])}
     parts, measured = [], []
+    fits, optima = summary["fits"], summary.get("optima", [])
+    if e.budget is not None:
+        recorded = (summary.get("budgets") or {}).get(str(e.budget))
+        if recorded is None:
+            parts = [
+                Part(f"{n}: optimal-LR exponent", "missing", f"no budget {e.budget}")
+                for n in e.inits.values()
+            ]
+            return ExperimentResult(e, src, ledger.settings, parts, available=False)
+        fits, optima = recorded["fits"], recorded["optima"]
     for init, name in e.inits.items():
         if rule == "width_feature_growth":
             part = feature_growth_part(name, (summary.get("features_at_optimum") or {}).get(init))
             parts.append(part)
             measured.append(f"{name}: {part.detail}")
             continue
-        fit = summary["fits"].get(init)
+        fit = fits.get(init)
         row = predicted.get(init)
         if fit is None or row is None:
             parts.append(
@@ -269,5 +279,7 @@ def _width(e: ExperimentDef, rule: str, ledger: LedgerDef, sources: _Sources) ->
     chunks = len(summary.get("chunk_seconds", {}))
     cost = Cost(float(summary.get("compute_seconds") or 0.0), chunks, chunks, unit="chunks of (width, init)")
     seeds = len(cfg.get("seeds", []))
-    measured.append(f"{seeds} seeds, {cfg.get('steps')} steps, {len(cfg.get('lrs', []))} learning rates")
-    return ExperimentResult(e, src, ledger.settings, parts, measured=measured, cost=cost, summaries=[summary])
+    steps = e.budget or cfg.get("steps")
+    measured.append(f"{seeds} seeds, {steps} steps, {len(cfg.get('lrs', []))} learning rates")
+    shown = {**summary, "fits": fits, "optima": optima}
+    return ExperimentResult(e, src, ledger.settings, parts, measured=measured, cost=cost, summaries=[shown])

@@ -47,7 +47,7 @@ FIGURES = ("metric_vs_lr", "optimal_lr_vs_width", "none")
 _TOP = {"title", "intro", "settings", "sources", "claims"}
 _SOURCE = {"kind", "file", "store", "command", "setting"}
 _CLAIM = {"id", "claim", "origin", "rule", "experiments", "would_change", "figure", "note", "needs"}
-_EXPERIMENT = {"source", "title", "groups", "inits", "half_step"}
+_EXPERIMENT = {"source", "title", "groups", "inits", "half_step", "budget"}
 _GROUP = {"source", "setup", "name"}
 
 
@@ -75,6 +75,7 @@ class ExperimentDef:
     groups: list[GroupRef] = field(default_factory=list)
     inits: dict[str, str] = field(default_factory=dict)  # width_exponent: init -> display name
     half_step: int | None = None
+    budget: int | None = None  # width studies: read the fits at this recorded earlier budget (--eval-steps)
 
 
 @dataclass
@@ -216,9 +217,14 @@ def _experiment(where: str, value: Any, sources: dict[str, Source], rule: str) -
     inits = {str(k): str(v) for k, v in _mapping(data.get("inits") or {}, f"{where}.inits").items()}
     if rule in WIDTH_RULES and not inits:
         raise UserError(f"{where}: rule {rule!r} needs inits: {{init_a: Init[A], ...}}")
-    half = data.get("half_step")
+    half, budget = data.get("half_step"), data.get("budget")
     return ExperimentDef(
-        source, str(data.get("title") or ""), groups, inits, None if half is None else int(half)
+        source,
+        str(data.get("title") or ""),
+        groups,
+        inits,
+        None if half is None else int(half),
+        None if budget is None else int(budget),
     )
 
 

@@ -65,10 +65,35 @@ def export_study(folder: str | Path, out: str | Path) -> Path:
             raise FileProblem(path, f"is not a readable width-study chunk ({exc})") from None
 
     summary["features_at_optimum"] = features_at_optimum(summary.get("optima", []), chunk_of)
+    summary["budgets"] = fits_by_budget(summary, chunk_of)
     text = json.dumps(
         summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
     )
     return atomic_write_text(Path(out), text + "\n")
+
+
+def fits_by_budget(summary: Mapping[str, Any], chunk_of: Callable[[int, str], Any]) -> dict[str, Any]:
+    """{budget: {"fits", "optima"}} for every earlier budget the study recorded (``--eval-steps``): the optimum
+    per (width, init) read the study's way at that step, and the exponent fit over widths. One run with a
+    constant learning rate thereby answers the step-budget question without retraining."""
+    from dataclasses import asdict
+
+    from widelora.experiments.width_results import find_optimum, fit_optima
+
+    cfg = summary["config"]
+    select_by = cfg.get("select_by", "train")
+    inits, widths = cfg.get("inits", []), cfg.get("widths", [])
+    if not inits or not widths:
+        return {}
+    budgets = [int(b) for b in getattr(chunk_of(widths[0], inits[0]), "eval_steps", [])]
+    out: dict[str, Any] = {}
+    for budget in budgets:
+        optima = [find_optimum(chunk_of(w, i), select_by, None, budget) for i in inits for w in widths]
+        out[str(budget)] = {
+            "fits": {k: f.as_dict() for k, f in fit_optima(optima).items()},
+            "optima": [asdict(o) for o in optima],
+        }
+    return out
 
 
 def feature_growth_part(name: str, features: dict[str, list[float]] | None) -> Part:
