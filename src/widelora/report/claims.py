@@ -75,8 +75,10 @@ class ClaimResult:
         """The claim's evidence cost: each trial once (experiments may share a group), plus width studies."""
         trials = [t for e in self.experiments for t in e.trials]
         total = _trial_cost(trials) if trials else Cost(unit=self._unit())
+        seen: set[str] = set()
         for e in self.experiments:
-            if e.summaries:
+            if e.summaries and e.source.name not in seen:  # several budgets of one study: one run
+                seen.add(e.source.name)
                 total.seconds += e.cost.seconds
                 total.runs += e.cost.runs
                 total.wall_only += e.cost.wall_only
