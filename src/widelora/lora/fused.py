@@ -20,8 +20,10 @@ Scope, checked by :func:`can_fuse` (the caller falls back to the plain path when
   from ``x`` and would have to be saved as a mask or a copy;
 - ``x`` must flatten to (N, in) as a view: contiguous, or at most 2-D (a strided 2-D ``x`` is fine for ``mm``);
   anything else would force a copy of ``x`` that the plain path does not make;
-- ``x``, ``W``, ``A``, ``B`` share one floating dtype and device, and autocast is off (autocast would cast the
-  operands per op, which a custom Function cannot reproduce exactly).
+- ``x`` and ``W`` share one floating dtype and device, and autocast is off (autocast would cast the operands per
+  op, which a custom Function cannot reproduce exactly). ``A`` and ``B`` may be wider (float32 adapters on a
+  bfloat16/float16 base): they are cast to ``x``'s dtype (r·(in+out) numbers, never an N-sized tensor) and their
+  gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ class _FusedLoRALinear(torch.autograd.Function):
         out_features = B.shape[0]
         x2 = x.reshape(-1, in_features)  # a view: can_fuse guarantees it
         w_t = weight if weight_transposed else weight.t()  # (in, out) view, no copy
-        xa = torch.mm(x2, A.t())  # (N, r)
+        a, b = A.to(x.dtype), B.to(x.dtype)  # float32 adapters on a half base: cast the thin factors, not x
+        xa = torch.mm(x2, a.t())  # (N, r)
         y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
-        y.addmm_(xa, B.t(), alpha=scale)  # y += s · xa Bᵀ, in place
+        y.addmm_(xa, b.t(), alpha=scale)  # y += s · xa Bᵀ, in place
         ctx.scale = scale
         ctx.weight_transposed = weight_transposed
         ctx.has_bias = bias is not None
@@ -66,6 +69,7 @@ class _FusedLoRALinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, A, B, xa = ctx.saved_tensors
+        a, b = A.to(x.dtype), B.to(x.dtype)
         scale = ctx.scale
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         in_features = x.shape[-1]
@@ -74,18 +78,18 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_bb = None
 
         if need_x or need_a:
-            gb = torch.mm(g, B)  # (N, r)
+            gb = torch.mm(g, b)  # (N, r)
             gb.mul_(scale)  # scale the thin factor, never an (N, out) or (N, in) tensor
             if need_x:
                 grad_x = torch.mm(g, weight.t() if ctx.weight_transposed else weight)  # g W, (N, in)
-                grad_x.addmm_(gb, A)  # += s (g B) A, in place
+                grad_x.addmm_(gb, a)  # += s (g B) A, in place
                 grad_x = grad_x.view(x.shape)
             if need_a:
-                grad_a = torch.mm(gb.t(), x2)  # (r, in)
+                grad_a = torch.mm(gb.t(), x2).to(A.dtype)  # (r, in)
         if need_bb:
             if xa is None:
-                xa = torch.mm(x2, A.t())
-            grad_bb = torch.mm(g.t(), xa).mul_(scale)  # (out, r)
+                xa = torch.mm(x2, a.t())
+            grad_bb = torch.mm(g.t(), xa).mul_(scale).to(B.dtype)  # (out, r)
         if need_w:  # only when the caller un-froze W
             grad_w = torch.mm(x2.t(), g) if ctx.weight_transposed else torch.mm(g.t(), x2)
         if need_b and ctx.has_bias:
@@ -150,7 +154,9 @@ def can_fuse(
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
-    for t in (weight, A, B):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+        return False
+    for t in (A, B):  # the adapters may be float32 on a half-precision base: they are cast, x never is
+        if t is not None and (not t.is_floating_point() or t.device != x.device):
             return False
     return True
