@@ -38,6 +38,7 @@ def recommend(
     targets: list[str] | str | None = None,
     rank: int | None = None,
     alpha: float | None = None,
+    ratio: float | None = None,
     trainable: list[str] | None = None,
     budget: float = 0.10,
     probe: bool = True,
@@ -51,7 +52,8 @@ def recommend(
     attached (widelora or PEFT; they are probed as they are and restored). `batches`: training batches as the
     run will see them (dicts the model's forward takes, with labels); None skips the probe (the lr then comes
     from the width rule alone). `batch_size`: examples per optimizer step of the run (default: the first
-    batch's), used to count the probe's cost, which never exceeds `budget` × the run.
+    batch's), used to count the probe's cost, which never exceeds `budget` × the run. `targets`, `rank`,
+    `alpha`, `ratio`: the user's choice when given (the probe then measures the lr for that adapter).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UserError(f"steps={steps!r} is not valid; pass the number of optimizer steps of the run to configure")
@@ -83,7 +85,12 @@ def recommend(
         reasons["init"] = ("Init[A] (B = 0, A ~ N(0, 1/n)): stable up to lr ~ n^-1/2 with efficient feature "
                            "learning, where Init[B] is stable only to n^-1 and undertrains B (seed 001, Thm 1-2)")
     width = Counter(widths).most_common(1)[0][0]
-    ratio, reasons["ratio"] = rules.loraplus_ratio(width)
+    if ratio is None:
+        ratio, reasons["ratio"] = rules.loraplus_ratio(width)
+    elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise UserError(f"ratio={ratio!r} is not valid; the LoRA+ ratio lr_B / lr_A must be a number >= 1")
+    else:
+        ratio, reasons["ratio"] = float(ratio), "as given (the probe measures the edge with B at this ratio)"
     reasons["method"] = "LoRA+ (AdamW, lr_B = ratio · lr_A): one lr for A and B is inefficient at large width"
     heads = list(trainable) if trainable is not None else _heads(model, task)
     rec = Recommendation(init="init_a", targets=targets_out, rank=rank_out, alpha=float(alpha_out), scaling=scaling,
