@@ -205,12 +205,11 @@ def _sweep(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sourc
 
 
 def _coverage(g: Group) -> str:
-    """How much of the group's grid is measured, when not all of it."""
+    """How much of the group's learning-rate grid the best cell was chosen from."""
     done = sum(c.n > 0 for c in g.full.cells.values())
-    total = len(g.full.cells)
-    return (
-        "" if not total else f", best of {done} learning rates" if done == total else f" ({done} lrs so far)"
-    )
+    if not g.grid_size or not done:
+        return ""
+    return f", best of {done} lrs" if done == g.grid_size else f", best of {done} of {g.grid_size} lrs so far"
 
 
 def _half_step(res: SweepResults) -> int | None:

@@ -131,9 +131,11 @@ def compare(a: Cell | None, b: Cell | None, s: Settings, at_least: bool = False)
     gap = paired_gap(a, b)
     sign = 1.0 if s.goal == "max" else -1.0
     diff = sign * gap.mean
-    detail = f"difference {diff * s.scale:+.3g}"
-    if math.isfinite(gap.se):
-        detail += f" ± {gap.se * s.scale:.2g}{s.unit} (paired over {gap.n} seeds)"
+    unit = " points" if s.unit == "%" else ""  # a difference of percentages is in percentage points
+    err = f" ± {gap.se * s.scale:.2g}" if math.isfinite(gap.se) else ""
+    detail = (
+        f"difference {diff * s.scale:+.3g}{err}{unit} (paired over {gap.n} seed{'s' if gap.n != 1 else ''})"
+    )
     if min(a.n, b.n, gap.n) < s.min_seeds:
         return "missing", f"preliminary, fewer than {s.min_seeds} seeds: {detail}"
     if diff > s.z * gap.se:
