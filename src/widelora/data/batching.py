@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from widelora.data.chat import chat_collate, chat_splits, is_chat_file
 from widelora.data.corpus import Corpus, split_corpus
 from widelora.data.sources import load_corpus
 from widelora.errors import UserError
@@ -136,15 +138,26 @@ def prepare(
     max_eval: int | None = None,
     text_field: str = "text",
     label_field: str = "label",
+    packing: bool = False,
 ) -> TaskData:
-    """Load, split by document with `seed`, and tokenize. `max_train` / `max_eval` cap examples (LM: blocks)."""
+    """Load, split by document with `seed`, and tokenize. `max_train` / `max_eval` cap examples (LM: blocks).
+
+    A causal-LM `.jsonl`/`.json` file of conversations (`messages`, or `prompt` and `completion`) is chat data
+    (`widelora.data.chat`): rendered with the tokenizer's chat template, labels on the assistant's tokens only,
+    one example per conversation, or full `seq_len` blocks with `packing`. Plain text is always packed.
+    """
     _check_positive("seq_len", seq_len)
     _check_positive("max_train", max_train, optional=True)
     _check_positive("max_eval", max_eval, optional=True)
-    corpus = load_corpus(dataset, task, text_field=text_field, label_field=label_field)
-    parts = split_corpus(corpus, seed=seed, val_frac=val_frac, test_frac=test_frac)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cap = {"train": max_train, "val": max_eval, "test": max_eval}
+    if task == "causal_lm" and is_chat_file(Path(str(dataset)).expanduser(), text_field):
+        sets = chat_splits(
+            Path(str(dataset)).expanduser(), tokenizer, seq_len, seed, val_frac, test_frac, cap, packing
+        )
+        return TaskData(task, sets["train"], sets["val"], sets["test"], chat_collate(pad))
+    corpus = load_corpus(dataset, task, text_field=text_field, label_field=label_field)
+    parts = split_corpus(corpus, seed=seed, val_frac=val_frac, test_frac=test_frac)
     if task == "causal_lm":
         sets = {k: pack_tokens(v.texts, tokenizer, seq_len, cap[k]) for k, v in parts.items()}
         return TaskData(task, sets["train"], sets["val"], sets["test"], make_collate(pad))

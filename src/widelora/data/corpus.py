@@ -76,27 +76,34 @@ def corpus_from_rows(
     return labelled_corpus(name, texts, labels, where)
 
 
-def split_corpus(
-    corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
-) -> dict[str, Corpus]:
-    """Shuffle documents with `seed` and cut train / val / test; each split gets at least one document."""
+def split_indices(
+    n: int, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, name: str = "corpus"
+) -> dict[str, list[int]]:
+    """Shuffle `range(n)` with `seed` and cut train / val / test index lists; each split gets at least one."""
     for arg, val in (("val_frac", val_frac), ("test_frac", test_frac)):
         if not 0.0 < val < 1.0:
             raise UserError(f"{arg}={val!r} must be in (0, 1)")
     if val_frac + test_frac >= 1.0:
         raise UserError(f"val_frac + test_frac = {val_frac + test_frac} must be < 1")
-    n = len(corpus)
     if n < 3:
-        raise UserError(f"corpus {corpus.name!r} has {n} document(s); need at least 3 to split")
+        raise UserError(f"corpus {name!r} has {n} document(s); need at least 3 to split")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(n * val_frac))
     n_test = max(1, round(n * test_frac))
     n_train = n - n_val - n_test
     if n_train < 1:
-        raise UserError(f"corpus {corpus.name!r} is too small ({n} docs) for the requested fractions")
+        raise UserError(f"corpus {name!r} is too small ({n} docs) for the requested fractions")
     return {
-        "train": corpus.subset(order[:n_train]),
-        "val": corpus.subset(order[n_train : n_train + n_val]),
-        "test": corpus.subset(order[n_train + n_val :]),
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
     }
+
+
+def split_corpus(
+    corpus: Corpus, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
+) -> dict[str, Corpus]:
+    """Shuffle documents with `seed` and cut train / val / test; each split gets at least one document."""
+    parts = split_indices(len(corpus), seed, val_frac, test_frac, corpus.name)
+    return {k: corpus.subset(idx) for k, idx in parts.items()}

@@ -14,9 +14,19 @@ from torch import nn
 
 from widelora.models import TASKS
 
+#: A small chat template in the style of Zephyr / ChatML: each turn is `<|role|>\n` + content + EOS (`</s>`), so
+#: an assistant turn ends with the token that stops generation.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
-def tiny_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + 4 specials, no merges): encodes any text, needs no files."""
+
+def tiny_tokenizer(chat_template: str | None = None):
+    """A byte-level tokenizer (256 byte symbols + 4 specials, no merges): encodes any text, needs no files.
+
+    It has no chat template unless one is given (e.g. `TINY_CHAT_TEMPLATE`), like many base models.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,9 +36,11 @@ def tiny_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def tiny_model(
@@ -82,13 +94,18 @@ def tiny_model(
 
 
 def save_tiny_folder(
-    path: str | os.PathLike, arch: str = "llama", task: str = "causal_lm", num_labels: int = 2, seed: int = 0
+    path: str | os.PathLike,
+    arch: str = "llama",
+    task: str = "causal_lm",
+    num_labels: int = 2,
+    seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny model + byte tokenizer as a transformers folder, so tests exercise the local-folder path."""
     path = Path(path)
     model = tiny_model(arch, task=task, num_labels=num_labels, seed=seed)
     model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tiny_tokenizer(chat_template).save_pretrained(path)
     return path
 
 
