@@ -36,9 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR
 
-import widelora.methods.gradient_inits  # registers the lora_one / lora_ga init schemes
-import widelora.methods.precondition  # noqa: F401 - registers the lora_one / scaled_gd optimizers
-from widelora.methods.placement import place
+from widelora.methods.plop import place
 
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,12 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import widelora as wl
-import widelora.methods.gradient_inits  # registers the lora_one / lora_ga init schemes
-import widelora.methods.precondition  # registers the lora_one / scaled_gd optimizers
-from widelora.testing.models import TinyMLP, tiny_llama
-from widelora.methods.gradient_inits import lora_ga_factors, lora_one_factors
 from widelora.methods.gradients import estimate_gradients, group_by_budget
-from widelora.methods.precondition import precondition_gradients
+from widelora.methods.lora_ga import lora_ga_factors
+from widelora.methods.lora_one import lora_one_factors, precondition_gradients
+from widelora.testing.models import TinyMLP, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 
 import widelora as wl
+from widelora.methods.plop import linear_modules, module_type, place
 from widelora.testing.models import tiny_llama
-from widelora.methods.placement import linear_modules, module_type, place
 
 
 def _batch(b: int = 2, t: int = 9, seed: int = 0, pad_last: int = 0) -> dict:

@@ -320,15 +320,15 @@ def test_run_trial_reports_failures_instead_of_raising(files, tmp_path):
 
 def test_targets_auto_uses_plop(files, tmp_path, monkeypatch):
     calls = []
-    from widelora.methods import placement
+    from widelora.methods import plop
 
-    real = placement.place
+    real = plop.place
 
     def spy(model, batches, **kw):
         calls.append(len(batches))
         return real(model, batches, **kw)
 
-    monkeypatch.setattr(placement, "place", spy)
+    monkeypatch.setattr(plop, "place", spy)
     result = train(lm_cfg(files, targets="auto", steps=1), tmp_path / "run")
     assert calls and result["status"] == "done"
     assert len(result["targets"]) == 3 and all(isinstance(t, str) for t in result["targets"])

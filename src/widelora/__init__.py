@@ -10,11 +10,9 @@ from widelora.lora.io import save_adapter
 from widelora.lora.layer import LoRALinear
 from widelora.lora.load import load_adapter
 from widelora.lora.pairs import LoRAPair, lora_pairs
-from widelora.methods import gradient_inits as _gradient_inits  # noqa: F401  registers lora_one, lora_ga
-from widelora.methods import precondition as _precondition  # noqa: F401  registers the preconditioned optimizers
 from widelora.methods.init import InitUpdate, available_schemes, initialize, register_init
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
-from widelora.methods.placement import PlacementResult, place
+from widelora.methods.plop import PlacementResult, place
 from widelora.monitor import FeatureMonitor
 from widelora.recommend import Recommendation, recommend
 

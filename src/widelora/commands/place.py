@@ -64,7 +64,7 @@ def place_command(
     from rich.console import Console
 
     from widelora.data import load_corpus, split_corpus
-    from widelora.methods.placement import place
+    from widelora.methods.plop import place
     from widelora.models import load_model
 
     if out.is_dir():

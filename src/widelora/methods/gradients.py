@@ -143,7 +143,7 @@ def estimate_gradients(
     ``modules`` is either ``{name: linear module}`` or a sequence of LoRA pairs (the adapted module is
     hooked; its input is the base layer's input and its output gradient the base output's, so the result is
     the gradient of the base weight ``W``; the caller makes the adapted model compute the base function, e.g.
-    by zeroing ``B`` during the estimate, as ``widelora.methods.gradient_inits`` does). ``batches`` yields
+    by zeroing ``B`` during the estimate, as ``widelora.methods.gradient_svd`` does). ``batches`` yields
     model-input mappings with ``labels``, or anything ``loss_fn(model, batch)`` understands; at most
     ``num_batches`` are used. ``memory_budget`` (bytes) bounds the gradient matrices accumulated per pass;
     use :func:`iter_gradients` to also consume each group before the next is computed. The model is put in

@@ -1,4 +1,7 @@
-"""Initialization schemes for LoRA pairs, as a registry: a new scheme is one registered function.
+"""Initialization schemes for LoRA pairs, as a registry, and the zero-product schemes (B A = 0 at the start).
+
+A new scheme is one registered function; the methods that move W or need data live in their own modules
+(`pissa.py`, `lora_one.py`, `lora_ga.py`).
 
 A scheme maps the model's pairs to new values (`InitUpdate`s). `initialize` computes every update first, checks
 them, and only then writes, so a failing scheme leaves the model untouched.
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair, require_pairs
 
 
@@ -71,7 +75,7 @@ def register_init(name: str, needs_data: bool = False, description: str = "") ->
 
     def decorator(fn: SchemeFn) -> SchemeFn:
         if name in _SCHEMES and _SCHEMES[name].fn is not fn:
-            raise ValueError(f"an init scheme named {name!r} is already registered")
+            raise UserError(f"an init scheme named {name!r} is already registered")
         _SCHEMES[name] = InitScheme(name, fn, needs_data, description or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
@@ -94,7 +98,7 @@ def available_schemes() -> list[str]:
 
 def get_scheme(name: str) -> InitScheme:
     if not isinstance(name, str) or name not in _SCHEMES:
-        raise ValueError(f"init scheme {name!r} is unknown; valid schemes: {available_schemes()}")
+        raise UserError(f"init scheme {name!r} is unknown; valid schemes: {available_schemes()}")
     return _SCHEMES[name]
 
 
@@ -135,20 +139,6 @@ def _gaussian(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
                       B=torch.zeros(pair.fan_out, pair.rank))
 
 
-@register_init("pissa")
-@per_pair
-def _pissa(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
-    """PiSSA: principal singular directions of W in the adapter, the residual in the base (output unchanged)."""
-    w = ctx.original_weight(pair)
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    r = pair.rank
-    root = torch.sqrt(s[:r] / pair.scale)
-    b = (u[:, :r] * root).float()
-    a = (root[:, None] * vh[:r]).float()
-    residual = (w.double() - pair.scale * (b.double() @ a.double())).float()
-    return InitUpdate(A=a, B=b, weight=residual, offset=(b.clone(), a.clone()))
-
-
 def _seeded_generator(seed: int | None) -> torch.Generator:
     if seed is None:  # follow the global torch seed, so torch.manual_seed still makes runs reproducible
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -162,12 +152,12 @@ def _check_update(pair: LoRAPair, update: InitUpdate, scheme: str) -> None:
     for key, shape in expected.items():
         t = getattr(update, key)
         if tuple(t.shape) != shape:
-            raise ValueError(f"init scheme {scheme!r} produced {key} of shape {tuple(t.shape)} for {pair.name}; "
+            raise UserError(f"init scheme {scheme!r} produced {key} of shape {tuple(t.shape)} for {pair.name}; "
                              f"expected {shape}")
     for key in ("A", "B", "weight"):
         t = getattr(update, key)
         if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"init scheme {scheme!r} produced non-finite values in {key} of {pair.name}; "
+            raise UserError(f"init scheme {scheme!r} produced non-finite values in {key} of {pair.name}; "
                              "the model was left unchanged")
 
 
@@ -190,14 +180,14 @@ def initialize(
     if only is not None:
         pairs = [p for p in pairs if id(p.module) in only]
     if spec.needs_data and batches is None:
-        raise ValueError(f"init scheme {scheme!r} estimates gradients and needs data: pass batches=<an iterable "
+        raise UserError(f"init scheme {scheme!r} estimates gradients and needs data: pass batches=<an iterable "
                          "of model inputs> (and loss_fn=... if the model output has no .loss)")
     ctx = InitContext(model=model, generator=_seeded_generator(seed), batches=batches, loss_fn=loss_fn,
                       options=options)
     updates = spec.fn(pairs, ctx)
     missing = [p.name for p in pairs if p.name not in updates]
     if missing:
-        raise ValueError(f"init scheme {scheme!r} returned no update for {missing[:5]}")
+        raise UserError(f"init scheme {scheme!r} returned no update for {missing[:5]}")
     for p in pairs:
         _check_update(p, updates[p.name], scheme)
     with torch.no_grad():

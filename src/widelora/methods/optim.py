@@ -1,8 +1,9 @@
-"""Optimizers for LoRA: plain AdamW and LoRA+ (lr_B = ratio · lr_A), as a registry of methods.
+"""Optimizers for LoRA as a registry of methods: `create_optimizer`, parameter groups, and plain AdamW.
 
-Parameter groups are built from the LoRA pair view (B matrices are found by identity, not by name), so they are
-right for widelora and PEFT models alike. Two bugs seen in peers are avoided on purpose: the user's weight decay is
-always honoured, and adapters on embeddings really get `embedding_lr`.
+Each method is one registered builder in its own module (LoRA+ in `loraplus.py`, the LoRA-One / scaled-GD
+preconditioner in `lora_one.py`). Parameter groups are built from the LoRA pair view (B matrices are found by
+identity, not by name), so they are right for widelora and PEFT models alike; the user's weight decay is always
+honoured.
 """
 
 from __future__ import annotations
@@ -79,69 +80,62 @@ def _embedding_adapter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def param_groups(model: nn.Module, spec: OptimizerSpec, loraplus: bool) -> list[dict[str, Any]]:
-    """Trainable parameters in named groups.
+@dataclass(frozen=True)
+class ParamRole:
+    """What a trainable parameter is, as far as choosing its learning rate and weight decay goes."""
 
-    LoRA+ (loraplus=True): `B` matrices and 1-D parameters at `lr · ratio` (decay unless bias/norm), adapters on
-    embeddings at `embedding_lr`, everything else (A matrices, 2-D heads) at `lr`. Plain (False): one `lr`, with
-    the decay / no-decay split only. With `spec.head_lr` set, every trainable parameter that is not an adapter
-    factor (a fresh classification head, modules_to_save, biases, norms) goes to the "head" / "head_no_decay"
-    groups at `head_lr` instead, whatever the method.
+    is_adapter: bool  # a LoRA factor (A or B) of some pair
+    is_b: bool  # the B factor of a pair
+    is_embedding_adapter: bool  # a PEFT LoRA factor on an embedding layer
+    no_decay: bool  # a bias or a normalization weight
+    ndim: int
+
+
+# A group rule: (group name, lr, weight decay) for one parameter. Groups are listed in this order.
+GroupRule = Callable[[ParamRole, OptimizerSpec], tuple[str, float, float]]
+GROUP_ORDER = ("A", "B", "B_no_decay", "embedding", "no_decay", "head", "head_no_decay")
+
+
+def plain_rule(role: ParamRole, spec: OptimizerSpec) -> tuple[str, float, float]:
+    """One learning rate for everything; biases and norms without weight decay."""
+    return ("no_decay", spec.lr, 0.0) if role.no_decay else ("A", spec.lr, spec.weight_decay)
+
+
+def param_groups(model: nn.Module, spec: OptimizerSpec, rule: GroupRule = plain_rule) -> list[dict[str, Any]]:
+    """Trainable parameters in named groups, each parameter placed by `rule` (see `plain_rule`, LoRA+'s rule).
+
+    With `spec.head_lr` set, every trainable parameter that is not an adapter factor (a fresh classification
+    head, modules_to_save, biases, norms) goes to the "head" / "head_no_decay" groups at `head_lr` instead,
+    whatever the rule.
     """
-    pair_ids = {id(t) for p in lora_pairs(model) for t in (p.A, p.B)}
-    b_ids = {id(p.B) for p in lora_pairs(model)}
-    emb_ids = _embedding_adapter_ids(model) if (loraplus or spec.head_lr is not None) else set()
+    pairs = lora_pairs(model)
+    adapter_ids = {id(t) for p in pairs for t in (p.A, p.B)}
+    b_ids = {id(p.B) for p in pairs}
+    emb_ids = _embedding_adapter_ids(model)
     owners = _owners(model)
-    buckets: dict[str, list[nn.Parameter]] = {
-        "A": [], "B": [], "B_no_decay": [], "embedding": [], "no_decay": [], "head": [], "head_no_decay": []
-    }
+    groups: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         name, owner = owners.get(id(p), ("", model))
-        no_decay = _is_no_decay(name, owner)
-        if spec.head_lr is not None and id(p) not in pair_ids and id(p) not in emb_ids:
-            buckets["head_no_decay" if no_decay else "head"].append(p)
-        elif id(p) in emb_ids and loraplus:
-            buckets["embedding"].append(p)
-        elif loraplus and (id(p) in b_ids or p.ndim == 1):
-            buckets["B_no_decay" if no_decay else "B"].append(p)
-        elif no_decay:
-            buckets["no_decay"].append(p)
+        role = ParamRole(id(p) in adapter_ids, id(p) in b_ids, id(p) in emb_ids, _is_no_decay(name, owner), p.ndim)
+        if spec.head_lr is not None and not role.is_adapter and not role.is_embedding_adapter:
+            key, lr, wd = ("head_no_decay", spec.head_lr, 0.0) if role.no_decay else ("head", spec.head_lr,
+                                                                                       spec.weight_decay)
         else:
-            buckets["A"].append(p)
-    ratio = spec.ratio if loraplus else 1.0
-    settings = {
-        "A": (spec.lr, spec.weight_decay),
-        "B": (spec.lr * ratio, spec.weight_decay),
-        "B_no_decay": (spec.lr * ratio, 0.0),
-        "embedding": (spec.embedding_lr, spec.weight_decay),
-        "no_decay": (spec.lr, 0.0),
-        "head": (spec.head_lr, spec.weight_decay),
-        "head_no_decay": (spec.head_lr, 0.0),
-    }
-    groups = [
-        {"params": params, "lr": settings[key][0], "weight_decay": settings[key][1], "name": key}
-        for key, params in buckets.items()
-        if params
-    ]
+            key, lr, wd = rule(role, spec)
+        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "name": key})["params"].append(p)
     if not groups:
         raise UserError(f"model ({type(model).__name__}) has no trainable parameters; attach adapters first")
-    return groups
+    return sorted(groups.values(), key=lambda g: GROUP_ORDER.index(g["name"]) if g["name"] in GROUP_ORDER else 99)
 
 
 @register_optimizer("adamw")
 def _adamw(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """AdamW with one learning rate for A and B (vanilla LoRA)."""
-    return torch.optim.AdamW(param_groups(model, spec, loraplus=False), lr=spec.lr, betas=spec.betas, eps=spec.eps)
-
-
-@register_optimizer("loraplus")
-def _loraplus(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """LoRA+: AdamW with lr_B = ratio · lr_A."""
-    return torch.optim.AdamW(param_groups(model, spec, loraplus=True), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    return torch.optim.AdamW(param_groups(model, spec), lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 
 # Old optimizer names kept working: "lora_one" named both an init scheme and an optimizer until 0.2.

@@ -41,7 +41,7 @@ def recommend_for_config(
     total = steps or cfg.steps or ASSUMED_STEPS
     targets = cfg.targets if targets_given else None
     if targets == "auto":
-        from widelora.methods.placement import place
+        from widelora.methods.plop import place
 
         targets = list(place(model, batches, progress=False).targets)
     rec = recommend(model, batches, steps=total, task=cfg.task, batch_size=run_batch(cfg), targets=targets,

@@ -20,7 +20,7 @@ from widelora import models
 from widelora.data import TaskData, make_loader, prepare
 from widelora.errors import UserError
 from widelora.lora.modules import CLASSIFICATION_HEAD_NAMES
-from widelora.methods import placement
+from widelora.methods import plop
 from widelora.methods.init import get_scheme
 from widelora.train.config import RunConfig
 from widelora.train.distributed import Processes
@@ -91,7 +91,7 @@ def _trainable_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
 
 def _resolve_targets(targets: list[str] | str, model: nn.Module, batches: list[dict]) -> list[str] | str:
     """`targets: auto` → PLoP placement on a few training batches."""
-    return list(placement.place(model, batches, progress=False).targets) if targets == "auto" else targets
+    return list(plop.place(model, batches, progress=False).targets) if targets == "auto" else targets
 
 
 def _total_steps(cfg: RunConfig, order: BatchOrder) -> int:

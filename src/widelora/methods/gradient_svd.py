@@ -1,0 +1,139 @@
+"""Shared machinery of the gradient-informed inits (LoRA-One, LoRA-GA): gradients on the base function, SVD.
+
+Both start from ``G = dL/dW``, the full gradient of every adapted frozen weight on the base model, averaged over
+a few batches (``widelora.methods.gradients``), and put a truncated SVD of it into the adapter. Gradients are
+taken on the base function: during the estimate every ``B`` is zeroed and a previously moved ``W`` is put back
+(both restored afterwards), so a second initialization sees the same model as the first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from typing import Any
+
+import torch
+
+from widelora.lora.pairs import LoRAPair
+from widelora.methods.gradients import iter_gradients
+from widelora.methods.init import InitContext
+
+__all__ = ["COMMON_OPTIONS", "SVD_MODES", "gradient_factors", "pair_gradients", "truncated_svd"]
+
+SVD_MODES = ("auto", "exact", "lowrank")
+_EXACT_MAX_DIM = 1024  # "auto": exact SVD when min(out, in) is at most this, randomized otherwise
+
+COMMON_OPTIONS = {"num_batches", "memory_budget", "svd", "niter", "q", "train_mode", "progress"}
+
+
+def truncated_svd(g: torch.Tensor, k: int, mode: str, q: int | None, niter: int,
+         generator_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top singular triplets of ``g`` (float64 for exact): U (m, >=k), S (>=k,), V (n, >=k), descending."""
+    m, n = g.shape
+    if mode not in SVD_MODES:
+        raise ValueError(f"svd={mode!r} is not valid; choose one of {list(SVD_MODES)}")
+    if mode == "auto":
+        mode = "exact" if min(m, n) <= _EXACT_MAX_DIM else "lowrank"
+    if mode == "exact":
+        u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+        return u, s, vh.mT
+    q = min(max(q if q is not None else 2 * k, k), min(m, n))
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global RNG: keep it seeded and private
+        torch.manual_seed(generator_seed)
+        u, s, v = torch.svd_lowrank(g.float(), q=q, niter=niter)
+    return u.double(), s.double(), v.double()
+
+
+def check_rank(name: str, rank: int, needed: int, shape: tuple[int, int], scheme: str) -> None:
+    if needed > min(shape):
+        raise ValueError(
+            f"{scheme}: rank {rank} is too large for {name} with weight shape {shape}: the gradient has at most "
+            f"rank {min(shape)} and {scheme} needs {needed} singular directions; use rank <= "
+            f"{min(shape) // (needed // rank)}"
+        )
+
+
+def numerical_rank(s: torch.Tensor) -> int:
+    if s.numel() == 0 or s[0] <= 0:
+        return 0
+    return int((s > s[0] * max(s.shape[0], 1) * torch.finfo(torch.float32).eps).sum())
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
+
+
+def check_options(scheme: str, options: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"init scheme {scheme!r} got unknown options {unknown}; valid options: {sorted(allowed)}")
+    svd = options.get("svd", "auto")
+    if svd not in SVD_MODES:
+        raise ValueError(f"svd={svd!r} is not valid; choose one of {list(SVD_MODES)}")
+
+
+@contextmanager
+def base_function(pairs: list[LoRAPair], ctx: InitContext) -> Iterator[None]:
+    """Make the adapted model compute the user's base model: B = 0 and a moved W put back; restore on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for p in pairs:
+                w_saved = None
+                if p.base_offset is not None:
+                    w_saved = p.weight.detach().clone()
+                    p.set_weight(ctx.original_weight(p).to(p.weight.device))
+                saved.append((p, p.B.detach().clone(), w_saved))
+                p.B.zero_()
+        yield  # outside no_grad: the caller differentiates
+    finally:
+        with torch.no_grad():
+            for p, b, w in saved:
+                p.B.copy_(b)
+                if w is not None:
+                    p.set_weight(w)
+
+
+def gradient_groups(pairs: list[LoRAPair], ctx: InitContext):
+    if ctx.batches is None:
+        raise ValueError("gradient-informed init schemes need data: pass batches=<an iterable of model inputs>")
+    opts = ctx.options
+    return iter_gradients(
+        ctx.model, pairs, ctx.batches, loss_fn=ctx.loss_fn, num_batches=opts.get("num_batches"),
+        memory_budget=opts.get("memory_budget"), train_mode=bool(opts.get("train_mode", False)),
+        progress=bool(opts.get("progress", True)),
+    )
+
+
+def pair_gradients(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, torch.Tensor]:
+    """``G = dL/dW`` (out × in, fp32) for every pair, estimated on the base function from ``ctx.batches``."""
+    grads: dict[str, torch.Tensor] = {}
+    with base_function(pairs, ctx), closing(gradient_groups(pairs, ctx)) as groups:
+        for group in groups:
+            grads.update(group)
+    return grads
+
+
+def gradient_factors(pairs: list[LoRAPair], ctx: InitContext,
+             fn: Callable[[LoRAPair, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(B0, A0) per pair, each group's gradients turned into factors before the next group is estimated."""
+    by_name = {p.name: p for p in pairs}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with base_function(pairs, ctx), closing(gradient_groups(pairs, ctx)) as groups:
+        for group in groups:
+            for name in list(group):
+                out[name] = fn(by_name[name], group.pop(name))
+    return out
+
+
+def svd_seed(ctx: InitContext) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator).item())
+
+
+def precheck_ranks(pairs: list[LoRAPair], factor: int, scheme: str) -> None:
+    """Rank errors before any gradient is computed (the estimate can take minutes)."""
+    for p in pairs:
+        check_rank(p.name, p.rank, factor * p.rank, (p.fan_out, p.fan_in), scheme)
