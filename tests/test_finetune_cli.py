@@ -6,6 +6,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from widelora.cli import app
@@ -129,3 +131,39 @@ def test_set_null_is_honoured():
     assert res.exit_code == 0, res.output
     resolved = json.loads(res.output)
     assert resolved["max_grad_norm"] is None and resolved["alpha"] is None
+
+
+def test_every_run_config_field_is_a_flag():
+    """The flags are generated from RunConfig's fields: a new field needs no edit in the command."""
+    import inspect
+
+    from widelora.commands.finetune import finetune
+    from widelora.train import RunConfig
+
+    assert set(RunConfig.keys()) <= set(inspect.signature(finetune).parameters)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lr=st.floats(1e-6, 1.0),
+    rank=st.integers(1, 64),
+    beta=st.floats(0.0, 0.99),
+    decay=st.sampled_from(["linear", "cosine", "constant"]),
+    monitor=st.booleans(),
+    targets=st.lists(
+        st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj"]), min_size=1, max_size=3, unique=True
+    ),
+)
+def test_flags_reach_the_config(lr, rank, beta, decay, monitor, targets):
+    args = ["finetune", "--lr", repr(lr), "--rank", str(rank), "--betas", f"{beta!r},0.999", "--decay", decay,
+            "--monitor" if monitor else "--no-monitor", "--targets", ",".join(targets), "--dry-run"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    resolved = json.loads(res.output)
+    assert (resolved["lr"], resolved["rank"], resolved["betas"], resolved["decay"]) == (
+        lr,
+        rank,
+        [beta, 0.999],
+        decay,
+    )
+    assert resolved["monitor"] is monitor and resolved["targets"] == targets
