@@ -6,7 +6,23 @@ import pytest
 import torch
 
 import widelora as wl
+from widelora.methods.init import unregister_init
 from widelora.testing.models import TinyMLP, tiny_llama
+
+
+@pytest.fixture
+def scratch_schemes():
+    """Register test-only schemes through this fixture: they are unregistered when the test ends."""
+    names: list[str] = []
+
+    def register(name: str, **kwargs):
+        names.append(name)
+        return wl.register_init(name, **kwargs)
+
+    yield register
+    for name in names:
+        unregister_init(name)
+    assert not set(names) & set(wl.available_schemes())
 
 
 def _snapshot(model):
@@ -51,8 +67,8 @@ def test_attach_rejects_bad_input_without_modifying_the_model(kwargs, pattern):
     _untouched(model, snap)
 
 
-def test_non_finite_init_is_rejected_and_adapters_are_unchanged():
-    @wl.register_init("test_nan_scheme")
+def test_non_finite_init_is_rejected_and_adapters_are_unchanged(scratch_schemes):
+    @scratch_schemes("test_nan_scheme")
     def _nan(pairs, ctx):
         return {p.name: wl.InitUpdate(A=torch.full((p.rank, p.fan_in), float("nan")), B=torch.zeros(p.fan_out, p.rank))
                 for p in pairs}
@@ -80,8 +96,8 @@ def test_initialize_needs_adapters_and_a_known_scheme():
         wl.initialize(model, "init_a", seed="abc")
 
 
-def test_data_hungry_scheme_without_data_is_a_clear_error():
-    @wl.register_init("test_needs_data", needs_data=True)
+def test_data_hungry_scheme_without_data_is_a_clear_error(scratch_schemes):
+    @scratch_schemes("test_needs_data", needs_data=True)
     def _needs(pairs, ctx):  # pragma: no cover - never reached
         raise AssertionError
 

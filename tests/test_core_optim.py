@@ -79,3 +79,19 @@ def test_a_model_without_trainable_parameters_is_a_clear_error():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         wl.create_optimizer(model, lr=1e-3)
+
+
+def test_the_one_adam_update_matches_torch_adamw():
+    from widelora.methods.adam import adamw_step_
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(5, 3, generator=g)
+    q = p.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([q], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t in range(1, 6):
+        grad = torch.randn(5, 3, generator=g)
+        q.grad = grad.clone()
+        opt.step()
+        adamw_step_(p, grad, m, v, lr=1e-2, step=t, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)

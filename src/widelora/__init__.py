@@ -5,6 +5,7 @@ instruments that show whether features are learned — on widelora's own layers 
 """
 
 from widelora.api import attach
+from widelora.features import FeatureMonitor, monitor
 from widelora.lora.attach import match_targets, merge, set_fused, unload, unmerge
 from widelora.lora.io import save_adapter
 from widelora.lora.layer import LoRALinear
@@ -13,7 +14,6 @@ from widelora.lora.pairs import LoRAPair, lora_pairs
 from widelora.methods.init import InitUpdate, available_schemes, initialize, register_init
 from widelora.methods.optim import available_methods, create_optimizer, register_optimizer
 from widelora.methods.plop import PlacementResult, place
-from widelora.monitor import FeatureMonitor
 from widelora.recommend import Recommendation, recommend
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "lora_pairs",
     "match_targets",
     "merge",
+    "monitor",
     "place",
     "recommend",
     "register_init",

@@ -19,7 +19,7 @@ Cost per recorded layer: three (tokens × in × r) products and r×r Gram matric
 
 Usage::
 
-    with widelora.monitor.monitor(model, every=10) as mon:
+    with widelora.monitor(model, every=10) as mon:
         for step, batch in enumerate(loader):
             loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
             mon.step(step)                      # closes the record of this step's forward(s)

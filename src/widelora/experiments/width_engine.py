@@ -30,7 +30,7 @@ from widelora.divergence import DivergenceRule
 from widelora.experiments.toy import FrozenWeights, ToyData, ToyModel, derive_seed, student_weights
 from widelora.experiments.width_config import _FULL_LOSS_ELEMS, DTYPES, WidthStudyConfig, lr_factor
 from widelora.experiments.width_results import ChunkResult
-from widelora.monitor import gram_norms
+from widelora.features import gram_norms
 
 
 @dataclass

@@ -48,7 +48,7 @@ def run_single(
 ) -> SingleRun:
     """Train one configuration with autograd and ``torch.optim.AdamW`` (lr_B = ratio · lr).
 
-    ``ratio`` defaults to the config's only ratio. ``monitor_every=k`` attaches a ``widelora.monitor.FeatureMonitor``
+    ``ratio`` defaults to the config's only ratio. ``monitor_every=k`` attaches a ``widelora.features.FeatureMonitor``
     recording every k-th training step.
     """
     if ratio is None:
@@ -79,7 +79,7 @@ def run_single(
     diverged = -1
     mon = None
     if monitor_every is not None:
-        from widelora.monitor import FeatureMonitor
+        from widelora.features import FeatureMonitor
 
         mon = FeatureMonitor(model, every=monitor_every).attach()
     for t in range(1, config.steps + 1):

@@ -82,6 +82,13 @@ def register_init(name: str, needs_data: bool = False, description: str = "") ->
     return decorator
 
 
+def unregister_init(name: str) -> None:
+    """Remove a registered scheme (tests and notebooks that register throwaway schemes clean up with this)."""
+    if name not in _SCHEMES:
+        raise UserError(f"init scheme {name!r} is not registered; registered schemes: {available_schemes()}")
+    del _SCHEMES[name]
+
+
 def per_pair(fn: Callable[[LoRAPair, InitContext], InitUpdate]) -> SchemeFn:
     """Lift a scheme that treats each pair on its own into a registry function."""
 

@@ -1,7 +1,7 @@
 """The learning-rate probe: a short LR range test on the user's own model and data that finds the stability edge.
 
 The learning rate grows geometrically over the probe's steps (A at lr, B at ratio · lr, as in the run); after each
-step the feature monitor (widelora.monitor.FeatureMonitor) reports |Z_A| and |Z_B| per adapted layer, and the
+step the feature monitor (widelora.features.FeatureMonitor) reports |Z_A| and |Z_B| per adapted layer, and the
 stopping rule (widelora.recommend.edge) reads them with the loss. The probe stops at the first bad state, which
 also keeps it cheap.
 
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from widelora.features import FeatureMonitor
 from widelora.lora.pairs import require_pairs
-from widelora.monitor import FeatureMonitor
 from widelora.recommend.edge import Reading, StopRule, Verdict
 from widelora.recommend.rules import geometric_lrs
 

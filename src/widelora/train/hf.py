@@ -93,7 +93,7 @@ class Trainer(AdapterSaving, transformers.Trainer):
 
 
 class MonitorCallback(TrainerCallback):
-    """Runs `widelora.monitor.FeatureMonitor` inside a Trainer; logs layer-averaged stats every `every` steps.
+    """Runs `widelora.features.FeatureMonitor` inside a Trainer; logs layer-averaged stats every `every` steps.
 
     Per-layer records stay available as `callback.monitor.records` / `.to_rows()` after training. Limitation:
     Trainer has no "evaluation begins" hook, so an evaluation that runs right after a recorded step's boundary

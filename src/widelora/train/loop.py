@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from widelora.divergence import DivergenceRule, DivergenceTracker
+from widelora.features import FeatureMonitor
 from widelora.lora.io import save_adapter
-from widelora.monitor import FeatureMonitor
 from widelora.train.checkpoint import (
     checkpoint_steps,
     prune_checkpoints,
