@@ -75,7 +75,9 @@ def test_a_tied_head_made_trainable_gets_its_own_copy_and_round_trips(tmp_path):
     wl.save_adapter(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert (_logits(PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)) - expected).abs().max() <= 1e-5
+        assert (
+            _logits(PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)) - expected
+        ).abs().max() <= 1e-5
         assert (_logits(wl.load_adapter(copy.deepcopy(fresh), tmp_path)) - expected).abs().max() <= 1e-5
 
 
@@ -98,8 +100,10 @@ def test_pissa_niter_is_refused_naming_the_key(tmp_path):
 # -- 4. save_adapter on a PEFT model that PEFT initialized with a residual init
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_save_adapter_of_a_peft_residual_model_reloads_exactly(tmp_path, init):
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=init))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init),
+    )
     _move(model)
     expected = _logits(model)
     wl.save_adapter(model, tmp_path)
@@ -111,8 +115,9 @@ def test_save_adapter_of_a_peft_residual_model_reloads_exactly(tmp_path, init):
 # -- 5. bias modes
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_peft_bias_adapters_load_into_a_fresh_base_and_their_biases_train(tmp_path, bias):
-    expected = _peft_adapter(tmp_path, tiny_bert_classifier, r=4, target_modules=["query"], bias=bias,
-                             task_type="SEQ_CLS")
+    expected = _peft_adapter(
+        tmp_path, tiny_bert_classifier, r=4, target_modules=["query"], bias=bias, task_type="SEQ_CLS"
+    )
     model = wl.load_adapter(tiny_bert_classifier(), tmp_path)
     assert (_logits(model) - expected).abs().max() <= 1e-5
     query_bias = model.bert.encoder.layer[0].attention.self.query.base_layer.bias
@@ -144,7 +149,9 @@ def test_a_tensor_outside_the_config_is_refused_and_the_base_is_untouched(tmp_pa
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     tensors["base_model.model.model.layers.0.mlp.up_proj.weight"] = torch.zeros(48, 32)
     _rewrite(tmp_path, tensors)
-    _assert_refused(tmp_path, r"adapter_model\.safetensors: tensor base_model\.model\.model\.layers\.0\.mlp\.up_proj")
+    _assert_refused(
+        tmp_path, r"adapter_model\.safetensors: tensor base_model\.model\.model\.layers\.0\.mlp\.up_proj"
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -154,16 +161,21 @@ def test_non_finite_adapters_are_refused_naming_the_tensor(tmp_path, bad):
     key = next(k for k in tensors if "lora_B" in k)
     tensors[key][0, 0] = bad
     _rewrite(tmp_path, tensors)
-    _assert_refused(tmp_path, rf"adapter_model\.safetensors: {key.replace('.', '[.]')}: holds NaN or infinite")
+    _assert_refused(
+        tmp_path, rf"adapter_model\.safetensors: {key.replace('.', '[.]')}: holds NaN or infinite"
+    )
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    ({"rank_pattern": {"q_proj(": 2}}, "rank_pattern"),
-    ({"alpha_pattern": {"q_proj": "big"}}, "alpha_pattern"),
-    ({"lora_alpha": "sixteen"}, "lora_alpha"),
-    ({"r": -1}, "r"),
-    ({"bias": "some"}, "bias"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"rank_pattern": {"q_proj(": 2}}, "rank_pattern"),
+        ({"alpha_pattern": {"q_proj": "big"}}, "alpha_pattern"),
+        ({"lora_alpha": "sixteen"}, "lora_alpha"),
+        ({"r": -1}, "r"),
+        ({"bias": "some"}, "bias"),
+    ],
+)
 def test_bad_config_values_name_the_file_and_the_key(tmp_path, change, key):
     _peft_adapter(tmp_path, r=2, target_modules=["q_proj"])
     _rewrite(tmp_path, **change)
@@ -180,8 +192,12 @@ def test_a_second_attach_keeps_earlier_adapters_and_the_head_trainable():
 
 
 def test_a_mixed_rank_peft_adapter_loads_with_every_rank_group_trainable(tmp_path):
-    _peft_adapter(tmp_path, r=4, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2,
-                                                                                                 "down_proj": 3})
+    _peft_adapter(
+        tmp_path,
+        r=4,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2, "down_proj": 3},
+    )
     model = wl.load_adapter(tiny_llama(), tmp_path)
     pairs = wl.lora_pairs(model)
     assert {p.rank for p in pairs} == {2, 3, 4}

@@ -26,8 +26,11 @@ def scratch_schemes():
 
 
 def _snapshot(model):
-    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()}
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
 
 
 def _untouched(model, snap):
@@ -48,7 +51,10 @@ def _untouched(model, snap):
         ({"targets": ["q_proj"], "alpha": 0}, r"alpha=0 .*positive"),
         ({"targets": ["q_proj"], "alpha": -1.0}, r"alpha=-1.0"),
         ({"targets": ["q_proj"], "alpha": float("inf")}, r"alpha=inf"),
-        ({"targets": ["q_proj"], "init": "xavier"}, r"init scheme 'xavier' is unknown; valid schemes: \[.*init_a"),
+        (
+            {"targets": ["q_proj"], "init": "xavier"},
+            r"init scheme 'xavier' is unknown; valid schemes: \[.*init_a",
+        ),
         ({"targets": ["q_proj"], "scaling": "sqrt"}, r"scaling='sqrt' .*standard.*rslora"),
         ({"targets": ["q_proj"], "dropout": 1.5}, r"dropout=1.5"),
         ({"targets": ["qq_proj"]}, r"match no module; linear module names in this model: \[.*q_proj"),
@@ -56,7 +62,10 @@ def _untouched(model, snap):
         ({"targets": r"model\.embed_tokens"}, r"not linear layers"),
         ({"targets": "(unclosed"}, r"not a valid regular expression"),
         ({"targets": []}, r"non-empty list"),
-        ({"targets": ["q_proj"], "trainable": ["no_such_head"]}, r"trainable=\['no_such_head'\] match no module"),
+        (
+            {"targets": ["q_proj"], "trainable": ["no_such_head"]},
+            r"trainable=\['no_such_head'\] match no module",
+        ),
     ],
 )
 def test_attach_rejects_bad_input_without_modifying_the_model(kwargs, pattern):
@@ -70,8 +79,12 @@ def test_attach_rejects_bad_input_without_modifying_the_model(kwargs, pattern):
 def test_non_finite_init_is_rejected_and_adapters_are_unchanged(scratch_schemes):
     @scratch_schemes("test_nan_scheme")
     def _nan(pairs, ctx):
-        return {p.name: wl.InitUpdate(A=torch.full((p.rank, p.fan_in), float("nan")), B=torch.zeros(p.fan_out, p.rank))
-                for p in pairs}
+        return {
+            p.name: wl.InitUpdate(
+                A=torch.full((p.rank, p.fan_in), float("nan")), B=torch.zeros(p.fan_out, p.rank)
+            )
+            for p in pairs
+        }
 
     model = wl.attach(TinyMLP(), ["up", "down"], rank=2, seed=0)
     snap = _snapshot(model)

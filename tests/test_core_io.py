@@ -44,8 +44,9 @@ def test_widelora_adapter_loads_in_peft_with_the_same_logits(tmp_path, scaling):
 
 
 def test_peft_adapter_loads_in_widelora_with_the_same_logits(tmp_path):
-    peft_model = get_peft_model(tiny_llama(seed=2), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
-                                                                                                   "down_proj"]))
+    peft_model = get_peft_model(
+        tiny_llama(seed=2), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     _randomize_b(peft_model)
     x = torch.randint(0, 64, (2, 11))
     expected = peft_model(x).logits
@@ -66,7 +67,9 @@ def test_classifier_head_roundtrips_as_modules_to_save(tmp_path):
     wl.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
-    assert (PeftModel.from_pretrained(copy.deepcopy(base_copy), tmp_path)(x).logits - expected).abs().max() < 1e-5
+    assert (
+        PeftModel.from_pretrained(copy.deepcopy(base_copy), tmp_path)(x).logits - expected
+    ).abs().max() < 1e-5
     assert (wl.load_adapter(base_copy, tmp_path)(x).logits - expected).abs().max() < 1e-5
 
 
@@ -111,7 +114,9 @@ def test_no_temporary_files_are_left_and_a_save_overwrites_cleanly(tmp_path):
     wl.save_adapter(model, tmp_path)
     wl.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert all(p.stat().st_mode & 0o044 == 0o044 for p in tmp_path.iterdir())  # readable by others, unlike mkstemp
+    assert all(
+        p.stat().st_mode & 0o044 == 0o044 for p in tmp_path.iterdir()
+    )  # readable by others, unlike mkstemp
 
 
 def test_truncated_adapter_file_is_a_clear_error_and_the_model_is_untouched(tmp_path):
@@ -144,8 +149,16 @@ def test_adapter_for_a_different_base_model_is_rejected_untouched(tmp_path):
     # same module names, different widths
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     before = _state(wider)
     with pytest.raises(ValueError, match=r"do not fit.*different base model"):
         wl.load_adapter(wider, tmp_path)

@@ -80,7 +80,9 @@ def test_forward_matches_formula_and_only_adapters_get_gradients():
     wl.attach(model, ["up"], rank=3, alpha=6, init="init_b", seed=1)
     layer = model.up
     x = torch.randn(4, 12)
-    expected = x @ layer.base_layer.weight.T + layer.base_layer.bias + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
+    expected = (
+        x @ layer.base_layer.weight.T + layer.base_layer.bias + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
+    )
     torch.testing.assert_close(layer(x), expected)
     model(x).sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -138,7 +140,12 @@ def test_conv1d_gpt2_weights_are_handled_transposed():
     wl.attach(model, ["c_attn", "c_fc"], rank=4, init="init_a", seed=0)
     torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
     pair = wl.lora_pairs(model)[0]
-    assert pair.transposed and pair.weight.shape == (96, 32) and pair.A.shape == (4, 32) and pair.B.shape == (96, 4)
+    assert (
+        pair.transposed
+        and pair.weight.shape == (96, 32)
+        and pair.A.shape == (4, 32)
+        and pair.B.shape == (96, 4)
+    )
     nn.init.normal_(pair.B, std=0.1)
     adapted = model(x).logits
     wl.merge(model)

@@ -40,11 +40,13 @@ def test_plain_adamw_uses_one_lr_and_honours_weight_decay():
 
 
 def test_loraplus_matches_peft_grouping_and_keeps_the_users_weight_decay():
-    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query", "value"],
-                                                               task_type="SEQ_CLS"))
+    model = get_peft_model(
+        tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     ours = _lr_wd_by_param(wl.create_optimizer(model, lr=2e-4, method="loraplus", ratio=8, weight_decay=0.01))
-    peft = _lr_wd_by_param(create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=8,
-                                                     weight_decay=0.01))
+    peft = _lr_wd_by_param(
+        create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=8, weight_decay=0.01)
+    )
     assert set(ours) == set(peft) and len(ours) > 0
     for pid in ours:
         assert ours[pid][0] == pytest.approx(peft[pid][0])  # identical learning rates, parameter by parameter
@@ -55,7 +57,9 @@ def test_loraplus_matches_peft_grouping_and_keeps_the_users_weight_decay():
 
 
 def test_embedding_adapters_get_the_embedding_lr_on_peft_models():
-    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, target_modules=["word_embeddings", "query"]))
+    model = get_peft_model(
+        tiny_bert_classifier(), LoraConfig(r=4, target_modules=["word_embeddings", "query"])
+    )
     opt = wl.create_optimizer(model, lr=1e-3, method="loraplus", ratio=16, embedding_lr=3e-6)
     emb = next(g for g in opt.param_groups if g["name"] == "embedding")
     names = {n for n, p in model.named_parameters() if any(p is q for q in emb["params"])}
@@ -66,9 +70,13 @@ def test_unknown_method_and_bad_numbers_are_clear_errors():
     model = wl.attach(TinyMLP(), ["up"], rank=2)
     with pytest.raises(ValueError, match=r"unknown.*adamw.*loraplus"):
         wl.create_optimizer(model, lr=1e-3, method="sgdd")
-    for kwargs, word in [({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": 1e-3, "ratio": -1}, "ratio"),
-                         ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay"),
-                         ({"lr": 1e-3, "betas": (0.9, 1.5)}, "betas")]:
+    for kwargs, word in [
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": 1e-3, "ratio": -1}, "ratio"),
+        ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay"),
+        ({"lr": 1e-3, "betas": (0.9, 1.5)}, "betas"),
+    ]:
         with pytest.raises(ValueError, match=word):
             wl.create_optimizer(model, **kwargs)
 

@@ -25,7 +25,9 @@ def test_head_lr_applies_to_every_non_adapter_parameter_for_every_method(method)
     assert heads and all(lrs[id(p)] == 5e-2 for p in heads)
     assert all(lrs[i] in (1e-3, 4e-3) for i in adapters)
     names = {g["name"]: g["weight_decay"] for g in opt.param_groups}
-    assert names["head"] == 0.1 and names["head_no_decay"] == 0.0  # classifier.weight decays, its bias does not
+    assert (
+        names["head"] == 0.1 and names["head_no_decay"] == 0.0
+    )  # classifier.weight decays, its bias does not
 
 
 @pytest.mark.parametrize("method", ["adamw", "loraplus"])

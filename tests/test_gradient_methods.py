@@ -29,7 +29,9 @@ def _batches(n: int = 3, b: int = 2, t: int = 10, seed: int = 0) -> list[dict]:
     return out
 
 
-def _autograd_gradients(model: nn.Module, batches: list[dict], suffixes: list[str]) -> dict[str, torch.Tensor]:
+def _autograd_gradients(
+    model: nn.Module, batches: list[dict], suffixes: list[str]
+) -> dict[str, torch.Tensor]:
     """Independent reference: requires_grad on W, backward on each batch's loss, mean over batches."""
     model = copy.deepcopy(model)
     for p in model.parameters():
@@ -80,8 +82,9 @@ def test_gradient_estimation_uses_a_custom_loss_and_num_batches():
     def loss_fn(m, x):
         return m(x).pow(2).mean()
 
-    got = estimate_gradients(model, {"up": model.up, "down": model.down}, xs, loss_fn=loss_fn, num_batches=2,
-                             progress=False)
+    got = estimate_gradients(
+        model, {"up": model.up, "down": model.down}, xs, loss_fn=loss_fn, num_batches=2, progress=False
+    )
     ref = copy.deepcopy(model)
     total = sum(loss_fn(ref, x) for x in xs[:2]) / 2
     total.backward()
@@ -92,8 +95,12 @@ def test_gradient_estimation_uses_a_custom_loss_and_num_batches():
 def test_batches_without_labels_or_loss_fn_are_a_clear_error():
     model = tiny_llama()
     with pytest.raises(ValueError, match="labels"):
-        estimate_gradients(model, {"q": model.model.layers[0].self_attn.q_proj},
-                           [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], progress=False)
+        estimate_gradients(
+            model,
+            {"q": model.model.layers[0].self_attn.q_proj},
+            [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}],
+            progress=False,
+        )
 
 
 # --- LoRA-One -----------------------------------------------------------------------------------------------
@@ -124,7 +131,9 @@ def test_lora_one_initial_update_is_a_normalized_truncated_gradient_step(kind):
         torch.testing.assert_close(p.delta().double(), expected, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(p.weight, w_before[p.name])  # W is not adjusted
         # the normalized step has spectral norm s / gamma
-        assert torch.linalg.matrix_norm(p.delta().double(), ord=2).item() == pytest.approx(p.scale / gamma, rel=1e-4)
+        assert torch.linalg.matrix_norm(p.delta().double(), ord=2).item() == pytest.approx(
+            p.scale / gamma, rel=1e-4
+        )
 
 
 def test_lora_one_default_gamma_is_the_references_128():
@@ -164,11 +173,12 @@ def test_lora_ga_factors_follow_the_reference_formula():
     r, gamma = 3, 16.0
     b0, a0 = lora_ga_factors(g, r, gamma=gamma, svd="exact")
     u, _s, vh = torch.linalg.svd(g.double(), full_matrices=False)
-    factor = 20 ** 0.25 / gamma ** 0.5
+    factor = 20**0.25 / gamma**0.5
     # singular vectors are defined up to sign: compare the sign-invariant projectors and the scale
-    torch.testing.assert_close((a0.T @ a0).double(), factor ** 2 * vh[:r].T @ vh[:r], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close((b0 @ b0.T).double(), factor ** 2 * u[:, r:2 * r] @ u[:, r:2 * r].T,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((a0.T @ a0).double(), factor**2 * vh[:r].T @ vh[:r], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        (b0 @ b0.T).double(), factor**2 * u[:, r : 2 * r] @ u[:, r : 2 * r].T, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_lora_ga_keeps_the_output_and_its_saved_adapter_reproduces_finetuning_in_peft(tmp_path):
@@ -296,8 +306,17 @@ def _loss(model: nn.Module) -> torch.Tensor:
 def test_preconditioned_adamw_first_step_equals_the_closed_form(bias_correction, loraplus):
     model = _two_layer_with_nonzero_adapters()
     lr, lam, eps, betas, ratio = 1e-2, 1e-6, 1e-8, (0.9, 0.999), 4.0
-    opt = wl.create_optimizer(model, lr=lr, method="lora_one_precond", lam=lam, eps=eps, betas=betas, ratio=ratio,
-                              bias_correction=bias_correction, loraplus=loraplus)
+    opt = wl.create_optimizer(
+        model,
+        lr=lr,
+        method="lora_one_precond",
+        lam=lam,
+        eps=eps,
+        betas=betas,
+        ratio=ratio,
+        bias_correction=bias_correction,
+        loraplus=loraplus,
+    )
     pairs = wl.lora_pairs(model)
     before = [(p.A.detach().clone(), p.B.detach().clone()) for p in pairs]
     _loss(model).backward()
@@ -305,8 +324,13 @@ def test_preconditioned_adamw_first_step_equals_the_closed_form(bias_correction,
     opt.step()
     for p, (a, b), (ga, gb) in zip(pairs, before, grads):
         # closed form, written out: preconditioners from the pre-step factors, then one Adam step
-        pa = torch.linalg.inv(b.double().T @ b.double() + lam * torch.eye(2, dtype=torch.float64)) @ ga.double()
-        pb = gb.double() @ torch.linalg.inv(a.double() @ a.double().T + lam * torch.eye(2, dtype=torch.float64))
+        pa = (
+            torch.linalg.inv(b.double().T @ b.double() + lam * torch.eye(2, dtype=torch.float64))
+            @ ga.double()
+        )
+        pb = gb.double() @ torch.linalg.inv(
+            a.double() @ a.double().T + lam * torch.eye(2, dtype=torch.float64)
+        )
         for value, old, g, lr_p in ((p.A, a, pa, lr), (p.B, b, pb, lr * (ratio if loraplus else 1.0))):
             m = (1 - betas[0]) * g
             v = (1 - betas[1]) * g * g
@@ -379,4 +403,6 @@ def test_lora_one_on_gpt2_conv1d_and_with_a_memory_budget():
     wl.initialize(model, "lora_one", batches=batches, gamma=8.0, memory_budget=32 * 96 * 4, progress=False)
     for p in wl.lora_pairs(model):
         g_r, sigma1 = _truncated(grads[p.name], 3)
-        torch.testing.assert_close(p.delta().double(), -(p.scale / (8.0 * sigma1)) * g_r, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(
+            p.delta().double(), -(p.scale / (8.0 * sigma1)) * g_r, rtol=1e-4, atol=1e-8
+        )

@@ -85,7 +85,9 @@ def test_batched_helpers_agree_with_per_slice_calls():
     za, zb = feature_norms(x, A, B, 0.5)
     assert za.shape == (2, 3)
     za11, zb11 = feature_norms(x[1, 0], A[1, 1], B[1, 1], 0.5)
-    assert za[1, 1] == pytest.approx(za11.item(), rel=1e-5) and zb[1, 1] == pytest.approx(zb11.item(), rel=1e-5)
+    assert za[1, 1] == pytest.approx(za11.item(), rel=1e-5) and zb[1, 1] == pytest.approx(
+        zb11.item(), rel=1e-5
+    )
     d = delta_norms(x[0, 0], A[0, 0], B[0, 0], A[0, 0], B[0, 0])
     assert all(v.item() == 0.0 for v in d)  # no change, no update
 
@@ -171,9 +173,22 @@ def test_width_study_traces_equal_the_hook_monitor():
     from widelora.experiments import width_study as ws
     from widelora.experiments.toy import ToyModel, make_data
 
-    cfg = ws.WidthStudyConfig(widths=(24,), lrs=(3e-3,), seeds=(0,), steps=6, batch_size=8, n_train=32,
-                              n_test=8, teacher_width=16, teacher_rank=2, rank=2, trace_points=7, dtype="float64",
-                              workers=1, inits=("init_a",))
+    cfg = ws.WidthStudyConfig(
+        widths=(24,),
+        lrs=(3e-3,),
+        seeds=(0,),
+        steps=6,
+        batch_size=8,
+        n_train=32,
+        n_test=8,
+        teacher_width=16,
+        teacher_rank=2,
+        rank=2,
+        trace_points=7,
+        dtype="float64",
+        workers=1,
+        inits=("init_a",),
+    )
     data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, 0, torch.float64)
     cache = ws.build_cache(cfg, data, 24)
     a0, b0, _ = ws.initial_adapters(cfg, data, cache.frozen[0], "init_a", 0)
@@ -211,8 +226,14 @@ def test_width_study_traces_equal_the_hook_monitor():
 def test_gram_norms_and_delta_triangle_property(seed, scale):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 7, generator=g, dtype=torch.float64)
-    A0, A1 = torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
-    B0, B1 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    A0, A1 = (
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+        torch.randn(3, 7, generator=g, dtype=torch.float64),
+    )
+    B0, B1 = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
     z = x @ A1.T
     assert torch.allclose(gram_norms(z, B1, scale), (scale * z @ B1.T).norm(dim=-1))
     d1, d2, d3 = delta_norms(x, A0, B0, A1, B1, scale)

@@ -20,8 +20,8 @@ def _batch(b: int = 2, t: int = 9, seed: int = 0, pad_last: int = 0) -> dict:
     ids = torch.randint(1, 64, (b, t), generator=gen)
     mask = torch.ones(b, t, dtype=torch.long)
     if pad_last:
-        mask[-1, t - pad_last:] = 0
-        ids[-1, t - pad_last:] = 0
+        mask[-1, t - pad_last :] = 0
+        ids[-1, t - pad_last :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -32,8 +32,10 @@ def _hand_nfn(model, batches, seed):
     gen = torch.Generator().manual_seed(seed)
     for batch in batches:
         calls = []
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n, calls=calls: calls.append((n, a[0].detach())))
-                   for n, m in mods.items()]
+        handles = [
+            m.register_forward_hook(lambda mod, a, o, n=n, calls=calls: calls.append((n, a[0].detach())))
+            for n, m in mods.items()
+        ]
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for h in handles:
@@ -41,10 +43,12 @@ def _hand_nfn(model, batches, seed):
         mask = batch["attention_mask"].bool()
         for name, z in calls:
             w = mods[name].weight.double()
-            w_n = w / math.sqrt((w ** 2).sum().item() / w.numel())
+            w_n = w / math.sqrt((w**2).sum().item() / w.numel())
             tokens = [z[i, j].double() for i in range(z.shape[0]) for j in range(z.shape[1]) if mask[i, j]]
             d_in = z.shape[-1]
-            actual = sum((w_n @ (tk / tk.norm())).norm().item() for tk in tokens) / len(tokens) / math.sqrt(d_in)
+            actual = (
+                sum((w_n @ (tk / tk.norm())).norm().item() for tk in tokens) / len(tokens) / math.sqrt(d_in)
+            )
             g = torch.randn((len(tokens), d_in), generator=gen).double()
             rnd = sum((w_n @ (gk / gk.norm())).norm().item() for gk in g) / len(tokens) / math.sqrt(d_in)
             per_batch[name].append(actual / rnd)
@@ -82,7 +86,15 @@ def test_ranking_targets_attach_and_outputs(tmp_path):
     result = place(model, [_batch(seed=s) for s in range(2)], k=3, progress=False)
     ranking = result.ranking()
     assert [t for t, _ in ranking[:3]] == result.targets
-    assert {t for t, _ in ranking} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {t for t, _ in ranking} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert all(ranking[i][1] <= ranking[i + 1][1] for i in range(len(ranking) - 1))
     assert all(v > 0 and math.isfinite(v) for v in result.scores.values())
     console = Console(record=True, width=120)
@@ -155,14 +167,48 @@ def test_place_command_prints_the_table_and_writes_json(tmp_path):
 
     folder = save_tiny_folder(tmp_path / "tiny")
     text = tmp_path / "docs.txt"
-    text.write_text("\n\n".join(f"document number {i} says something about topic {i % 3}." for i in range(30)))
+    text.write_text(
+        "\n\n".join(f"document number {i} says something about topic {i % 3}." for i in range(30))
+    )
     out = tmp_path / "plop.json"
-    res = CliRunner().invoke(app, ["place", "--model", str(folder), "--dataset", str(text), "--samples", "6",
-                                   "--batch", "3", "--seq-len", "24", "--k", "2", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "place",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(text),
+            "--samples",
+            "6",
+            "--batch",
+            "3",
+            "--seq-len",
+            "24",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert len(data["targets"]) == 2 and data["num_batches"] == 2
     assert all(t in res.output for t in data["targets"]) and "PLoP ranking" in res.output
-    bad = CliRunner().invoke(app, ["place", "--model", str(folder), "--dataset", str(text), "--k", "99",
-                                   "--samples", "3", "--out", str(tmp_path / "x.json")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "place",
+            "--model",
+            str(folder),
+            "--dataset",
+            str(text),
+            "--k",
+            "99",
+            "--samples",
+            "3",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+    )
     assert bad.exit_code == 2 and "k=99" in bad.output and not (tmp_path / "x.json").exists()

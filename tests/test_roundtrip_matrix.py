@@ -38,14 +38,24 @@ def _tied_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 BASES: dict[str, Callable[[], nn.Module]] = {
-    "llama": tiny_llama, "tied_llama": _tied_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier,
+    "llama": tiny_llama,
+    "tied_llama": _tied_llama,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert_classifier,
 }
 
 
@@ -71,44 +81,114 @@ class Row:
 QV = ["q_proj", "v_proj"]
 ROWS = [
     Row("default (q,v)", "llama", {"r": 4, "lora_alpha": 8, "target_modules": QV}),
-    Row("rslora", "llama", {"r": 4, "lora_alpha": 8, "use_rslora": True,
-                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    Row(
+        "rslora",
+        "llama",
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "use_rslora": True,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        },
+    ),
     Row("all-linear", "llama", {"r": 4, "lora_alpha": 4, "target_modules": "all-linear"}),
     Row("dropout 0.1", "llama", {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": QV}),
-    Row("rank_pattern + alpha_pattern", "llama", {
-        "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-        "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}}),
-    Row("init gaussian", "llama", {"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "gaussian"}),
+    Row(
+        "rank_pattern + alpha_pattern",
+        "llama",
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"v_proj": 2},
+            "alpha_pattern": {"down_proj": 3},
+        },
+    ),
+    Row(
+        "init gaussian",
+        "llama",
+        {"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "gaussian"},
+    ),
     Row("init pissa", "llama", {"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "pissa"}),
     Row("init olora", "llama", {"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "olora"}),
-    Row("init pissa_niter_4", "llama", {"r": 4, "lora_alpha": 8, "target_modules": QV,
-                                        "init_lora_weights": "pissa_niter_4"},
-        refuses="init_lora_weights", notes="randomized SVD: not reproducible, refused"),
-    Row("pissa + rslora + rank_pattern", "llama", {
-        "r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": QV, "init_lora_weights": "pissa",
-        "rank_pattern": {"v_proj": 2}}),
-    Row("tied lm_head in modules_to_save", "tied_llama", {"r": 4, "target_modules": QV,
-                                                         "modules_to_save": ["lm_head"]}),
-    Row("GPT-2 Conv1D (c_attn, c_fc)", "gpt2", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"],
-                                                "fan_in_fan_out": True}),
+    Row(
+        "init pissa_niter_4",
+        "llama",
+        {"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "pissa_niter_4"},
+        refuses="init_lora_weights",
+        notes="randomized SVD: not reproducible, refused",
+    ),
+    Row(
+        "pissa + rslora + rank_pattern",
+        "llama",
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "use_rslora": True,
+            "target_modules": QV,
+            "init_lora_weights": "pissa",
+            "rank_pattern": {"v_proj": 2},
+        },
+    ),
+    Row(
+        "tied lm_head in modules_to_save",
+        "tied_llama",
+        {"r": 4, "target_modules": QV, "modules_to_save": ["lm_head"]},
+    ),
+    Row(
+        "GPT-2 Conv1D (c_attn, c_fc)",
+        "gpt2",
+        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True},
+    ),
     Row("GPT-2 all-linear", "gpt2", {"r": 4, "target_modules": "all-linear", "fan_in_fan_out": True}),
-    Row("GPT-2 tied lm_head in modules_to_save", "gpt2", {
-        "r": 4, "target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "fan_in_fan_out": True}),
-    Row("BERT SEQ_CLS (classifier saved)", "bert", {"r": 4, "target_modules": ["query", "value"],
-                                                    "task_type": "SEQ_CLS"}),
-    Row("BERT bias=all", "bert", {"r": 4, "target_modules": ["query"], "bias": "all", "task_type": "SEQ_CLS"}),
-    Row("BERT bias=lora_only", "bert", {"r": 4, "target_modules": ["query", "value"], "bias": "lora_only",
-                                        "task_type": "SEQ_CLS"}),
-    Row("BERT all-linear + modules_to_save pooler", "bert", {
-        "r": 2, "target_modules": "all-linear", "modules_to_save": ["pooler"], "task_type": "SEQ_CLS"}),
+    Row(
+        "GPT-2 tied lm_head in modules_to_save",
+        "gpt2",
+        {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "fan_in_fan_out": True},
+    ),
+    Row(
+        "BERT SEQ_CLS (classifier saved)",
+        "bert",
+        {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+    ),
+    Row(
+        "BERT bias=all", "bert", {"r": 4, "target_modules": ["query"], "bias": "all", "task_type": "SEQ_CLS"}
+    ),
+    Row(
+        "BERT bias=lora_only",
+        "bert",
+        {"r": 4, "target_modules": ["query", "value"], "bias": "lora_only", "task_type": "SEQ_CLS"},
+    ),
+    Row(
+        "BERT all-linear + modules_to_save pooler",
+        "bert",
+        {"r": 2, "target_modules": "all-linear", "modules_to_save": ["pooler"], "task_type": "SEQ_CLS"},
+    ),
     Row("wl: pissa", "llama", wl=lambda m: wl.attach(m, QV, rank=4, alpha=8, init="pissa")),
     Row("wl: lora_ga", "llama", wl=lambda m: _lora_ga(m)),
-    Row("wl: rslora, Conv1D, init_b", "gpt2",
-        wl=lambda m: wl.attach(m, ["c_attn", "c_proj"], rank=4, alpha=8, scaling="rslora", init="init_b", seed=0)),
-    Row("wl: tied lm_head trainable", "gpt2",
-        wl=lambda m: wl.attach(m, ["c_attn"], rank=4, seed=0, trainable=["lm_head"])),
-    Row("wl: two attach calls + head", "bert", wl=lambda m: wl.attach(
-        wl.attach(m, ["query"], rank=4, seed=0, trainable=["classifier"]), ["value"], rank=2, alpha=4, seed=1)),
+    Row(
+        "wl: rslora, Conv1D, init_b",
+        "gpt2",
+        wl=lambda m: wl.attach(
+            m, ["c_attn", "c_proj"], rank=4, alpha=8, scaling="rslora", init="init_b", seed=0
+        ),
+    ),
+    Row(
+        "wl: tied lm_head trainable",
+        "gpt2",
+        wl=lambda m: wl.attach(m, ["c_attn"], rank=4, seed=0, trainable=["lm_head"]),
+    ),
+    Row(
+        "wl: two attach calls + head",
+        "bert",
+        wl=lambda m: wl.attach(
+            wl.attach(m, ["query"], rank=4, seed=0, trainable=["classifier"]),
+            ["value"],
+            rank=2,
+            alpha=4,
+            seed=1,
+        ),
+    ),
 ]
 BY_NAME = {r.name: r for r in ROWS}
 DIRECTIONS = ("peft->wl fresh", "peft->wl attached", "wl->peft fresh", "wl->peft attached")
@@ -116,8 +196,13 @@ DIRECTIONS = ("peft->wl fresh", "peft->wl attached", "wl->peft fresh", "wl->peft
 
 def _lora_ga(model: nn.Module) -> nn.Module:
     wl.attach(model, QV, rank=2, alpha=4, seed=0)
-    batches = [{"input_ids": (ids := torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(i))),
-                "labels": ids} for i in range(2)]
+    batches = [
+        {
+            "input_ids": (ids := torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(i))),
+            "labels": ids,
+        }
+        for i in range(2)
+    ]
     return wl.initialize(model, "lora_ga", batches=batches, progress=False)
 
 

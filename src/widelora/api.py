@@ -48,20 +48,37 @@ def attach(
     arguments win. Everything is checked before the model changes; a failing initialization undoes the whole
     call. Returns the same model.
     """
-    passed = {"targets": targets, "rank": rank, "alpha": alpha, "init": init, "scaling": scaling,
-              "dropout": dropout, "seed": seed, "trainable": trainable}
+    passed = {
+        "targets": targets,
+        "rank": rank,
+        "alpha": alpha,
+        "init": init,
+        "scaling": scaling,
+        "dropout": dropout,
+        "seed": seed,
+        "trainable": trainable,
+    }
     args = resolve("attach", setup, "attach_kwargs", passed, ATTACH_DEFAULTS)
     if args["targets"] is UNSET:
-        raise UserError("attach needs targets=... (module names, a regex, or 'all-linear'), or setup=<an object "
-                        "whose attach_kwargs() gives them>")
+        raise UserError(
+            "attach needs targets=... (module names, a regex, or 'all-linear'), or setup=<an object "
+            "whose attach_kwargs() gives them>"
+        )
     scheme = get_scheme(args["init"])
     if scheme.needs_data:
         raise UserError(
             f"init={args['init']!r} needs data: attach with a random scheme (e.g. init='init_a') and then call "
             f"widelora.initialize(model, {args['init']!r}, batches=...)"
         )
-    added = add_adapters(model, args["targets"], rank=args["rank"], alpha=args["alpha"], scaling=args["scaling"],
-                         dropout=args["dropout"], trainable=args["trainable"])
+    added = add_adapters(
+        model,
+        args["targets"],
+        rank=args["rank"],
+        alpha=args["alpha"],
+        scaling=args["scaling"],
+        dropout=args["dropout"],
+        trainable=args["trainable"],
+    )
     try:
         initialize(model, args["init"], seed=args["seed"], only={id(layer) for layer in added.layers})
     except Exception:

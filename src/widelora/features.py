@@ -221,7 +221,9 @@ class FeatureMonitor:
             return
         dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32  # half types: stats in float32
         x2 = x2.to(dtype)
-        if pair.name not in self._current:  # weights this step's forward uses (same for every forward of a step)
+        if (
+            pair.name not in self._current
+        ):  # weights this step's forward uses (same for every forward of a step)
             self._current[pair.name] = (pair.A.detach().to(dtype).clone(), pair.B.detach().to(dtype).clone())
         A, B = self._current[pair.name]
         x_norm = x2.norm(dim=-1).mean()
@@ -245,8 +247,22 @@ class FeatureMonitor:
                     continue
                 vals = (acc.sums / acc.tokens).tolist()  # the one device sync per recorded step
                 d = [None if math.isnan(v) else v for v in vals[3:]]
-                new.append(LayerRecord(step, pair.name, acc.tokens, vals[0], vals[1], vals[2], d[0], d[1], d[2],
-                                       pair.fan_in, pair.fan_out, pair.rank))
+                new.append(
+                    LayerRecord(
+                        step,
+                        pair.name,
+                        acc.tokens,
+                        vals[0],
+                        vals[1],
+                        vals[2],
+                        d[0],
+                        d[1],
+                        d[2],
+                        pair.fan_in,
+                        pair.fan_out,
+                        pair.rank,
+                    )
+                )
             self._prev.update(self._current)
         self._acc.clear()
         self._current.clear()
@@ -279,7 +295,9 @@ class FeatureMonitor:
             zb_vals = [r.z_b_ratio for r in recs]
             zb_finite = all(math.isfinite(v) for v in zb_vals) and all(math.isfinite(r.z_a) for r in recs)
             output_unstable = (not zb_finite) or max(zb_vals) > self.zb_threshold
-            internal = (not output_unstable) and last.z_a_ratio > self.za_threshold and za_max > first.z_a_ratio
+            internal = (
+                (not output_unstable) and last.z_a_ratio > self.za_threshold and za_max > first.z_a_ratio
+            )
             share = None
             if mean_d1 is not None and mean_d2 is not None and (mean_d1 + mean_d2) > 0:
                 share = mean_d2 / (mean_d1 + mean_d2)

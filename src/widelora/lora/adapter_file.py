@@ -73,7 +73,9 @@ def _number(path: Path, config: dict, key: str, value: Any, positive: bool = Tru
 def _patterns(path: Path, config: dict, key: str, integer: bool) -> dict[str, float]:
     raw = config.get(key) or {}
     if not isinstance(raw, dict):
-        raise _problem(path, key, f"must be a mapping of module-name regex to value, got {type(raw).__name__}")
+        raise _problem(
+            path, key, f"must be a mapping of module-name regex to value, got {type(raw).__name__}"
+        )
     for pattern, value in raw.items():
         try:
             re.compile(pattern)
@@ -97,7 +99,9 @@ def _check_config(path: Path, config: Any) -> dict:
     if not isinstance(config, dict):
         raise FileProblem(path, "is not a JSON object", "an adapter_config.json holds PEFT's LoraConfig")
     if str(config.get("peft_type", "")).upper() != "LORA":
-        raise _problem(path, "peft_type", f"{config.get('peft_type')!r}; widelora loads LoRA adapters only ('LORA')")
+        raise _problem(
+            path, "peft_type", f"{config.get('peft_type')!r}; widelora loads LoRA adapters only ('LORA')"
+        )
     for key in ("use_dora", "lora_bias"):
         if config.get(key):
             raise _problem(path, key, "is set; widelora's loader does not support DoRA or LoRA-bias adapters")
@@ -114,7 +118,8 @@ def _check_config(path: Path, config: Any) -> dict:
     init = config.get("init_lora_weights", True)
     if init not in PLAIN_INITS and init not in RESIDUAL_INITS:
         raise _problem(
-            path, "init_lora_weights",
+            path,
+            "init_lora_weights",
             f"{init!r} is not supported: PEFT rebuilds the base weight for it on load in a way widelora cannot "
             "reproduce exactly (pissa_niter_* uses a randomized SVD)",
             f"supported: {list(PLAIN_INITS) + list(RESIDUAL_INITS)}; convert the adapter with PEFT's "
@@ -140,8 +145,10 @@ def read_adapter(directory: Path) -> AdapterFile:
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (cfg_path, w_path):
         if not path.is_file():
-            raise FileNotFoundError(f"adapter folder {directory} has no {path.name} (expected {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}, PEFT's format)")
+            raise FileNotFoundError(
+                f"adapter folder {directory} has no {path.name} (expected {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}, PEFT's format)"
+            )
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -157,18 +164,24 @@ def read_adapter(directory: Path) -> AdapterFile:
     extras: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise _problem(w_path, key, "holds NaN or infinite values", "the adapter diverged or the file is damaged")
+            raise _problem(
+                w_path, key, "holds NaN or infinite values", "the adapter diverged or the file is damaged"
+            )
         name = key.removeprefix(PEFT_PREFIX)
         m = _LORA_KEY.fullmatch(name)
         if m:
             factors.setdefault(m.group(1), {})[m.group(2)] = value
         elif "lora_embedding" in name or "lora_magnitude" in name:
-            raise _problem(w_path, key, "belongs to an adapter type widelora cannot load (embedding LoRA or DoRA)")
+            raise _problem(
+                w_path, key, "belongs to an adapter type widelora cannot load (embedding LoRA or DoRA)"
+            )
         else:
             param = canonical_param(name)
             if param is not None:
                 if param in extras and not torch.equal(extras[param], value):
-                    raise _problem(w_path, key, f"disagrees with another tensor for the same parameter {param}")
+                    raise _problem(
+                        w_path, key, f"disagrees with another tensor for the same parameter {param}"
+                    )
                 extras[param] = value
     if not factors:
         raise FileProblem(w_path, "holds no lora_A/lora_B tensors")
@@ -179,7 +192,9 @@ def read_adapter(directory: Path) -> AdapterFile:
             raise _problem(w_path, name, f"has only lora_{''.join(pair)}; the file is incomplete")
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise _problem(w_path, name, f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a pair")
+            raise _problem(
+                w_path, name, f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a pair"
+            )
         r = int(pattern_value(ranks, name, config.get("r", 8)))
         if r != a.shape[0]:
             raise _problem(w_path, name, f"has rank {a.shape[0]} but the config says r={r} for it")

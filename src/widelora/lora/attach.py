@@ -50,9 +50,13 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     elif isinstance(targets, Iterable):
         wanted = list(targets)
         if not wanted or not all(isinstance(t, str) and t for t in wanted):
-            raise UserError(f"targets must be a non-empty list of module names, a regex string or "
-                            f"{ALL_LINEAR!r}; got {targets!r}")
-        names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in wanted)]
+            raise UserError(
+                f"targets must be a non-empty list of module names, a regex string or "
+                f"{ALL_LINEAR!r}; got {targets!r}"
+            )
+        names = [
+            n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in wanted)
+        ]
         matched_any = {t for t in wanted if any(n == t or n.endswith("." + t) for n in names)}
         missing = [t for t in wanted if t not in matched_any]
         if missing and names:
@@ -78,7 +82,12 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
 def _check_hyperparameters(rank: object, alpha: object, scaling: str, dropout: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise UserError(f"rank={rank!r} is not valid; rank must be a positive integer")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
         raise UserError(f"alpha={alpha!r} is not valid; alpha must be a positive number")
     if scaling not in SCALINGS:
         raise UserError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")

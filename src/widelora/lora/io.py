@@ -86,9 +86,11 @@ def _residual_init(model: nn.Module, pairs: list[LoRAPair]) -> str | bool:
     if not isinstance(init, str) or not init.startswith(RESIDUAL_INITS):
         return True
     if any(p.base_offset is not None for p in pairs):
-        raise UserError(f"the PEFT model was initialized with init_lora_weights={init!r} (base weight moved by "
-                        "PEFT) and then re-initialized by widelora with a W-moving scheme; it cannot be saved "
-                        "portably — re-initialize a fresh PEFT model instead")
+        raise UserError(
+            f"the PEFT model was initialized with init_lora_weights={init!r} (base weight moved by "
+            "PEFT) and then re-initialized by widelora with a W-moving scheme; it cannot be saved "
+            "portably — re-initialize a fresh PEFT model instead"
+        )
     return init
 
 
@@ -96,8 +98,10 @@ def _target_spec(model: nn.Module, names: list[str]) -> list[str] | str:
     """The leaf names when they select exactly `names` under PEFT's suffix rule, else an exact regex."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     chosen = set(names)
-    inner = tuple(f".{x}" for x in ("base_layer", "lora_A", "lora_B", "lora_dropout", "modules_to_save",
-                                    "original_module"))
+    inner = tuple(
+        f".{x}"
+        for x in ("base_layer", "lora_A", "lora_B", "lora_dropout", "modules_to_save", "original_module")
+    )
     candidates = set()
     for n, _ in model.named_modules():
         n = n.removeprefix(PEFT_PREFIX)
@@ -112,14 +116,20 @@ def _task_type(model: nn.Module) -> str | None:
     if type(model).__name__.startswith("PeftModel"):
         return getattr(getattr(model, "peft_config", {}).get("default"), "task_type", None)
     cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
         if cls.endswith(suffix):
             return task
     return None
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
     """Write the adapters of `model` (widelora or PEFT) as a PEFT adapter folder; returns the folder."""
     from peft import LoraConfig
 
@@ -168,5 +178,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config["peft_type"] = "LORA"
     config["task_type"] = config.get("task_type")
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
+    atomic_write(
+        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str))
+    )
     return out

@@ -86,12 +86,21 @@ class LoRALinear(nn.Module):
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             w = self.base_layer.weight
             if _fused.can_fuse(x, p, w, self.lora_A, self.lora_B):
-                return _fused.fused_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, self.scale,
-                                                weight_transposed=self.weight_transposed)
+                return _fused.fused_lora_linear(
+                    x,
+                    w,
+                    self.bias,
+                    self.lora_A,
+                    self.lora_B,
+                    self.scale,
+                    weight_transposed=self.weight_transposed,
+                )
         y = self.base_layer(x)
         x_a = self.dropout(x)
         if x_a.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            x_a = x_a.to(self.lora_A.dtype)  # float32 adapters on a half base: the branch runs in float32 (PEFT's rule)
+            x_a = x_a.to(
+                self.lora_A.dtype
+            )  # float32 adapters on a half base: the branch runs in float32 (PEFT's rule)
         lora = self.scale * F.linear(F.linear(x_a, self.lora_A), self.lora_B)
         return y + lora.to(y.dtype)
 

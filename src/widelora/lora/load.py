@@ -52,19 +52,29 @@ def _plan_factors(model: nn.Module, f: AdapterFile) -> None:
         module = modules.get(name)
         if isinstance(module, LoRALinear):
             if module.rank != a.shape[0]:
-                raise UserError(f"module {name} already has a rank-{module.rank} adapter; {f.weights_path} has rank "
-                                f"{a.shape[0]} for it")
+                raise UserError(
+                    f"module {name} already has a rank-{module.rank} adapter; {f.weights_path} has rank "
+                    f"{a.shape[0]} for it"
+                )
             module = module.base_layer
         if module is None or not is_linear(module):
-            raise _different_base(f, f"the adapter targets module {name!r}, which this model "
-                                     f"({type(model).__name__}) {'does not have' if module is None else 'has but is not a linear layer'}")
+            raise _different_base(
+                f,
+                f"the adapter targets module {name!r}, which this model "
+                f"({type(model).__name__}) {'does not have' if module is None else 'has but is not a linear layer'}",
+            )
         if f.init == "olora" and is_conv1d(module):
-            raise UserError(f"{f.config_path}: init_lora_weights='olora' on the Conv1D layer {name} cannot be "
-                            "rebuilt (PEFT's OLoRA does not support fan_in_fan_out layers)")
+            raise UserError(
+                f"{f.config_path}: init_lora_weights='olora' on the Conv1D layer {name} cannot be "
+                "rebuilt (PEFT's OLoRA does not support fan_in_fan_out layers)"
+            )
         out_f, in_f = linear_shape(module)
         if a.shape[1] != in_f or b.shape[0] != out_f:
-            raise _different_base(f, f"adapter shapes for {name} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit "
-                                     f"the model's layer ({out_f}x{in_f})")
+            raise _different_base(
+                f,
+                f"adapter shapes for {name} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit "
+                f"the model's layer ({out_f}x{in_f})",
+            )
 
 
 def _covering_module(path: str, modules_to_save: list[str], names: set[str]) -> str | None:
@@ -98,7 +108,9 @@ def _plan_extras(model: nn.Module, f: AdapterFile) -> list[_Extra]:
         target = getattr(owner, param, None) if owner is not None else None
         if not isinstance(target, torch.Tensor) or target.shape != value.shape:
             where = "" if not isinstance(target, torch.Tensor) else f" (the model has {tuple(target.shape)})"
-            raise _different_base(f, f"tensor {key} {tuple(value.shape)} has no matching parameter in the model{where}")
+            raise _different_base(
+                f, f"tensor {key} {tuple(value.shape)} has no matching parameter in the model{where}"
+            )
         plan.append(_Extra(key, plain, param, value, covered))
     return plan
 
@@ -123,8 +135,10 @@ def _configure(layer: LoRALinear, alpha: float, scaling: str, dropout: float) ->
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the adapter stored in `directory` (written by widelora or PEFT) to `model`; see the module doc."""
     if hasattr(model, "peft_config"):
-        raise UserError(f"{type(model).__name__} is a PEFT model: load the adapter with PEFT "
-                        "(model.load_adapter(path, adapter_name=...)), or load it with widelora into the base model")
+        raise UserError(
+            f"{type(model).__name__} is a PEFT model: load the adapter with PEFT "
+            "(model.load_adapter(path, adapter_name=...)), or load it with widelora into the base model"
+        )
     f = read_adapter(Path(directory))
     _plan_factors(model, f)
     extras = _plan_extras(model, f)
@@ -138,8 +152,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if not isinstance(modules.get(name), LoRALinear):
                 groups.setdefault((f.rank(name), f.alphas[name]), []).append(name)
         for (r, alpha), names in groups.items():
-            add_adapters(model, "^(" + "|".join(re.escape(n) for n in names) + ")$", rank=r, alpha=alpha,
-                         scaling=f.scaling, dropout=f.dropout)
+            add_adapters(
+                model,
+                "^(" + "|".join(re.escape(n) for n in names) + ")$",
+                rank=r,
+                alpha=alpha,
+                scaling=f.scaling,
+                dropout=f.dropout,
+            )
         for name, (a, b) in f.factors.items():
             layer = model.get_submodule(name)
             _configure(layer, f.alphas[name], f.scaling, f.dropout)
@@ -147,7 +167,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(b.to(layer.lora_B))
             if f.init in RESIDUAL_INITS:
                 w = layer.base_layer.weight
-                residual, b0, a0 = residual_factors(f.init, w, layer.rank, layer.scale, layer.weight_transposed, name)
+                residual, b0, a0 = residual_factors(
+                    f.init, w, layer.rank, layer.scale, layer.weight_transposed, name
+                )
                 w.copy_(residual)
                 layer._widelora_base_offset = (b0.clone(), a0.clone())
         heads = sorted({e.module_to_save for e in extras if e.module_to_save is not None})
@@ -164,5 +186,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 bias_params.append(f"{e.owner_path}.{e.param}")
         if bias_params:
             model._widelora_bias = f.bias
-            model._widelora_bias_params = sorted(set(getattr(model, "_widelora_bias_params", [])) | set(bias_params))
+            model._widelora_bias_params = sorted(
+                set(getattr(model, "_widelora_bias_params", [])) | set(bias_params)
+            )
     return model

@@ -39,8 +39,10 @@ def residual_factors(
     transpose Conv1D weights (its factors would not fit the layer), so OLoRA on a Conv1D is refused.
     """
     if init == "olora" and transposed:
-        raise UserError(f"{name}: an OLoRA adapter on a Conv1D (GPT-2 style) layer cannot be rebuilt: PEFT's OLoRA "
-                        "does not support fan_in_fan_out layers")
+        raise UserError(
+            f"{name}: an OLoRA adapter on a Conv1D (GPT-2 style) layer cannot be rebuilt: PEFT's OLoRA "
+            "does not support fan_in_fan_out layers"
+        )
     w = weight.detach().to(torch.float32)
     w = w.T if transposed else w
     b0, a0 = _FACTORS[init](w, rank, scale)

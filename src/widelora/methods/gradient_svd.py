@@ -27,8 +27,9 @@ _EXACT_MAX_DIM = 1024  # "auto": exact SVD when min(out, in) is at most this, ra
 COMMON_OPTIONS = {"num_batches", "memory_budget", "svd", "niter", "q", "train_mode", "progress"}
 
 
-def truncated_svd(g: torch.Tensor, k: int, mode: str, q: int | None, niter: int,
-         generator_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(
+    g: torch.Tensor, k: int, mode: str, q: int | None, niter: int, generator_seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top singular triplets of ``g`` (float64 for exact): U (m, >=k), S (>=k,), V (n, >=k), descending."""
     m, n = g.shape
     if mode not in SVD_MODES:
@@ -39,7 +40,9 @@ def truncated_svd(g: torch.Tensor, k: int, mode: str, q: int | None, niter: int,
         u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
         return u, s, vh.mT
     q = min(max(q if q is not None else 2 * k, k), min(m, n))
-    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global RNG: keep it seeded and private
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # svd_lowrank draws from the global RNG: keep it seeded and private
         torch.manual_seed(generator_seed)
         u, s, v = torch.svd_lowrank(g.float(), q=q, niter=niter)
     return u.double(), s.double(), v.double()
@@ -61,14 +64,21 @@ def numerical_rank(s: torch.Tensor) -> int:
 
 
 def check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
 
 
 def check_options(scheme: str, options: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"init scheme {scheme!r} got unknown options {unknown}; valid options: {sorted(allowed)}")
+        raise ValueError(
+            f"init scheme {scheme!r} got unknown options {unknown}; valid options: {sorted(allowed)}"
+        )
     svd = options.get("svd", "auto")
     if svd not in SVD_MODES:
         raise ValueError(f"svd={svd!r} is not valid; choose one of {list(SVD_MODES)}")
@@ -98,11 +108,18 @@ def base_function(pairs: list[LoRAPair], ctx: InitContext) -> Iterator[None]:
 
 def gradient_groups(pairs: list[LoRAPair], ctx: InitContext):
     if ctx.batches is None:
-        raise ValueError("gradient-informed init schemes need data: pass batches=<an iterable of model inputs>")
+        raise ValueError(
+            "gradient-informed init schemes need data: pass batches=<an iterable of model inputs>"
+        )
     opts = ctx.options
     return iter_gradients(
-        ctx.model, pairs, ctx.batches, loss_fn=ctx.loss_fn, num_batches=opts.get("num_batches"),
-        memory_budget=opts.get("memory_budget"), train_mode=bool(opts.get("train_mode", False)),
+        ctx.model,
+        pairs,
+        ctx.batches,
+        loss_fn=ctx.loss_fn,
+        num_batches=opts.get("num_batches"),
+        memory_budget=opts.get("memory_budget"),
+        train_mode=bool(opts.get("train_mode", False)),
         progress=bool(opts.get("progress", True)),
     )
 
@@ -116,9 +133,11 @@ def pair_gradients(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, torch.T
     return grads
 
 
-def gradient_factors(pairs: list[LoRAPair], ctx: InitContext,
-             fn: Callable[[LoRAPair, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def gradient_factors(
+    pairs: list[LoRAPair],
+    ctx: InitContext,
+    fn: Callable[[LoRAPair, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(B0, A0) per pair, each group's gradients turned into factors before the next group is estimated."""
     by_name = {p.name: p for p in pairs}
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

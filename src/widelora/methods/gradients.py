@@ -60,15 +60,18 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) ->
                 f"{sorted(batch)}); include 'labels' in each batch or pass loss_fn=(model, batch) -> loss"
             )
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(f"the loss must be a scalar tensor; got {type(loss).__name__} "
-                         f"{getattr(loss, 'shape', '')}")
+        raise ValueError(
+            f"the loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}"
+        )
     return loss
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a linear layer (nn.Linear or transformers' Conv1D, which stores (in, out))."""
     if not is_linear(module):
-        raise TypeError(f"module {type(module).__name__} is not a linear layer; only linear layers can be adapted")
+        raise TypeError(
+            f"module {type(module).__name__} is not a linear layer; only linear layers can be adapted"
+        )
     return linear_shape(module)
 
 
@@ -151,9 +154,17 @@ def estimate_gradients(
     dropout) and restored afterwards; no parameter's ``requires_grad`` or ``.grad`` is changed.
     """
     grads: dict[str, torch.Tensor] = {}
-    for group in iter_gradients(model, modules, batches, loss_fn=loss_fn, num_batches=num_batches,
-                                memory_budget=memory_budget, train_mode=train_mode, progress=progress,
-                                device=device):
+    for group in iter_gradients(
+        model,
+        modules,
+        batches,
+        loss_fn=loss_fn,
+        num_batches=num_batches,
+        memory_budget=memory_budget,
+        train_mode=train_mode,
+        progress=progress,
+        device=device,
+    ):
         grads.update(group)
     return grads
 
@@ -178,8 +189,9 @@ def iter_gradients(
     targets = _resolve_modules(modules)
     if not targets:
         raise ValueError("modules is empty: there is no adapted weight to estimate a gradient for")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise ValueError(f"num_batches must be a positive integer or None; got {num_batches!r}")
     if batches is None:
         raise ValueError("batches is None: gradient estimation needs data (an iterable of batches)")
@@ -198,16 +210,18 @@ def iter_gradients(
     try:
         with _frozen(model):
             for group in groups:
-                result = _estimate_group(model, {n: targets[n][0] for n in group}, shapes, data, loss_fn,
-                                         device, bar)
+                result = _estimate_group(
+                    model, {n: targets[n][0] for n in group}, shapes, data, loss_fn, device, bar
+                )
                 yield {name: result[name] for name in group}
     finally:
         bar.close()
         model.train(was_training)
 
 
-def _resolve_modules(modules: Mapping[str, nn.Module] | Sequence[Any]
-                     ) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
+def _resolve_modules(
+    modules: Mapping[str, nn.Module] | Sequence[Any],
+) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """{name: (module to hook, (out, in))}."""
     if isinstance(modules, Mapping):
         return {name: (mod, _weight_shape(mod)) for name, mod in modules.items()}
@@ -218,8 +232,10 @@ def _resolve_modules(modules: Mapping[str, nn.Module] | Sequence[Any]
         module = getattr(item, "module", None)
         name = getattr(item, "name", None)
         if module is None or name is None:
-            raise TypeError(f"modules must be a mapping name -> module or a sequence of LoRA pairs; "
-                            f"got an item of type {type(item).__name__}")
+            raise TypeError(
+                f"modules must be a mapping name -> module or a sequence of LoRA pairs; "
+                f"got an item of type {type(item).__name__}"
+            )
         resolved[name] = (module, (int(item.fan_out), int(item.fan_in)))
     return resolved
 
@@ -243,8 +259,10 @@ def _estimate_group(
             loss = compute_loss(model, move_batch(batch, device), loss_fn)
             outs = [(name, i) for name, tap in taps.items() for i in range(len(tap.calls))]
             if not outs:
-                raise ValueError(f"none of the target modules ({', '.join(list(group)[:3])}, ...) ran in the "
-                                 "forward pass; check that they belong to this model")
+                raise ValueError(
+                    f"none of the target modules ({', '.join(list(group)[:3])}, ...) ran in the "
+                    "forward pass; check that they belong to this model"
+                )
             tensors = [taps[name].calls[i][1] for name, i in outs]
             if not loss.requires_grad:
                 raise ValueError("the loss does not depend on any target module's output; check loss_fn")

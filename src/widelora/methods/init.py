@@ -70,13 +70,17 @@ class InitScheme:
 _SCHEMES: dict[str, InitScheme] = {}
 
 
-def register_init(name: str, needs_data: bool = False, description: str = "") -> Callable[[SchemeFn], SchemeFn]:
+def register_init(
+    name: str, needs_data: bool = False, description: str = ""
+) -> Callable[[SchemeFn], SchemeFn]:
     """Register `fn(pairs, ctx) -> {pair.name: InitUpdate}` under `name`."""
 
     def decorator(fn: SchemeFn) -> SchemeFn:
         if name in _SCHEMES and _SCHEMES[name].fn is not fn:
             raise UserError(f"an init scheme named {name!r} is already registered")
-        _SCHEMES[name] = InitScheme(name, fn, needs_data, description or (fn.__doc__ or "").strip().split("\n")[0])
+        _SCHEMES[name] = InitScheme(
+            name, fn, needs_data, description or (fn.__doc__ or "").strip().split("\n")[0]
+        )
         return fn
 
     return decorator
@@ -118,7 +122,9 @@ def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.T
 def _init_a(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
     """Init[A] (the paper's recommendation): B = 0, A ~ N(0, 1/fan_in)."""
     std = ctx.options.get("std", 1.0 / math.sqrt(pair.fan_in))
-    return InitUpdate(A=_normal((pair.rank, pair.fan_in), std, ctx.generator), B=torch.zeros(pair.fan_out, pair.rank))
+    return InitUpdate(
+        A=_normal((pair.rank, pair.fan_in), std, ctx.generator), B=torch.zeros(pair.fan_out, pair.rank)
+    )
 
 
 @register_init("init_b")
@@ -126,7 +132,9 @@ def _init_a(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
 def _init_b(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
     """Init[B]: A = 0, B ~ N(0, 1/r)."""
     std = ctx.options.get("std", 1.0 / math.sqrt(pair.rank))
-    return InitUpdate(A=torch.zeros(pair.rank, pair.fan_in), B=_normal((pair.fan_out, pair.rank), std, ctx.generator))
+    return InitUpdate(
+        A=torch.zeros(pair.rank, pair.fan_in), B=_normal((pair.fan_out, pair.rank), std, ctx.generator)
+    )
 
 
 @register_init("kaiming")
@@ -142,8 +150,10 @@ def _kaiming(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
 @per_pair
 def _gaussian(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
     """PEFT's "gaussian": A ~ N(0, (1/r)^2), B = 0."""
-    return InitUpdate(A=_normal((pair.rank, pair.fan_in), 1.0 / pair.rank, ctx.generator),
-                      B=torch.zeros(pair.fan_out, pair.rank))
+    return InitUpdate(
+        A=_normal((pair.rank, pair.fan_in), 1.0 / pair.rank, ctx.generator),
+        B=torch.zeros(pair.fan_out, pair.rank),
+    )
 
 
 def _seeded_generator(seed: int | None) -> torch.Generator:
@@ -159,13 +169,17 @@ def _check_update(pair: LoRAPair, update: InitUpdate, scheme: str) -> None:
     for key, shape in expected.items():
         t = getattr(update, key)
         if tuple(t.shape) != shape:
-            raise UserError(f"init scheme {scheme!r} produced {key} of shape {tuple(t.shape)} for {pair.name}; "
-                             f"expected {shape}")
+            raise UserError(
+                f"init scheme {scheme!r} produced {key} of shape {tuple(t.shape)} for {pair.name}; "
+                f"expected {shape}"
+            )
     for key in ("A", "B", "weight"):
         t = getattr(update, key)
         if t is not None and not torch.isfinite(t).all():
-            raise UserError(f"init scheme {scheme!r} produced non-finite values in {key} of {pair.name}; "
-                             "the model was left unchanged")
+            raise UserError(
+                f"init scheme {scheme!r} produced non-finite values in {key} of {pair.name}; "
+                "the model was left unchanged"
+            )
 
 
 def initialize(
@@ -187,10 +201,13 @@ def initialize(
     if only is not None:
         pairs = [p for p in pairs if id(p.module) in only]
     if spec.needs_data and batches is None:
-        raise UserError(f"init scheme {scheme!r} estimates gradients and needs data: pass batches=<an iterable "
-                         "of model inputs> (and loss_fn=... if the model output has no .loss)")
-    ctx = InitContext(model=model, generator=_seeded_generator(seed), batches=batches, loss_fn=loss_fn,
-                      options=options)
+        raise UserError(
+            f"init scheme {scheme!r} estimates gradients and needs data: pass batches=<an iterable "
+            "of model inputs> (and loss_fn=... if the model output has no .loss)"
+        )
+    ctx = InitContext(
+        model=model, generator=_seeded_generator(seed), batches=batches, loss_fn=loss_fn, options=options
+    )
     updates = spec.fn(pairs, ctx)
     missing = [p.name for p in pairs if p.name not in updates]
     if missing:
@@ -205,7 +222,8 @@ def initialize(
             elif p.base_offset is not None:  # leaving a moved-W scheme: put the user's W back
                 p.set_weight(ctx.original_weight(p))
             p.set_base_offset(
-                None if u.offset is None
+                None
+                if u.offset is None
                 else tuple(t.detach().to(device=p.A.device, dtype=torch.float32).clone() for t in u.offset)
             )
             p.A.copy_(u.A.to(device=p.A.device, dtype=p.A.dtype))

@@ -32,25 +32,38 @@ _OPTIONS = COMMON_OPTIONS | {"gamma"}
 
 
 def lora_ga_factors(
-    grad: torch.Tensor, rank: int, gamma: float = 16.0, svd: str = "auto", q: int | None = None,
-    niter: int = 4, seed: int = 0, name: str = "weight",
+    grad: torch.Tensor,
+    rank: int,
+    gamma: float = 16.0,
+    svd: str = "auto",
+    q: int | None = None,
+    niter: int = 4,
+    seed: int = 0,
+    name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA's (B0, A0) from a gradient G (out × in): ``A0 = V[:, :r]^T``, ``B0 = U[:, r:2r]``, stable scale."""
     check_positive("gamma", gamma)
     check_rank(name, rank, 2 * rank, tuple(grad.shape), "lora_ga")
     m = grad.shape[0]
-    u, s, v = truncated_svd(grad, 2 * rank, svd, q if q is not None else min(4 * rank, min(grad.shape)), niter, seed)
+    u, s, v = truncated_svd(
+        grad, 2 * rank, svd, q if q is not None else min(4 * rank, min(grad.shape)), niter, seed
+    )
     if not torch.isfinite(s).all() or s[0] <= 0:
-        raise ValueError(f"lora_ga: the gradient of {name} is zero or not finite; the loss does not depend on "
-                         "this weight on the given data")
-    factor = m ** 0.25 / math.sqrt(gamma)
+        raise ValueError(
+            f"lora_ga: the gradient of {name} is zero or not finite; the loss does not depend on "
+            "this weight on the given data"
+        )
+    factor = m**0.25 / math.sqrt(gamma)
     a0 = v[:, :rank].T * factor
-    b0 = u[:, rank:2 * rank] * factor
+    b0 = u[:, rank : 2 * rank] * factor
     return b0.float(), a0.float()
 
 
-@register_init("lora_ga", needs_data=True,
-               description="LoRA-GA: gradient singular vectors in A and B, W moved so the output is unchanged")
+@register_init(
+    "lora_ga",
+    needs_data=True,
+    description="LoRA-GA: gradient singular vectors in A and B, W moved so the output is unchanged",
+)
 def lora_ga(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     """LoRA-GA (reference variant): A0 = V_r^T, B0 = U_[r:2r], scale m^(1/4)/sqrt(gamma); W <- W - s B0 A0."""
     check_options("lora_ga", ctx.options, _OPTIONS)
@@ -59,9 +72,20 @@ def lora_ga(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     precheck_ranks(pairs, 2, "lora_ga")
     seed = svd_seed(ctx)
     opts = ctx.options
-    factors = gradient_factors(pairs, ctx, lambda p, g: lora_ga_factors(
-        g, p.rank, gamma=gamma, svd=opts.get("svd", "auto"), q=opts.get("q"), niter=opts.get("niter", 4),
-        seed=seed, name=p.name))
+    factors = gradient_factors(
+        pairs,
+        ctx,
+        lambda p, g: lora_ga_factors(
+            g,
+            p.rank,
+            gamma=gamma,
+            svd=opts.get("svd", "auto"),
+            q=opts.get("q"),
+            niter=opts.get("niter", 4),
+            seed=seed,
+            name=p.name,
+        ),
+    )
     updates = {}
     for p in pairs:
         b0, a0 = factors[p.name]

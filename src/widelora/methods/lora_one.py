@@ -72,19 +72,30 @@ _OPTIONS = COMMON_OPTIONS | {"gamma"}
 
 
 def lora_one_factors(
-    grad: torch.Tensor, rank: int, gamma: float = 128.0, svd: str = "auto", q: int | None = None,
-    niter: int = 16, seed: int = 0, name: str = "weight",
+    grad: torch.Tensor,
+    rank: int,
+    gamma: float = 128.0,
+    svd: str = "auto",
+    q: int | None = None,
+    niter: int = 16,
+    seed: int = 0,
+    name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-One's (B0, A0) from a gradient G (out × in): ``B0 A0 = [-G]_r / (gamma · sigma_1)``."""
     check_positive("gamma", gamma)
     check_rank(name, rank, rank, tuple(grad.shape), "lora_one")
     u, s, v = truncated_svd(-grad, rank, svd, q if q is not None else min(512, min(grad.shape)), niter, seed)
     if not torch.isfinite(s).all() or s[0] <= 0:
-        raise ValueError(f"lora_one: the gradient of {name} is zero or not finite (sigma_1 = {float(s[0])}); the "
-                         "loss does not depend on this weight on the given data")
+        raise ValueError(
+            f"lora_one: the gradient of {name} is zero or not finite (sigma_1 = {float(s[0])}); the "
+            "loss does not depend on this weight on the given data"
+        )
     if numerical_rank(s) < rank:
-        warnings.warn(f"lora_one: the gradient of {name} has numerical rank {numerical_rank(s)} < rank {rank}; "
-                      "the extra directions are ~0 (more data would fill them)", stacklevel=3)
+        warnings.warn(
+            f"lora_one: the gradient of {name} has numerical rank {numerical_rank(s)} < rank {rank}; "
+            "the extra directions are ~0 (more data would fill them)",
+            stacklevel=3,
+        )
     root = s[:rank].sqrt()
     denom = math.sqrt(float(s[0]) * gamma)
     b0 = u[:, :rank] * root / denom
@@ -92,8 +103,11 @@ def lora_one_factors(
     return b0.float(), a0.float()
 
 
-@register_init("lora_one", needs_data=True,
-               description="LoRA-One: one normalized, SVD-truncated full-gradient step (W unchanged)")
+@register_init(
+    "lora_one",
+    needs_data=True,
+    description="LoRA-One: one normalized, SVD-truncated full-gradient step (W unchanged)",
+)
 def lora_one(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     """LoRA-One: ``s B0 A0 = (s / (gamma sigma_1)) [-G]_r``; W unchanged. Options: gamma (128), svd, q, niter."""
     check_options("lora_one", ctx.options, _OPTIONS)
@@ -102,11 +116,21 @@ def lora_one(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     precheck_ranks(pairs, 1, "lora_one")
     seed = svd_seed(ctx)
     opts = ctx.options
-    factors = gradient_factors(pairs, ctx, lambda p, g: lora_one_factors(
-        g, p.rank, gamma=gamma, svd=opts.get("svd", "auto"), q=opts.get("q"), niter=opts.get("niter", 16),
-        seed=seed, name=p.name))
+    factors = gradient_factors(
+        pairs,
+        ctx,
+        lambda p, g: lora_one_factors(
+            g,
+            p.rank,
+            gamma=gamma,
+            svd=opts.get("svd", "auto"),
+            q=opts.get("q"),
+            niter=opts.get("niter", 16),
+            seed=seed,
+            name=p.name,
+        ),
+    )
     return {p.name: InitUpdate(A=factors[p.name][1], B=factors[p.name][0]) for p in pairs}
-
 
 
 # ----------------------------------------------------------------------------------- the preconditioner
@@ -136,8 +160,9 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.pinv(gram, hermitian=True) @ rhs
 
 
-def precondition_gradients(a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor,
-                           lam: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def precondition_gradients(
+    a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor, lam: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The closed form: ``((B^T B + lam I)^-1 g_A, g_B (A A^T + lam I)^-1)``."""
     return _gram_solve_left(b, g_a, lam), _gram_solve_right(a, g_b, lam)
 
@@ -164,7 +189,11 @@ class PreconditionedAdamW(torch.optim.Optimizer):
     ) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise UserError(f"lam={lam!r} is not valid; lam must be a finite number >= 0 (reference: 1e-6)")
-        for flag_name, flag in (("bias_correction", bias_correction), ("sequential", sequential), ("adam", adam)):
+        for flag_name, flag in (
+            ("bias_correction", bias_correction),
+            ("sequential", sequential),
+            ("adam", adam),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{flag_name}={flag!r} is not valid; {flag_name} must be True or False")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
@@ -229,9 +258,20 @@ class PreconditionedAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             state["step"] += 1
-            adamw_step_(p, grad.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"], lr=lr,
-                        step=state["step"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
-                        bias_correction=self.bias_correction, eps_form="reference")
+            adamw_step_(
+                p,
+                grad.to(state["exp_avg"].dtype),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                lr=lr,
+                step=state["step"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=wd,
+                bias_correction=self.bias_correction,
+                eps_form="reference",
+            )
 
 
 def _build(method: str) -> Callable[[nn.Module, OptimizerSpec], torch.optim.Optimizer]:
@@ -239,22 +279,36 @@ def _build(method: str) -> Callable[[nn.Module, OptimizerSpec], torch.optim.Opti
         opts = dict(spec.options)
         unknown = sorted(set(opts) - set(METHOD_OPTIONS))
         if unknown:
-            raise UserError(f"optimizer method {method!r} got unknown options {unknown}; "
-                             f"valid options: {list(METHOD_OPTIONS)}")
+            raise UserError(
+                f"optimizer method {method!r} got unknown options {unknown}; "
+                f"valid options: {list(METHOD_OPTIONS)}"
+            )
         loraplus = opts.pop("loraplus", False)
         if not isinstance(loraplus, bool):
             raise UserError(f"loraplus={loraplus!r} is not valid; loraplus must be True or False")
         pairs = lora_pairs(model)
         if not pairs:
-            raise UserError(f"optimizer method {method!r} preconditions LoRA pairs, but model "
-                             f"({type(model).__name__}) has none; attach adapters first")
+            raise UserError(
+                f"optimizer method {method!r} preconditions LoRA pairs, but model "
+                f"({type(model).__name__}) has none; attach adapters first"
+            )
         groups = loraplus_groups(model, spec) if loraplus else param_groups(model, spec)
-        return PreconditionedAdamW(groups, PreconditionedAdamW.partners_from_pairs(pairs), lr=spec.lr,
-                                   betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
-                                   lam=opts.get("lam", 1e-6), bias_correction=opts.get("bias_correction", True),
-                                   sequential=opts.get("sequential", False), adam=opts.get("adam", True))
+        return PreconditionedAdamW(
+            groups,
+            PreconditionedAdamW.partners_from_pairs(pairs),
+            lr=spec.lr,
+            betas=spec.betas,
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            lam=opts.get("lam", 1e-6),
+            bias_correction=opts.get("bias_correction", True),
+            sequential=opts.get("sequential", False),
+            adam=opts.get("adam", True),
+        )
 
-    build.__doc__ = f"{method}: AdamW on (B^T B + lam I)^-1 g_A and g_B (A A^T + lam I)^-1 (widelora.methods.lora_one)."
+    build.__doc__ = (
+        f"{method}: AdamW on (B^T B + lam I)^-1 g_A and g_B (A A^T + lam I)^-1 (widelora.methods.lora_one)."
+    )
     return build
 
 

@@ -120,16 +120,23 @@ def param_groups(model: nn.Module, spec: OptimizerSpec, rule: GroupRule = plain_
             continue
         seen.add(id(p))
         name, owner = owners.get(id(p), ("", model))
-        role = ParamRole(id(p) in adapter_ids, id(p) in b_ids, id(p) in emb_ids, _is_no_decay(name, owner), p.ndim)
+        role = ParamRole(
+            id(p) in adapter_ids, id(p) in b_ids, id(p) in emb_ids, _is_no_decay(name, owner), p.ndim
+        )
         if spec.head_lr is not None and not role.is_adapter and not role.is_embedding_adapter:
-            key, lr, wd = ("head_no_decay", spec.head_lr, 0.0) if role.no_decay else ("head", spec.head_lr,
-                                                                                       spec.weight_decay)
+            key, lr, wd = (
+                ("head_no_decay", spec.head_lr, 0.0)
+                if role.no_decay
+                else ("head", spec.head_lr, spec.weight_decay)
+            )
         else:
             key, lr, wd = rule(role, spec)
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "name": key})["params"].append(p)
     if not groups:
         raise UserError(f"model ({type(model).__name__}) has no trainable parameters; attach adapters first")
-    return sorted(groups.values(), key=lambda g: GROUP_ORDER.index(g["name"]) if g["name"] in GROUP_ORDER else 99)
+    return sorted(
+        groups.values(), key=lambda g: GROUP_ORDER.index(g["name"]) if g["name"] in GROUP_ORDER else 99
+    )
 
 
 @register_optimizer("adamw")
@@ -145,8 +152,11 @@ _DEPRECATED_ALIASES = {"lora_one": "lora_one_precond"}
 def _canonical_method(method: object) -> str:
     if isinstance(method, str) and method in _DEPRECATED_ALIASES:
         new = _DEPRECATED_ALIASES[method]
-        warnings.warn(f"optimizer method {method!r} is deprecated (it is also an init scheme's name); use {new!r}",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"optimizer method {method!r} is deprecated (it is also an init scheme's name); use {new!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         method = new
     if not isinstance(method, str) or method not in _METHODS:
         raise UserError(f"optimizer method {method!r} is unknown; valid methods: {available_methods()}")
@@ -154,7 +164,12 @@ def _canonical_method(method: object) -> str:
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise UserError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
 
 
@@ -192,11 +207,21 @@ def create_optimizer(
     object with `optimizer_kwargs() -> dict` (e.g. a `widelora.recommend` recommendation): its values fill
     every argument not passed explicitly; explicit arguments win. `options` go to the method.
     """
-    passed = {"lr": lr, "method": method, "ratio": ratio, "weight_decay": weight_decay,
-              "embedding_lr": embedding_lr, "betas": betas, "eps": eps, "head_lr": head_lr}
+    passed = {
+        "lr": lr,
+        "method": method,
+        "ratio": ratio,
+        "weight_decay": weight_decay,
+        "embedding_lr": embedding_lr,
+        "betas": betas,
+        "eps": eps,
+        "head_lr": head_lr,
+    }
     args = resolve("create_optimizer", setup, "optimizer_kwargs", passed, OPTIMIZER_DEFAULTS)
     if args["lr"] is UNSET:
-        raise UserError("create_optimizer needs lr=..., or setup=<an object whose optimizer_kwargs() gives it>")
+        raise UserError(
+            "create_optimizer needs lr=..., or setup=<an object whose optimizer_kwargs() gives it>"
+        )
     method = _canonical_method(args["method"])
     _positive("lr", args["lr"])
     _positive("ratio", args["ratio"])
@@ -207,12 +232,20 @@ def create_optimizer(
     wd, betas = args["weight_decay"], args["betas"]
     if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
         raise UserError(f"weight_decay={wd!r} is not valid; it must be a finite number >= 0")
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
         raise UserError(f"betas={betas!r} is not valid; it must be two numbers in [0, 1)")
-    spec = OptimizerSpec(lr=float(args["lr"]), ratio=float(args["ratio"]), weight_decay=float(wd),
-                         embedding_lr=float(args["embedding_lr"]), betas=(float(betas[0]), float(betas[1])),
-                         eps=float(args["eps"]),
-                         head_lr=None if args["head_lr"] is None else float(args["head_lr"]),
-                         options=dict(options))
+    spec = OptimizerSpec(
+        lr=float(args["lr"]),
+        ratio=float(args["ratio"]),
+        weight_decay=float(wd),
+        embedding_lr=float(args["embedding_lr"]),
+        betas=(float(betas[0]), float(betas[1])),
+        eps=float(args["eps"]),
+        head_lr=None if args["head_lr"] is None else float(args["head_lr"]),
+        options=dict(options),
+    )
     return _METHODS[method](model, spec)

@@ -60,8 +60,15 @@ class PlacementResult:
         table.add_column("chosen", justify="center")
         for i, (typ, score) in enumerate(self.ranking(), start=1):
             values = [v for n, v in self.module_scores.items() if module_type(n) == typ]
-            table.add_row(str(i), typ, f"{score:.3f}", f"{min(values):.3f}", f"{max(values):.3f}",
-                          str(len(values)), "✓" if typ in self.targets else "")
+            table.add_row(
+                str(i),
+                typ,
+                f"{score:.3f}",
+                f"{min(values):.3f}",
+                f"{max(values):.3f}",
+                str(len(values)),
+                "✓" if typ in self.targets else "",
+            )
         return table
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,8 +134,13 @@ def _base_linear(mod: nn.Module) -> nn.Module | None:
     return mod
 
 
-def module_nfn(weight: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
-               conv1d: bool = False, wz: torch.Tensor | None = None) -> tuple[float, float]:
+def module_nfn(
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    generator: torch.Generator | None = None,
+    conv1d: bool = False,
+    wz: torch.Tensor | None = None,
+) -> tuple[float, float]:
     """(actual, random) feature norms of one module on tokens ``z`` (n_tokens × d_in); NFN = actual/random.
 
     ``wz``, when given, is ``W z`` already computed (the module's own output without bias), saving a matmul.
@@ -159,8 +171,9 @@ def _inputs(batch: Any) -> dict[str, torch.Tensor]:
         if "input_ids" not in batch and "inputs_embeds" not in batch:
             raise ValueError(f"each batch needs 'input_ids'; got keys {sorted(batch)}")
         return {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    raise TypeError(f"batches must yield tensors of input ids or mappings of model inputs; "
-                    f"got {type(batch).__name__}")
+    raise TypeError(
+        f"batches must yield tensors of input ids or mappings of model inputs; got {type(batch).__name__}"
+    )
 
 
 def _runner(model: nn.Module, targets: Mapping[str, nn.Module]) -> nn.Module:
@@ -202,8 +215,11 @@ def nfn_modules(
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             z = args[0]
             # a plain bias-free layer's output is W z: reuse it instead of recomputing
-            wz = output if (mod is base and getattr(base, "bias", None) is None
-                            and isinstance(output, torch.Tensor)) else None
+            wz = (
+                output
+                if (mod is base and getattr(base, "bias", None) is None and isinstance(output, torch.Tensor))
+                else None
+            )
             mask = state["mask"]
             if mask is not None and tuple(z.shape[:-1]) == tuple(mask.shape):
                 z = z[mask]
@@ -233,8 +249,9 @@ def nfn_modules(
     try:
         with torch.no_grad():
             for batch in itertools.islice(iter(batches), num_batches):
-                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                          for k, v in _inputs(batch).items()}
+                inputs = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _inputs(batch).items()
+                }
                 mask = inputs.get("attention_mask")
                 state["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
                 state["acc"], state["calls"] = {}, {}
@@ -288,7 +305,9 @@ def place(
         available = sorted({module_type(n) for n in candidates})
         missing = [t for t in wanted if t not in available]
         if missing:
-            raise ValueError(f"types {missing} match no linear module of the model; available types: {available}")
+            raise ValueError(
+                f"types {missing} match no linear module of the model; available types: {available}"
+            )
         candidates = {n: m for n, m in candidates.items() if module_type(n) in wanted}
     if not candidates:
         raise ValueError("the model has no linear modules to score (output heads and embeddings excluded)")
@@ -296,7 +315,8 @@ def place(
     if k > n_types:
         raise ValueError(f"k={k} exceeds the number of module types ({n_types}); choose 1 <= k <= {n_types}")
     module_scores, n_batches, n_tokens = nfn_modules(
-        model, batches, modules=candidates, num_batches=num_batches, seed=seed, progress=progress)
+        model, batches, modules=candidates, num_batches=num_batches, seed=seed, progress=progress
+    )
     by_type: dict[str, list[float]] = {}
     for name, score in module_scores.items():
         by_type.setdefault(module_type(name), []).append(score)
