@@ -197,7 +197,11 @@ def width_answer(rows: list[dict[str, Any]], n_widths: int, n_seeds: int) -> str
             f"{_range(pred)}"
         )
     return (
-        (f"Width study ({n_widths} widths, {n_seeds} seeds): " + "; ".join(parts) + ".")
+        (
+            f"Width study ({n_widths} widths, {n_seeds} seed{'s' if n_seeds != 1 else ''}): "
+            + "; ".join(parts)
+            + "."
+        )
         if parts
         else ("Width study: not measured.")
     )
