@@ -12,7 +12,19 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from widelora.commands import claims, demo, failures, finetune, place, recommend, report, sweep, width_study
+from widelora.commands import (
+    claims,
+    demo,
+    export,
+    failures,
+    finetune,
+    generate,
+    place,
+    recommend,
+    report,
+    sweep,
+    width_study,
+)
 
 
 class _ReportingGroup(TyperGroup):
@@ -37,7 +49,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # a bug shows Python's plain traceback, never local variables
 )
 
-for _module in (width_study, finetune, sweep, place, report, demo, recommend, claims):
+for _module in (width_study, finetune, sweep, place, report, demo, recommend, claims, export, generate):
     _module.register(app)
 
 
