@@ -1,4 +1,4 @@
-"""The fused LoRA linear equals the plain path (outputs and gradients) and refuses cases it cannot do exactly."""
+"""The fused LoRA linear equals the plain path (outputs and gradients), refuses what it cannot do exactly."""
 
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ def _grads(fn, x, w, b, A, B, scale, transposed, gy):
     return y.detach().clone(), x.grad.clone(), A.grad.clone(), B.grad.clone()
 
 
-# (atol, rtol) per dtype; bf16 keeps 8 mantissa bits, and the fused path rounds the in-place sum once where the
-# plain path rounds the LoRA term, its scaled copy and the sum separately, so results differ by a few bf16 ulps.
+# (atol, rtol) per dtype; bf16 keeps 8 mantissa bits, and the fused path rounds the in-place sum once where
+# the
+# plain path rounds the LoRA term, its scaled copy and the sum separately, so results differ by a few bf16
+# ulps.
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2)}
 
 
@@ -178,7 +180,7 @@ def test_no_grad_inference_and_zero_rows():
 
 
 def test_lora_linear_uses_fused_path_and_matches_plain():
-    """The real layer: fused when dropout is inactive (grad_fn tells), plain otherwise; same numbers either way."""
+    """The real layer: fused when dropout is inactive (grad_fn tells), plain otherwise; same numbers."""
     from widelora.lora.layer import LoRALinear
 
     torch.manual_seed(0)

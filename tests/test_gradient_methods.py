@@ -1,4 +1,4 @@
-"""LoRA-One, LoRA-GA and the preconditioned optimizer, each against an independent straightforward computation."""
+"""LoRA-One, LoRA-GA and the preconditioned optimizer, each against an independent plain computation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The feature monitor: hand-computed norms, the δ split, scheduling, flags, PEFT, and the width study's traces."""
+"""The feature monitor: hand-computed norms, the δ split, scheduling, flags, PEFT and width-study traces."""
 
 import math
 

@@ -26,7 +26,7 @@ def _batch(b: int = 2, t: int = 9, seed: int = 0, pad_last: int = 0) -> dict:
 
 
 def _hand_nfn(model, batches, seed):
-    """Straightforward NFN: capture each module's tokens in call order, loop over tokens, replay the same draws."""
+    """Plain NFN: capture each module's tokens in call order, loop over tokens, replay the same draws."""
     mods = linear_modules(model)
     per_batch: dict[str, list[float]] = {n: [] for n in mods}
     gen = torch.Generator().manual_seed(seed)

@@ -6,9 +6,11 @@ clear error. Directions:
 - "peft->wl attached": the same file loaded into a model that already carries widelora adapters on the same
                        layers, re-initialized by PiSSA (a W-moving init), as after `attach(init="pissa")`.
 - "wl->peft fresh" / "wl->peft attached": the widelora model of the cell before, trained a little (every
-                       trainable tensor moved), saved with `wl.save_adapter`, loaded by PEFT into a fresh base.
-Rows named "wl: ..." start from widelora instead (attach + a widelora init); their "peft->wl" cells load the file
-PEFT re-saved. `python tests/test_roundtrip_matrix.py` prints the matrix as markdown (docs/results/roundtrip.md).
+                       trainable tensor moved), saved with `wl.save_adapter`, loaded by PEFT into a fresh
+                       base.
+Rows named "wl: ..." start from widelora instead (attach + a widelora init); their "peft->wl" cells load the
+file PEFT re-saved. `python tests/test_roundtrip_matrix.py` prints the matrix as markdown
+(docs/results/roundtrip.md).
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def _load(row: Row, folder: str, attached: bool) -> nn.Module:
 
 
 def run_cell(row: Row, direction: str, root: Path) -> float:
-    """Max abs logit difference between widelora and PEFT in this cell (raises where a refusal is expected)."""
+    """Max abs logit difference between widelora and PEFT in this cell (raises where a refusal is due)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folder, expected = _origin(row.name, str(root))

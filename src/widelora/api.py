@@ -39,11 +39,12 @@ def attach(
     trainable: Sequence[str] = UNSET,
     setup: object | None = None,
 ) -> nn.Module:
-    """Wrap the selected linear layers with LoRA adapters, freeze everything else, and initialize the adapters.
+    """Wrap the selected linear layers with LoRA adapters, freeze everything else, and initialize the
+    adapters.
 
     Defaults: rank 8, `alpha=None` (alpha = rank, scale 1 with standard scaling), init "init_a", standard
-    scaling, no dropout. `trainable` names extra modules (e.g. a classifier head) kept trainable; they are saved
-    as PEFT `modules_to_save`. `setup` is any object with `attach_kwargs() -> dict` (e.g. a
+    scaling, no dropout. `trainable` names extra modules (e.g. a classifier head) kept trainable; they are
+    saved as PEFT `modules_to_save`. `setup` is any object with `attach_kwargs() -> dict` (e.g. a
     `widelora.recommend` recommendation): its values fill every argument not passed explicitly; explicit
     arguments win. Everything is checked before the model changes; a failing initialization undoes the whole
     call. Returns the same model.
@@ -67,7 +68,7 @@ def attach(
     scheme = get_scheme(args["init"])
     if scheme.needs_data:
         raise UserError(
-            f"init={args['init']!r} needs data: attach with a random scheme (e.g. init='init_a') and then call "
+            f"init={args['init']!r} needs data: attach with a random scheme (e.g. init='init_a'), then call "
             f"widelora.initialize(model, {args['init']!r}, batches=...)"
         )
     added = add_adapters(

@@ -1,18 +1,19 @@
 """Feature monitor: |Z_A|, |Z_B| and the δ1/δ2/δ3 split of the LoRA feature update, per layer and step.
 
 Works on any model whose adapters `widelora.lora.pairs.lora_pairs` finds (widelora layers or PEFT). It hooks
-each adapted module's forward, so it sees the adapter input ``x`` of the forward the training loop already runs —
-no second forward. On a recorded step it computes, per layer, with the weights that forward used:
+each adapted module's forward, so it sees the adapter input ``x`` of the forward the training loop already
+runs — no second forward. On a recorded step it computes, per layer, with the weights that forward used:
 
     Z_A = A x                       |Z_A| = mean over tokens of ||A x||          (no scale)
     Z_B = s · B A x                 |Z_B| = mean over tokens of ||s B A x||      (the adapter's actual output)
     δ1 = s · B_prev (A - A_prev) x, δ2 = s · (B - B_prev) A_prev x, δ3 = s · (B - B_prev)(A - A_prev) x
 
 so ``δ1 + δ2 + δ3 = Z_B - Z_B^prev`` exactly, where "prev" are the weights of the previous recorded step.
-The δ's are evaluated on the *current* batch with both weight snapshots, not on a fixed probe batch: that needs
-no extra forward and no stored data (only a copy of A and B per layer, r·(in+out) numbers), and it isolates the
-adapter's own weight change even when the adapter's input moves because earlier layers are trained too.
-``x`` is the module input before adapter dropout (the monitor measures the deterministic features).
+The δ's are evaluated on the *current* batch with both weight snapshots, not on a fixed probe batch: that
+needs no extra forward and no stored data (only a copy of A and B per layer, r·(in+out) numbers), and it
+isolates the adapter's own weight change even when the adapter's input moves because earlier layers are
+trained too. ``x`` is the module input before adapter dropout (the monitor measures the deterministic
+features).
 
 Cost per recorded layer: three (tokens × in × r) products and r×r Gram matrices — ``||B z||`` is computed as
 ``sqrt(zᵀ (BᵀB) z)``, never materializing a (tokens × out) tensor. Values stay on the device until ``step()``.
@@ -103,7 +104,7 @@ class LayerRecord:
 
     @property
     def z_a_ratio(self) -> float:
-        """Per-coordinate size of Z_A relative to the input's: (|Z_A|/√r)/(|x|/√in); Θ(1) when Z_A is stable."""
+        """Per-coordinate size of Z_A relative to the input's, (|Z_A|/√r)/(|x|/√in): Θ(1) when stable."""
         return _ratio(self.z_a / math.sqrt(self.rank), self.x / math.sqrt(self.fan_in))
 
     @property
@@ -144,8 +145,8 @@ class FeatureMonitor:
     """Records Z_A / Z_B / δ statistics of every LoRA pair on every ``every``-th step (see module docstring).
 
     ``za_threshold`` / ``zb_threshold`` are the per-coordinate ratios (``LayerRecord.z_a_ratio``,
-    ``z_b_ratio``) above which a layer is flagged: internal instability = Z_A large while Z_B stays bounded and
-    finite; output instability = Z_B large or non-finite.
+    ``z_b_ratio``) above which a layer is flagged: internal instability = Z_A large while Z_B stays bounded
+    and finite; output instability = Z_B large or non-finite.
     """
 
     def __init__(

@@ -26,7 +26,8 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 # init_lora_weights values whose adapters apply to the unmodified base weight (PEFT leaves W alone on load).
 PLAIN_INITS = (True, False, "gaussian", "eva", "lora_ga")
-# ... and those for which PEFT rebuilds a residual base weight on load (widelora.lora.peft_residual does the same).
+# ... and those for which PEFT rebuilds a residual base weight on load (widelora.lora.peft_residual does the
+# same).
 RESIDUAL_INITS = ("pissa", "olora")
 
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -34,7 +35,7 @@ _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 @dataclass
 class AdapterFile:
-    """A checked adapter: per-module factors, rank and alpha, and the extra (non-LoRA) tensors by parameter path."""
+    """A checked adapter: per-module factors, rank and alpha, and the extra (non-LoRA) tensors by path."""
 
     directory: Path
     config: dict[str, Any]
@@ -88,7 +89,7 @@ def _patterns(path: Path, config: dict, key: str, integer: bool) -> dict[str, fl
 
 
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching a suffix of the module name."""
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern that matches a suffix of `name`."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -120,8 +121,8 @@ def _check_config(path: Path, config: Any) -> dict:
         raise _problem(
             path,
             "init_lora_weights",
-            f"{init!r} is not supported: PEFT rebuilds the base weight for it on load in a way widelora cannot "
-            "reproduce exactly (pissa_niter_* uses a randomized SVD)",
+            f"{init!r} is not supported: PEFT rebuilds the base weight for it on load in a way that "
+            "widelora cannot reproduce exactly (pissa_niter_* uses a randomized SVD)",
             f"supported: {list(PLAIN_INITS) + list(RESIDUAL_INITS)}; convert the adapter with PEFT's "
             "save_pretrained(path_initial_model_for_weight_conversion=...) first",
         )
@@ -132,8 +133,8 @@ def canonical_param(name: str) -> str | None:
     """A non-LoRA tensor's parameter path as widelora sees it, or None for tensors with no role on load.
 
     PEFT writes `x.base_layer.bias` for biases of adapted layers, `head.modules_to_save.w` and
-    `head.original_module.w` for modules_to_save wrappers (with bias="all"); the original module is unused while
-    the adapter is active, so its tensors are skipped.
+    `head.original_module.w` for modules_to_save wrappers (with bias="all"); the original module is unused
+    while the adapter is active, so its tensors are skipped.
     """
     if ".original_module." in name:
         return None

@@ -1,8 +1,9 @@
 """Add LoRA layers to a model, and merge / unmerge / unload them.
 
-`add_adapters` validates everything (targets, rank against every matched layer, alpha, trainable modules) before
-it touches the model, so a failing call leaves the model exactly as it was. Initializing the new adapters is the
-job of `widelora.methods`; the user-facing `widelora.attach` (widelora/api.py) composes the two.
+`add_adapters` validates everything (targets, rank against every matched layer, alpha, trainable modules)
+before it touches the model, so a failing call leaves the model exactly as it was. Initializing the new
+adapters is the job of `widelora.methods`; the user-facing `widelora.attach` (widelora/api.py) composes the
+two.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def _untie(model: nn.Module, prefix: str, module: nn.Module) -> list[tuple[nn.Mo
     """Give `module` its own copy of every parameter it shares with the rest of the model (tied LM heads).
 
     PEFT's `modules_to_save` trains a copy of the module, so a tied `lm_head` is trained without changing the
-    input embeddings; widelora does the same, so the saved adapter (which lists only the head) reloads exactly.
+    input embeddings; widelora does the same, so the saved adapter (which lists only the head) reloads
+    exactly.
     """
     outside: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -134,19 +136,20 @@ def _untie(model: nn.Module, prefix: str, module: nn.Module) -> list[tuple[nn.Mo
                 untied.append((sub, p_name, p))
                 where = f"{prefix}.{sub_name}" if sub_name else prefix
                 warnings.warn(
-                    f"trainable: {where}.{p_name} is tied to another module's weight (e.g. the input embeddings); "
-                    f"{where} now trains its own copy, as PEFT's modules_to_save does, and the tied module stays "
-                    "frozen",
+                    f"trainable: {where}.{p_name} is tied to another module's weight (e.g. the input "
+                    f"embeddings); {where} now trains its own copy, as PEFT's modules_to_save does; the tied "
+                    "module stays frozen",
                     stacklevel=4,
                 )
     return untied
 
 
 def mark_trainable(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """Make the modules `names` selects (PEFT's suffix rule) trainable, untying shared weights; returns the untied.
+    """Make the modules `names` selects (PEFT's suffix rule) trainable, untying shared weights; returns the
+    untied.
 
-    They are remembered in `model._widelora_trainable`, so `save_adapter` writes them as `modules_to_save` and a
-    later `add_adapters` keeps them trainable.
+    They are remembered in `model._widelora_trainable`, so `save_adapter` writes them as `modules_to_save` and
+    a later `add_adapters` keeps them trainable.
     """
     untied: list[tuple[nn.Module, str, nn.Parameter]] = []
     for n, module in list(model.named_modules()):
@@ -170,9 +173,10 @@ def add_adapters(
     """Wrap the selected linear layers with (zero) LoRA adapters and freeze everything else.
 
     Earlier adapters and earlier `trainable` modules stay trainable. `alpha=None` means `alpha = rank`.
-    `trainable` names extra modules (e.g. a classifier head) kept trainable and saved as PEFT `modules_to_save`;
-    a trainable module whose weight is tied to another module gets its own copy (see `_untie`). The adapters'
-    values are left to the caller (`widelora.attach` initializes them; `load_adapter` copies them from a file).
+    `trainable` names extra modules (e.g. a classifier head) kept trainable and saved as PEFT
+    `modules_to_save`; a trainable module whose weight is tied to another module gets its own copy (see
+    `_untie`). The adapters' values are left to the caller (`widelora.attach` initializes them; `load_adapter`
+    copies them from a file).
     """
     alpha = float(rank) if alpha is None and isinstance(rank, int) else alpha
     _check_hyperparameters(rank, alpha, scaling, dropout)

@@ -1,29 +1,29 @@
 """A fused autograd path for the LoRA-adapted linear layer.
 
-``y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ`` with a frozen ``W``. The plain module path (``base(x) + B(A(drop(x))) * s``)
-allocates three (N × out) tensors in the forward pass and an extra (N × in) tensor for the sum of the two input
-gradients in the backward pass, and runs each through a separate elementwise kernel. This function does the same
-arithmetic with two matrix multiplies that accumulate in place (``addmm_``), saves only ``x`` (an input, so no
-copy), the parameters (references, no copy) and the thin ``x Aᵀ`` (N × r), and never computes a gradient for the
-frozen ``W`` unless asked to.
+``y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ`` with a frozen ``W``. The plain module path (``base(x) + B(A(drop(x))) *
+s``) allocates three (N × out) tensors in the forward pass and an extra (N × in) tensor for the sum of the two
+input gradients in the backward pass, and runs each through a separate elementwise kernel. This function does
+the same arithmetic with two matrix multiplies that accumulate in place (``addmm_``), saves only ``x`` (an
+input, so no copy), the parameters (references, no copy) and the thin ``x Aᵀ`` (N × r), and never computes a
+gradient for the frozen ``W`` unless asked to.
 
 Backward (``g`` = grad of y, flattened to (N, out)):
 ``grad_x = g W + s (g B) A``, ``grad_A = s (g B)ᵀ x``, ``grad_B = s gᵀ (x Aᵀ)``.
 
-Why ``x Aᵀ`` is saved rather than recomputed: it costs N·r elements (r/in of what ``x`` already costs, about 3% at
-r = 16, in = 576) while recomputing it costs another N·in·r multiply-adds in every backward pass; see
-``bench/step_time.py --fused-variants`` for the measurement. PEFT's plain path saves the same tensor (the input of
-``lora_B``), so saving it never costs more memory than PEFT.
+Why ``x Aᵀ`` is saved rather than recomputed: it costs N·r elements (r/in of what ``x`` already costs, about
+3% at r = 16, in = 576) while recomputing it costs another N·in·r multiply-adds in every backward pass; see
+``bench/step_time.py --fused-variants`` for the measurement. PEFT's plain path saves the same tensor (the
+input of ``lora_B``), so saving it never costs more memory than PEFT.
 
 Scope, checked by :func:`can_fuse` (the caller falls back to the plain path when it returns False):
-- no adapter dropout (dropout_p == 0, or the layer is in eval mode), because dropout makes the A-branch input differ
-  from ``x`` and would have to be saved as a mask or a copy;
-- ``x`` must flatten to (N, in) as a view: contiguous, or at most 2-D (a strided 2-D ``x`` is fine for ``mm``);
-  anything else would force a copy of ``x`` that the plain path does not make;
-- ``x`` and ``W`` share one floating dtype and device, and autocast is off (autocast would cast the operands per
-  op, which a custom Function cannot reproduce exactly). ``A`` and ``B`` may be wider (float32 adapters on a
-  bfloat16/float16 base): they are cast to ``x``'s dtype (r·(in+out) numbers, never an N-sized tensor) and their
-  gradients come back in their own dtype.
+- no adapter dropout (dropout_p == 0, or the layer is in eval mode), because dropout makes the A-branch input
+  differ from ``x`` and would have to be saved as a mask or a copy;
+- ``x`` must flatten to (N, in) as a view: contiguous, or at most 2-D (a strided 2-D ``x`` is fine for
+  ``mm``); anything else would force a copy of ``x`` that the plain path does not make;
+- ``x`` and ``W`` share one floating dtype and device, and autocast is off (autocast would cast the operands
+  per op, which a custom Function cannot reproduce exactly). ``A`` and ``B`` may be wider (float32 adapters on
+  a bfloat16/float16 base): they are cast to ``x``'s dtype (r·(in+out) numbers, never an N-sized tensor) and
+  their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -109,10 +109,11 @@ def fused_lora_linear(
 ) -> torch.Tensor:
     """Return ``x Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ`` through the fused autograd function.
 
-    ``weight`` is (out, in) as in ``nn.Linear``, or (in, out) with ``weight_transposed=True`` (GPT-2 ``Conv1D``).
-    ``A`` is (r, in), ``B`` is (out, r). ``x`` has any number of leading dims. Call :func:`can_fuse` first; this
-    function checks shapes (cheap) but not the conditions that would make it silently copy ``x``.
-    ``save_xa=False`` recomputes ``x Aᵀ`` in backward instead of saving it (N·r less memory, more compute).
+    ``weight`` is (out, in) as in ``nn.Linear``, or (in, out) with ``weight_transposed=True`` (GPT-2
+    ``Conv1D``). ``A`` is (r, in), ``B`` is (out, r). ``x`` has any number of leading dims. Call
+    :func:`can_fuse` first; this function checks shapes (cheap) but not the conditions that would make it
+    silently copy ``x``. ``save_xa=False`` recomputes ``x Aᵀ`` in backward instead of saving it (N·r less
+    memory, more compute).
     """
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension, got shape {tuple(x.shape)}")
@@ -143,8 +144,8 @@ def can_fuse(
 ) -> bool:
     """True when :func:`fused_lora_linear` computes exactly what the plain path does, without copying ``x``.
 
-    ``dropout_p`` is the EFFECTIVE adapter dropout: pass 0 when the layer is in eval mode. The optional tensors
-    are checked for a shared dtype and device with ``x``.
+    ``dropout_p`` is the EFFECTIVE adapter dropout: pass 0 when the layer is in eval mode. The optional
+    tensors are checked for a shared dtype and device with ``x``.
     """
     if dropout_p > 0.0:
         return False

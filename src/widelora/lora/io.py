@@ -1,11 +1,12 @@
 """Saving adapters in PEFT's own format: `adapter_config.json` + `adapter_model.safetensors`.
 
 What widelora writes, `peft.PeftModel.from_pretrained` loads and gives the same outputs (reading is
-`widelora.lora.load`). Files are written under a temporary name and renamed, so a crash never leaves half a file.
-When an init moved the base weight (PiSSA, LoRA-GA: `W_res = W - s·B0 A0`), the saved adapter folds the move back
-in as a rank-2r adapter `[B, -B0] [A; A0]` with the same scale, so it applies to the unmodified base model. A PEFT
-model that PEFT itself initialized with PiSSA/OLoRA is saved as PEFT's `save_pretrained` saves it: with its
-`init_lora_weights`, so every loader rebuilds the same residual base weight from the original model.
+`widelora.lora.load`). Files are written under a temporary name and renamed, so a crash never leaves half a
+file. When an init moved the base weight (PiSSA, LoRA-GA: `W_res = W - s·B0 A0`), the saved adapter folds the
+move back in as a rank-2r adapter `[B, -B0] [A; A0]` with the same scale, so it applies to the unmodified base
+model. A PEFT model that PEFT itself initialized with PiSSA/OLoRA is saved as PEFT's `save_pretrained` saves
+it: with its `init_lora_weights`, so every loader rebuilds the same residual base weight from the original
+model.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def _peft_config(model: nn.Module):
 def _extra_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """Non-LoRA tensors to save, the modules_to_save names and the bias mode.
 
-    PEFT models: exactly what PEFT's own `get_peft_model_state_dict` writes. widelora models: the parameters of
-    `trainable=` modules, and the biases a loaded `bias="all"`/"lora_only"` adapter made trainable.
+    PEFT models: exactly what PEFT's own `get_peft_model_state_dict` writes. widelora models: the parameters
+    of `trainable=` modules, and the biases a loaded `bias="all"`/"lora_only"` adapter made trainable.
     """
     config = _peft_config(model)
     if config is not None:

@@ -1,7 +1,8 @@
 """The LoRA linear layer: a frozen base projection plus a trainable low-rank update `s · B A`.
 
-Kept deliberately small (forward is a handful of lines, as in loralib): everything that initializes, optimizes,
-monitors or saves adapters goes through `widelora.lora.pairs.LoRAPair` instead of poking at this class.
+Kept deliberately small (forward is a handful of lines, as in loralib): everything that initializes,
+optimizes, monitors or saves adapters goes through `widelora.lora.pairs.LoRAPair` instead of poking at this
+class.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def lora_scale(alpha: float, rank: int, scaling: str) -> float:
 class LoRALinear(nn.Module):
     """`y = base(x) + s · B (A dropout(x))` around a frozen nn.Linear or Conv1D.
 
-    Parameter names follow PEFT (`lora_A`, `lora_B`, `base_layer`) so adapters map one-to-one onto PEFT's format.
+    Parameter names follow PEFT (`lora_A`, `lora_B`, `base_layer`) so adapters map one-to-one onto PEFT's
+    format.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight as stored by the base layer (lets code that reads `.weight` keep working)."""
+        """The frozen base weight as the base layer stores it (code that reads `.weight` keeps working)."""
         return self.base_layer.weight
 
     @property

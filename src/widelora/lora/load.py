@@ -1,9 +1,10 @@
-"""`load_adapter`: put a PEFT-format adapter (written by widelora or PEFT) into a model, exactly as PEFT would.
+"""`load_adapter`: put a PEFT-format adapter (from widelora or PEFT) into a model, exactly as PEFT would.
 
-Everything is planned and checked before the model is touched: a tensor the config does not cover, a non-finite
-value, a module the model lacks or a shape that does not fit raise and leave the model unchanged. Then:
+Everything is planned and checked before the model is touched: a tensor the config does not cover, a
+non-finite value, a module the model lacks or a shape that does not fit raise and leave the model unchanged.
+Then:
 - layers that already carry widelora adapters get the file's rank, alpha and factors; a base weight that a
-  W-moving init (PiSSA, LoRA-GA) had moved is put back first, since the file's adapter applies to the user's W;
+  W-moving init (PiSSA, LoRA-GA) had moved is put back first: the file's adapter applies to the user's W;
 - adapters whose config says `init_lora_weights="pissa"`/"olora" get the residual base weight PEFT rebuilds on
   load (widelora.lora.peft_residual), recorded as a base offset so `save_adapter` can fold it back;
 - `modules_to_save` modules are loaded and made trainable (a tied head gets its own copy, as in PEFT), and
@@ -61,7 +62,8 @@ def _plan_factors(model: nn.Module, f: AdapterFile) -> None:
             raise _different_base(
                 f,
                 f"the adapter targets module {name!r}, which this model "
-                f"({type(model).__name__}) {'does not have' if module is None else 'has but is not a linear layer'}",
+                f"({type(model).__name__}) "
+                + ("does not have" if module is None else "has but is not a linear layer"),
             )
         if f.init == "olora" and is_conv1d(module):
             raise UserError(
@@ -116,7 +118,7 @@ def _plan_extras(model: nn.Module, f: AdapterFile) -> list[_Extra]:
 
 
 def _restore_moved_weights(model: nn.Module, names: set[str]) -> None:
-    """Put back the user's W where a W-moving init (PiSSA, LoRA-GA) moved it: the file applies to the user's W."""
+    """Put back the user's W where a W-moving init (PiSSA, LoRA-GA) moved it: the file applies to that W."""
     for pair in lora_pairs(model):
         if pair.name in names and pair.base_offset is not None:
             b0, a0 = pair.base_offset
@@ -133,7 +135,7 @@ def _configure(layer: LoRALinear, alpha: float, scaling: str, dropout: float) ->
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the adapter stored in `directory` (written by widelora or PEFT) to `model`; see the module doc."""
+    """Attach the adapter in `directory` (written by widelora or PEFT) to `model`; see the module doc."""
     if hasattr(model, "peft_config"):
         raise UserError(
             f"{type(model).__name__} is a PEFT model: load the adapter with PEFT "

@@ -1,8 +1,8 @@
 """What kind of module is this: the one home for linear-layer detection and output-head names.
 
-Every part of widelora that asks "can this module carry an adapter?", "which way round is its weight stored?" or
-"is this the model's output head?" asks here, so attach, placement, gradient estimation and the training loop
-cannot disagree.
+Every part of widelora that asks "can this module carry an adapter?", "which way round is its weight stored?"
+or "is this the model's output head?" asks here, so attach, placement, gradient estimation and the training
+loop cannot disagree.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import nn
 # "output_layer" ChatGLM's.
 LM_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
 
-# Heads that `AutoModelForSequenceClassification` adds, freshly initialized: they must be trained whole (PEFT's
+# Heads that `AutoModelForSequenceClassification` adds, freshly initialized: they must be trained whole
+# (PEFT's
 # SEQ_CLS_HEAD_NAMES), so a classification run makes them trainable instead of adapting them.
 CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
 
@@ -42,7 +43,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an nn.Linear or a Conv1D, whatever orientation the weight is stored in."""
+    """(out_features, in_features) of an nn.Linear or a Conv1D, whatever the weight's orientation."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if is_conv1d(module):
@@ -58,7 +59,7 @@ def is_output_head_name(name: str) -> bool:
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """Paths of `model`'s output heads: `get_output_embeddings()` and every module `is_output_head_name` names."""
+    """Paths of `model`'s output heads: `get_output_embeddings()` and what `is_output_head_name` names."""
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     return {

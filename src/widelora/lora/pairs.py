@@ -1,7 +1,7 @@
 """The LoRA pair view: the one place that knows how widelora's layers and PEFT's layers store A, B, W and s.
 
-Initialization schemes, optimizers, the feature monitor, placement and adapter I/O all take `LoRAPair`s, so they
-work unchanged on a model adapted by `widelora.attach` and on a `peft.PeftModel`.
+Initialization schemes, optimizers, the feature monitor, placement and adapter I/O all take `LoRAPair`s, so
+they work unchanged on a model adapted by `widelora.attach` and on a `peft.PeftModel`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class LoRAPair:
         return getattr(self.module, "_widelora_base_offset", None)
 
     def set_base_offset(self, offset: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Record (B0, A0) so a portable adapter can fold the moved base weight back in (see io.save_adapter)."""
+        """Record (B0, A0) so a portable adapter can fold the moved base weight back in (io.save_adapter)."""
         self.module._widelora_base_offset = offset
 
 

@@ -1,10 +1,10 @@
 """The residual base weight PEFT builds when it loads a PiSSA or OLoRA adapter, computed as PEFT computes it.
 
-A PEFT adapter whose config says `init_lora_weights="pissa"` (or "olora") was trained on `W_res = W - s·B0 A0`,
-where (B0, A0) come from an SVD (PiSSA) or QR (OLoRA) of the user's W. `PeftModel.from_pretrained` recomputes
-W_res from the fresh base before loading the factors; so must widelora, or its outputs differ. The arithmetic
-below follows `peft.tuners.lora.layer.LoraLayer.pissa_init` / `olora_init` step by step in float32, so the
-residual matches PEFT's to the last bit on the same machine.
+A PEFT adapter whose config says `init_lora_weights="pissa"` (or "olora") was trained on `W_res = W - s·B0
+A0`, where (B0, A0) come from an SVD (PiSSA) or QR (OLoRA) of the user's W. `PeftModel.from_pretrained`
+recomputes W_res from the fresh base before loading the factors; so must widelora, or its outputs differ. The
+arithmetic below follows `peft.tuners.lora.layer.LoraLayer.pissa_init` / `olora_init` step by step in float32,
+so the residual matches PEFT's to the last bit on the same machine.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The Adam(W) update on one tensor, written once for every hand-rolled optimizer in widelora.
 
 torch.optim.AdamW covers the ordinary case; widelora needs the update by hand where the gradient is changed
-first (the LoRA-One / scaled-GD preconditioner) or where many configurations are stacked into one tensor with a
-learning rate per configuration (the width-study engine, where `lr` is a tensor that broadcasts against `p`).
+first (the LoRA-One / scaled-GD preconditioner) or where many configurations are stacked into one tensor with
+a learning rate per configuration (the width-study engine, where `lr` is a tensor that broadcasts against
+`p`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def adamw_step_(
     bias_correction: bool = True,
     eps_form: str = "torch",
 ) -> None:
-    """One decoupled-weight-decay Adam step, in place on `p`, `exp_avg` and `exp_avg_sq`; `step` counts from 1.
+    """One decoupled-weight-decay Adam step, in place on `p`, `exp_avg` and `exp_avg_sq`; `step` counts from
+    1.
 
     `eps_form="torch"` is torch.optim.AdamW's: `p -= lr/(1-b1^t) · m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
     `eps_form="reference"` is the LoRA-One / Riemannian-preconditioner references':

@@ -1,9 +1,9 @@
 """Shared machinery of the gradient-informed inits (LoRA-One, LoRA-GA): gradients on the base function, SVD.
 
-Both start from ``G = dL/dW``, the full gradient of every adapted frozen weight on the base model, averaged over
-a few batches (``widelora.methods.gradients``), and put a truncated SVD of it into the adapter. Gradients are
-taken on the base function: during the estimate every ``B`` is zeroed and a previously moved ``W`` is put back
-(both restored afterwards), so a second initialization sees the same model as the first.
+Both start from ``G = dL/dW``, the full gradient of every adapted frozen weight on the base model, averaged
+over a few batches (``widelora.methods.gradients``), and put a truncated SVD of it into the adapter. Gradients
+are taken on the base function: during the estimate every ``B`` is zeroed and a previously moved ``W`` is put
+back (both restored afterwards), so a second initialization sees the same model as the first.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def truncated_svd(
 def check_rank(name: str, rank: int, needed: int, shape: tuple[int, int], scheme: str) -> None:
     if needed > min(shape):
         raise ValueError(
-            f"{scheme}: rank {rank} is too large for {name} with weight shape {shape}: the gradient has at most "
+            f"{scheme}: rank {rank} is too large for {name} with weight shape {shape}: the gradient has at "
+            "most "
             f"rank {min(shape)} and {scheme} needs {needed} singular directions; use rank <= "
             f"{min(shape) // (needed // rank)}"
         )

@@ -48,7 +48,8 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) ->
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"batches must be mappings of model inputs (e.g. input_ids, attention_mask, labels) when no "
-                f"loss_fn is given; got a batch of type {type(batch).__name__}. Pass loss_fn=(model, batch) -> loss."
+                f"loss_fn is given; got a batch of type {type(batch).__name__}. "
+                "Pass loss_fn=(model, batch) -> loss."
             )
         outputs = model(**batch)
         loss = getattr(outputs, "loss", None)
@@ -228,7 +229,8 @@ def _resolve_modules(
     resolved: dict[str, tuple[nn.Module, tuple[int, int]]] = {}
     for item in modules:
         # Hook the adapted wrapper, not its base layer: a fused forward may never call base_layer, while the
-        # wrapper always sees x and, with y = W x + s·B A x, its output gradient is the base output's gradient.
+        # wrapper always sees x and, with y = W x + s·B A x, its output gradient is the base output's
+        # gradient.
         module = getattr(item, "module", None)
         name = getattr(item, "name", None)
         if module is None or name is None:

@@ -3,8 +3,8 @@
 A new scheme is one registered function; the methods that move W or need data live in their own modules
 (`pissa.py`, `lora_one.py`, `lora_ga.py`).
 
-A scheme maps the model's pairs to new values (`InitUpdate`s). `initialize` computes every update first, checks
-them, and only then writes, so a failing scheme leaves the model untouched.
+A scheme maps the model's pairs to new values (`InitUpdate`s). `initialize` computes every update first,
+checks them, and only then writes, so a failing scheme leaves the model untouched.
 """
 
 from __future__ import annotations

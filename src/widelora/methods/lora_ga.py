@@ -1,10 +1,10 @@
 """LoRA-GA (Wang et al. 2024; reference Outsider565/LoRA-GA), registered as the init scheme "lora_ga".
 
-``U, S, V = svd(+G)``, ``A0 = V[:, :r]^T``, ``B0 = U[:, r:2r]``, both times ``m^(1/4) / sqrt(gamma)`` (m = fan-out,
-gamma = 16, the reference's "stable" scale), and ``W <- W - s B0 A0`` so the initial output is unchanged. The move
-of ``W`` is recorded as the pair's base offset ``(B0, A0)``; ``widelora.save_adapter`` folds it back in (a rank-2r
-PEFT adapter holding ``[B_f, -B0] [A_f; A0]``), so the saved adapter on the UNMODIFIED base reproduces the
-finetuned model. ``G`` is estimated by ``widelora.methods.gradient_svd``.
+``U, S, V = svd(+G)``, ``A0 = V[:, :r]^T``, ``B0 = U[:, r:2r]``, both times ``m^(1/4) / sqrt(gamma)`` (m =
+fan-out, gamma = 16, the reference's "stable" scale), and ``W <- W - s B0 A0`` so the initial output is
+unchanged. The move of ``W`` is recorded as the pair's base offset ``(B0, A0)``; ``widelora.save_adapter``
+folds it back in (a rank-2r PEFT adapter holding ``[B_f, -B0] [A_f; A0]``), so the saved adapter on the
+UNMODIFIED base reproduces the finetuned model. ``G`` is estimated by ``widelora.methods.gradient_svd``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def lora_ga_factors(
     seed: int = 0,
     name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA-GA's (B0, A0) from a gradient G (out × in): ``A0 = V[:, :r]^T``, ``B0 = U[:, r:2r]``, stable scale."""
+    """LoRA-GA's (B0, A0) from a gradient G (out × in): ``A0 = V[:, :r]^T``, ``B0 = U[:, r:2r]``, scaled."""
     check_positive("gamma", gamma)
     check_rank(name, rank, 2 * rank, tuple(grad.shape), "lora_ga")
     m = grad.shape[0]

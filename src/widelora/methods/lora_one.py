@@ -6,19 +6,20 @@ weight (``widelora.methods.gradient_svd``), ``B0 = U_r sqrt(S_r) / sqrt(S_0 gamm
 initialization already includes one normalized, truncated full-gradient step. ``W`` is NOT adjusted. ``gamma``
 defaults to the reference's 128.
 
-The optimizer, registered as "lora_one_precond" and "scaled_gd" (the old optimizer name "lora_one" still works,
-with a deprecation warning, since it is also the init's name). Before the Adam moments, each adapter gradient is multiplied by the inverse Gram matrix of its partner:
+The optimizer, registered as "lora_one_precond" and "scaled_gd" (the old optimizer name "lora_one" still
+works, with a deprecation warning, since it is also the init's name). Before the Adam moments, each adapter
+gradient is multiplied by the inverse Gram matrix of its partner:
 
     g_A <- (B^T B + lam I)^-1 g_A          g_B <- g_B (A A^T + lam I)^-1
 
 which makes the update of the product ``B A`` invariant to how the product is split between the factors
 (Zhang & Pilanci 2024), and is LoRA-One's second ingredient (Zhang, Liu et al. 2025).
 
-``method="scaled_gd"`` and ``method="lora_one_precond"`` are the SAME algorithm with the same defaults: LoRA-One's
-reference optimizer (YuanheZ/LoRA-One ``AdamWr``) is a verbatim copy of the Riemannian-preconditioner
-reference's (pilancilab/Riemannian_Preconditioned_LoRA ``AdamWr``). Both names exist so code written after
-either paper reads naturally. ``scaled_gd`` with ``adam=False`` gives the paper's plain scaled gradient
-descent (reference ``SGDr``); it is accepted under either name.
+``method="scaled_gd"`` and ``method="lora_one_precond"`` are the SAME algorithm with the same defaults:
+LoRA-One's reference optimizer (YuanheZ/LoRA-One ``AdamWr``) is a verbatim copy of the
+Riemannian-preconditioner reference's (pilancilab/Riemannian_Preconditioned_LoRA ``AdamWr``). Both names exist
+so code written after either paper reads naturally. ``scaled_gd`` with ``adam=False`` gives the paper's plain
+scaled gradient descent (reference ``SGDr``); it is accepted under either name.
 
 Choices, and how to get the references' instead:
 - pairs come from ``widelora.lora.pairs.lora_pairs`` (by object identity), never from parameter order (the
@@ -109,7 +110,7 @@ def lora_one_factors(
     description="LoRA-One: one normalized, SVD-truncated full-gradient step (W unchanged)",
 )
 def lora_one(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
-    """LoRA-One: ``s B0 A0 = (s / (gamma sigma_1)) [-G]_r``; W unchanged. Options: gamma (128), svd, q, niter."""
+    """LoRA-One: ``s B0 A0 = (s / (gamma sigma_1)) [-G]_r``; W unchanged. Options: gamma, svd, q, niter."""
     check_options("lora_one", ctx.options, _OPTIONS)
     gamma = ctx.options.get("gamma", 128.0)
     check_positive("gamma", gamma)

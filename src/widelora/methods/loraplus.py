@@ -1,4 +1,5 @@
-"""LoRA+ (Hayou, Ghosh, Yu 2024): AdamW with the B factors at `ratio` times the learning rate of the A factors.
+"""LoRA+ (Hayou, Ghosh, Yu 2024): AdamW with the B factors at `ratio` times the learning rate of the A
+factors.
 
 Why: at large width, A and B need learning rates of different orders for the feature update to stay stable
 and efficient; `ratio` (16 by default) sets lr_B / lr_A. Two bugs seen in peers are avoided on purpose: the

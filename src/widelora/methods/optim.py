@@ -2,8 +2,8 @@
 
 Each method is one registered builder in its own module (LoRA+ in `loraplus.py`, the LoRA-One / scaled-GD
 preconditioner in `lora_one.py`). Parameter groups are built from the LoRA pair view (B matrices are found by
-identity, not by name), so they are right for widelora and PEFT models alike; the user's weight decay is always
-honoured.
+identity, not by name), so they are right for widelora and PEFT models alike; the user's weight decay is
+always honoured.
 """
 
 from __future__ import annotations
@@ -200,12 +200,13 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters of `model` (widelora or PEFT adapters).
 
-    `method`: "adamw" (one lr, the default), "loraplus" (lr_B = ratio · lr), or any registered method (e.g. the
-    preconditioned "lora_one_precond" / "scaled_gd"). `head_lr` gives every trainable parameter that is not an
-    adapter factor (a fresh head, modules_to_save, biases, norms) its own learning rate; None keeps them with the
-    adapters. Defaults: ratio 16, weight_decay 0, embedding_lr 1e-6, betas (0.9, 0.999), eps 1e-8. `setup` is any
-    object with `optimizer_kwargs() -> dict` (e.g. a `widelora.recommend` recommendation): its values fill
-    every argument not passed explicitly; explicit arguments win. `options` go to the method.
+    `method`: "adamw" (one lr, the default), "loraplus" (lr_B = ratio · lr), or any registered method (e.g.
+    the preconditioned "lora_one_precond" / "scaled_gd"). `head_lr` gives every trainable parameter that is
+    not an adapter factor (a fresh head, modules_to_save, biases, norms) its own learning rate; None keeps
+    them with the adapters. Defaults: ratio 16, weight_decay 0, embedding_lr 1e-6, betas (0.9, 0.999), eps
+    1e-8. `setup` is any object with `optimizer_kwargs() -> dict` (e.g. a `widelora.recommend`
+    recommendation): its values fill every argument not passed explicitly; explicit arguments win. `options`
+    go to the method.
     """
     passed = {
         "lr": lr,

@@ -17,7 +17,7 @@ from widelora.methods.init import InitContext, InitUpdate, per_pair, register_in
 @register_init("pissa")
 @per_pair
 def _pissa(pair: LoRAPair, ctx: InitContext) -> InitUpdate:
-    """PiSSA: principal singular directions of W in the adapter, the residual in the base (output unchanged)."""
+    """PiSSA: W's principal singular directions in the adapter, the residual in the base (same output)."""
     w = ctx.original_weight(pair)
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     r = pair.rank

@@ -88,7 +88,7 @@ class PlacementResult:
 
 
 def module_type(name: str) -> str:
-    """The type of a module from its path: its last component ("model.layers.3.mlp.down_proj" → "down_proj")."""
+    """A module's type from its path: the last component ("model.layers.3.mlp.down_proj" → "down_proj")."""
     return name.rsplit(".", 1)[-1]
 
 
@@ -177,7 +177,7 @@ def _inputs(batch: Any) -> dict[str, torch.Tensor]:
 
 
 def _runner(model: nn.Module, targets: Mapping[str, nn.Module]) -> nn.Module:
-    """The transformers backbone when it holds every target (skips computing LM-head logits), else the model."""
+    """The transformers backbone when it holds every target (no LM-head logits computed), else the model."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or base is model or type(base).__name__ == "LoraModel":
         return model
@@ -194,7 +194,8 @@ def nfn_modules(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, float], int, int]:
-    """NFN of each module (default: every linear layer) averaged over batches; returns (scores, batches, tokens).
+    """NFN of each module (default: every linear layer) averaged over batches; returns (scores, batches,
+    tokens).
 
     Padding tokens are excluded through the batch's ``attention_mask``; no gradients are computed.
     """

@@ -2,8 +2,8 @@
 
 `widelora.attach(model, setup=rec)` and `widelora.create_optimizer(model, setup=rec)` accept any object with
 `attach_kwargs() -> dict` / `optimizer_kwargs() -> dict` (e.g. `widelora.recommend`'s recommendation). A
-parameter's default is the sentinel `UNSET`, so "the caller passed the default value on purpose" and "the caller
-passed nothing" can be told apart: only the second is filled from the setup.
+parameter's default is the sentinel `UNSET`, so "the caller passed the default value on purpose" and "the
+caller passed nothing" can be told apart: only the second is filled from the setup.
 """
 
 from __future__ import annotations
