@@ -41,6 +41,7 @@ from typing import Self
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair, require_pairs
 
 # ------------------------------------------------------------------------------------------- the arithmetic
@@ -153,10 +154,10 @@ class FeatureMonitor:
         self, model: nn.Module, every: int = 1, za_threshold: float = 10.0, zb_threshold: float = 10.0
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every: expected an int >= 1, got {every!r}")
+            raise UserError(f"every: expected an int >= 1, got {every!r}")
         for name, value in (("za_threshold", za_threshold), ("zb_threshold", zb_threshold)):
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+                raise UserError(f"{name}: expected a positive number, got {value!r}")
         self.model = model
         self.every = every
         self.za_threshold = float(za_threshold)

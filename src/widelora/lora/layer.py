@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora import fused as _fused
 from widelora.lora.modules import is_conv1d, linear_shape
 
@@ -25,7 +26,7 @@ def lora_scale(alpha: float, rank: int, scaling: str) -> float:
         return alpha / rank
     if scaling == "rslora":
         return alpha / math.sqrt(rank)
-    raise ValueError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")
+    raise UserError(f"scaling={scaling!r} is not valid; choose one of {list(SCALINGS)}")
 
 
 class LoRALinear(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.layer import LoRALinear
 
 PEFT_PREFIX = "base_model.model."
@@ -82,7 +83,7 @@ def _peft_pair(name: str, module: nn.Module) -> LoRAPair | None:
     if adapter not in module.lora_A:
         return None
     if len(active) > 1:
-        raise ValueError(
+        raise UserError(
             f"PEFT module {name!r} has several active adapters {list(active)}; widelora acts on one — "
             "call model.set_adapter(name) first"
         )
@@ -130,7 +131,7 @@ def require_pairs(model: nn.Module) -> list[LoRAPair]:
     """`lora_pairs`, but a model with no adapters is an error that says what to do."""
     pairs = lora_pairs(model)
     if not pairs:
-        raise ValueError(
+        raise UserError(
             f"model ({type(model).__name__}) has no LoRA adapters; call widelora.attach(model, targets=...) "
             "or wrap it with peft.get_peft_model first"
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair
 from widelora.methods.gradients import iter_gradients
 from widelora.methods.init import InitContext
@@ -33,7 +34,7 @@ def truncated_svd(
     """Top singular triplets of ``g`` (float64 for exact): U (m, >=k), S (>=k,), V (n, >=k), descending."""
     m, n = g.shape
     if mode not in SVD_MODES:
-        raise ValueError(f"svd={mode!r} is not valid; choose one of {list(SVD_MODES)}")
+        raise UserError(f"svd={mode!r} is not valid; choose one of {list(SVD_MODES)}")
     if mode == "auto":
         mode = "exact" if min(m, n) <= _EXACT_MAX_DIM else "lowrank"
     if mode == "exact":
@@ -50,7 +51,7 @@ def truncated_svd(
 
 def check_rank(name: str, rank: int, needed: int, shape: tuple[int, int], scheme: str) -> None:
     if needed > min(shape):
-        raise ValueError(
+        raise UserError(
             f"{scheme}: rank {rank} is too large for {name} with weight shape {shape}: the gradient has at "
             "most "
             f"rank {min(shape)} and {scheme} needs {needed} singular directions; use rank <= "
@@ -71,18 +72,18 @@ def check_positive(name: str, value: Any) -> None:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
+        raise UserError(f"{name}={value!r} is not valid; {name} must be a positive finite number")
 
 
 def check_options(scheme: str, options: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"init scheme {scheme!r} got unknown options {unknown}; valid options: {sorted(allowed)}"
         )
     svd = options.get("svd", "auto")
     if svd not in SVD_MODES:
-        raise ValueError(f"svd={svd!r} is not valid; choose one of {list(SVD_MODES)}")
+        raise UserError(f"svd={svd!r} is not valid; choose one of {list(SVD_MODES)}")
 
 
 @contextmanager
@@ -109,7 +110,7 @@ def base_function(pairs: list[LoRAPair], ctx: InitContext) -> Iterator[None]:
 
 def gradient_groups(pairs: list[LoRAPair], ctx: InitContext):
     if ctx.batches is None:
-        raise ValueError(
+        raise UserError(
             "gradient-informed init schemes need data: pass batches=<an iterable of model inputs>"
         )
     opts = ctx.options

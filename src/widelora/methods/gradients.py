@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.lora.modules import is_linear, linear_shape
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -56,12 +57,12 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) ->
         if loss is None and isinstance(outputs, Mapping):
             loss = outputs.get("loss")
         if loss is None:
-            raise ValueError(
+            raise UserError(
                 "the model returned no loss for the batch (keys: "
                 f"{sorted(batch)}); include 'labels' in each batch or pass loss_fn=(model, batch) -> loss"
             )
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(
+        raise UserError(
             f"the loss must be a scalar tensor; got {type(loss).__name__} {getattr(loss, 'shape', '')}"
         )
     return loss
@@ -87,7 +88,7 @@ def group_by_budget(
     if memory_budget is None:
         return [names] if names else []
     if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes or None; got {memory_budget}")
+        raise UserError(f"memory_budget must be a positive number of bytes or None; got {memory_budget}")
     groups: list[list[str]] = []
     current: list[str] = []
     used = 0
@@ -189,16 +190,16 @@ def iter_gradients(
     """
     targets = _resolve_modules(modules)
     if not targets:
-        raise ValueError("modules is empty: there is no adapted weight to estimate a gradient for")
+        raise UserError("modules is empty: there is no adapted weight to estimate a gradient for")
     if num_batches is not None and (
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
-        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches!r}")
+        raise UserError(f"num_batches must be a positive integer or None; got {num_batches!r}")
     if batches is None:
-        raise ValueError("batches is None: gradient estimation needs data (an iterable of batches)")
+        raise UserError("batches is None: gradient estimation needs data (an iterable of batches)")
     data = list(itertools.islice(iter(batches), num_batches))
     if not data:
-        raise ValueError("batches yielded no batch: gradient estimation needs at least one batch")
+        raise UserError("batches yielded no batch: gradient estimation needs at least one batch")
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -261,13 +262,13 @@ def _estimate_group(
             loss = compute_loss(model, move_batch(batch, device), loss_fn)
             outs = [(name, i) for name, tap in taps.items() for i in range(len(tap.calls))]
             if not outs:
-                raise ValueError(
+                raise UserError(
                     f"none of the target modules ({', '.join(list(group)[:3])}, ...) ran in the "
                     "forward pass; check that they belong to this model"
                 )
             tensors = [taps[name].calls[i][1] for name, i in outs]
             if not loss.requires_grad:
-                raise ValueError("the loss does not depend on any target module's output; check loss_fn")
+                raise UserError("the loss does not depend on any target module's output; check loss_fn")
             out_grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             for (name, i), g in zip(outs, out_grads):
                 if g is None:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair
 from widelora.methods.gradient_svd import (
     COMMON_OPTIONS,
@@ -49,7 +50,7 @@ def lora_ga_factors(
         grad, 2 * rank, svd, q if q is not None else min(4 * rank, min(grad.shape)), niter, seed
     )
     if not torch.isfinite(s).all() or s[0] <= 0:
-        raise ValueError(
+        raise UserError(
             f"lora_ga: the gradient of {name} is zero or not finite; the loss does not depend on "
             "this weight on the given data"
         )

@@ -87,7 +87,7 @@ def lora_one_factors(
     check_rank(name, rank, rank, tuple(grad.shape), "lora_one")
     u, s, v = truncated_svd(-grad, rank, svd, q if q is not None else min(512, min(grad.shape)), niter, seed)
     if not torch.isfinite(s).all() or s[0] <= 0:
-        raise ValueError(
+        raise UserError(
             f"lora_one: the gradient of {name} is zero or not finite (sigma_1 = {float(s[0])}); the "
             "loss does not depend on this weight on the given data"
         )

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from widelora.errors import UserError
 from widelora.files import atomic_write_json
 from widelora.lora.modules import is_conv1d, is_linear, is_output_head_name
 
@@ -169,7 +170,7 @@ def _inputs(batch: Any) -> dict[str, torch.Tensor]:
         return {"input_ids": batch}
     if isinstance(batch, Mapping):
         if "input_ids" not in batch and "inputs_embeds" not in batch:
-            raise ValueError(f"each batch needs 'input_ids'; got keys {sorted(batch)}")
+            raise UserError(f"each batch needs 'input_ids'; got keys {sorted(batch)}")
         return {k: v for k, v in batch.items() if k not in ("labels", "label")}
     raise TypeError(
         f"batches must yield tensors of input ids or mappings of model inputs; got {type(batch).__name__}"
@@ -201,9 +202,9 @@ def nfn_modules(
     """
     targets = dict(modules) if modules is not None else linear_modules(model)
     if not targets:
-        raise ValueError("the model has no linear modules to score (output heads and embeddings excluded)")
+        raise UserError("the model has no linear modules to score (output heads and embeddings excluded)")
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches}")
+        raise UserError(f"num_batches must be a positive integer or None; got {num_batches}")
     generator = torch.Generator().manual_seed(seed)
     sums = dict.fromkeys(targets, 0.0)
     seen = dict.fromkeys(targets, 0)
@@ -276,10 +277,10 @@ def nfn_modules(
         if bar is not None:
             bar.close()
     if n_batches == 0:
-        raise ValueError("batches yielded no batch: PLoP needs a data sample")
+        raise UserError("batches yielded no batch: PLoP needs a data sample")
     scores = {name: sums[name] / seen[name] for name in targets if seen[name]}
     if not scores:
-        raise ValueError("none of the scored modules ran in the forward pass (or every token was padding)")
+        raise UserError("none of the scored modules ran in the forward pass (or every token was padding)")
     return scores, n_batches, n_tokens
 
 
@@ -299,22 +300,22 @@ def place(
     except the output head. ``result.targets`` can be passed to ``widelora.attach(targets=...)``.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
+        raise UserError(f"k must be a positive integer; got {k!r}")
     candidates = linear_modules(model)
     if types is not None:
         wanted = list(types)
         available = sorted({module_type(n) for n in candidates})
         missing = [t for t in wanted if t not in available]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"types {missing} match no linear module of the model; available types: {available}"
             )
         candidates = {n: m for n, m in candidates.items() if module_type(n) in wanted}
     if not candidates:
-        raise ValueError("the model has no linear modules to score (output heads and embeddings excluded)")
+        raise UserError("the model has no linear modules to score (output heads and embeddings excluded)")
     n_types = len({module_type(n) for n in candidates})
     if k > n_types:
-        raise ValueError(f"k={k} exceeds the number of module types ({n_types}); choose 1 <= k <= {n_types}")
+        raise UserError(f"k={k} exceeds the number of module types ({n_types}); choose 1 <= k <= {n_types}")
     module_scores, n_batches, n_tokens = nfn_modules(
         model, batches, modules=candidates, num_batches=num_batches, seed=seed, progress=progress
     )
