@@ -122,6 +122,8 @@ def test_exponent_part_says_when_the_interval_excludes_the_prediction() -> None:
     excluded = exponent_part("Init[B]", fit, (-1.0, -1.0))
     assert excluded.outcome == "contradicted" and "EXCLUDES" in excluded.detail
     assert exponent_part("Init[B]", {**fit, "ci_low": -1.09}, (-1.0, -1.0)).outcome == "holds"
+    wide = exponent_part("Init[B]", {"slope": -0.98, "ci_low": -1.27, "ci_high": -0.69}, (-1.0, -1.0))
+    assert wide.outcome == "tie" and "not determined" in wide.detail  # contains -1, but 0.58 wide
     assert exponent_part("Init[A]", fit, (-1.0, -0.5)).outcome == "holds"
     assert (
         exponent_part("Init[A]", {"slope": -0.45, "ci_low": -0.6, "ci_high": -0.3}, (-1.0, -0.5)).outcome

@@ -36,8 +36,9 @@ RULE_TEXT = {
         "must have its 95% interval above 0; below 0 contradicts; containing 0 is within noise"
     ),
     "width_exponent": (
-        "the fitted exponent's interval must contain the prediction (a range: the estimate inside it and the "
-        "interval overlapping it); an interval that excludes it contradicts the claim"
+        "the fitted exponent's 95% interval must contain the prediction (a range: the estimate inside it and the "
+        "interval overlapping it) and be at most 0.5 wide (a wider one determines nothing: within noise); an "
+        "interval that excludes the prediction contradicts the claim"
     ),
 }
 

@@ -25,6 +25,7 @@ from itertools import pairwise
 
 from widelora.errors import UserError
 from widelora.experiments.setup_comparison import Cell, SetupResult, paired_gap
+from widelora.theory import INFORMATIVE_CI_WIDTH
 
 OUTCOMES = ("holds", "tie", "contradicted", "missing")
 MARK = {"holds": "✓", "tie": "≈", "contradicted": "✗", "missing": "…"}
@@ -229,8 +230,9 @@ RULES: dict[str, RuleFn] = {
 
 def exponent_part(name: str, fit: dict, predicted: tuple[float, float]) -> Part:
     """A width study's fitted exponent (slope of log optimal LR on log width, with its interval) against the
-    predicted exponent or range: the interval excluding it contradicts; the point estimate inside with an
-    overlapping interval holds; an overlap with the estimate outside is a tie (not resolved)."""
+    predicted exponent or range: the interval excluding it contradicts; an interval wider than
+    ``INFORMATIVE_CI_WIDTH`` determines nothing (a tie); otherwise the point estimate inside the prediction (or
+    the interval covering it) holds, and an overlap with the estimate outside is a tie (not resolved)."""
     lo_p, hi_p = sorted(predicted)
     pred = f"{lo_p:g}" if lo_p == hi_p else f"[{lo_p:g}, {hi_p:g}]"
     text = f"{name}: optimal-LR exponent matches the prediction {pred}"
@@ -243,6 +245,10 @@ def exponent_part(name: str, fit: dict, predicted: tuple[float, float]) -> Part:
     )
     if hi < lo_p or lo > hi_p:
         return Part(text, "contradicted", detail + "; the interval EXCLUDES the prediction")
+    if hi - lo > INFORMATIVE_CI_WIDTH:  # the project's rule: such an interval does not determine the exponent
+        return Part(
+            text, "tie", detail + f"; the interval is wider than {INFORMATIVE_CI_WIDTH:g}: not determined"
+        )
     if lo_p <= slope <= hi_p or (lo <= lo_p and hi >= hi_p):
         return Part(text, "holds", detail)
     return Part(text, "tie", detail + "; the interval overlaps the prediction, the estimate lies outside it")
