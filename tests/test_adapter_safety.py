@@ -81,6 +81,15 @@ def test_a_tied_head_made_trainable_gets_its_own_copy_and_round_trips(tmp_path):
         assert (_logits(wl.load_adapter(copy.deepcopy(fresh), tmp_path)) - expected).abs().max() <= 1e-5
 
 
+def test_a_w_moving_init_on_a_tied_head_is_refused_and_changes_nothing():
+    model = tiny_gpt2()
+    embeddings = model.transformer.wte.weight.clone()
+    with pytest.raises(UserError, match="tied"):
+        wl.attach(model, ["lm_head"], rank=2, init="pissa")
+    assert torch.equal(model.transformer.wte.weight, embeddings)
+    assert not wl.lora_pairs(model)
+
+
 # -- 3. PEFT residual inits
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_peft_residual_inits_rebuild_the_base_weight_like_peft(tmp_path, init):

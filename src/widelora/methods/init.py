@@ -182,6 +182,22 @@ def _check_update(pair: LoRAPair, update: InitUpdate, scheme: str) -> None:
             )
 
 
+def _check_unshared(model: nn.Module, moving: list[LoRAPair], scheme: str) -> None:
+    """A scheme that moves W must not move a weight another module shares (a tied LM head's embeddings)."""
+    if not moving:
+        return
+    count: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        count[id(param)] = count.get(id(param), 0) + 1
+    tied = [p.name for p in moving if count.get(id(p.base_layer.weight), 0) > 1]
+    if tied:
+        raise UserError(
+            f"init scheme {scheme!r} moves the base weight, but {tied[:3]} share their weight with another "
+            "module (tied input/output embeddings): moving it would change that module too. Choose a scheme "
+            "that leaves W alone (e.g. 'init_a') for these layers, or untie the weights first"
+        )
+
+
 def initialize(
     model: nn.Module,
     scheme: str = "init_a",
@@ -214,6 +230,7 @@ def initialize(
         raise UserError(f"init scheme {scheme!r} returned no update for {missing[:5]}")
     for p in pairs:
         _check_update(p, updates[p.name], scheme)
+    _check_unshared(model, [p for p in pairs if updates[p.name].weight is not None], scheme)
     with torch.no_grad():
         for p in pairs:
             u = updates[p.name]
