@@ -187,8 +187,10 @@ def _section(i: int, r: ClaimResult, out: Path, figs: list[Path]) -> list[str]:
         "",
     ]
     lines += [f"- {p.line()}" for p in r.verdict.parts] + [""]
+    seen: set[str] = set()
     for e in r.experiments:
-        lines += _experiment(e)
+        lines += _experiment(e, repeat=e.source.name in seen)
+        seen.add(e.source.name)
     for f in figs:
         lines += [f"![{d.id}]({_rel(f, out.parent)})", ""]
     if d.note:
@@ -198,9 +200,10 @@ def _section(i: int, r: ClaimResult, out: Path, figs: list[Path]) -> list[str]:
     return lines
 
 
-def _experiment(e: ExperimentResult) -> list[str]:
+def _experiment(e: ExperimentResult, repeat: bool = False) -> list[str]:
     title = e.definition.title or e.source.name
-    lines = [f"**{title}.** {e.source.setting.strip()}".rstrip(), ""]
+    setting = "Same setting and run as above." if repeat else e.source.setting.strip()
+    lines = [f"**{title}.** {setting}".rstrip(), ""]
     if e.source.command:
         lines += [f"- command: `{e.source.command}`"]
     lines += [f"- result file: `{e.source.file.name}`" + ("" if e.available else " (not there yet)")]
