@@ -362,3 +362,42 @@ def test_fits_by_budget_reads_each_recorded_budgets_optima() -> None:
     assert list(out) == ["250"]
     assert out["250"]["fits"]["init_b"]["slope"] == pytest.approx(-1.0, abs=1e-6)
     assert [o["lr_grid"] for o in out["250"]["optima"]] == [1.0 / w for w in widths]
+
+
+def test_delta_split_rule_and_a_claim_mixing_rules(toy_store: Path, tmp_path: Path) -> None:
+    from widelora.report.width_claims import delta_split_parts
+
+    widths = [128, 512, 2048, 8192]
+    rows = [
+        {"init": "init_b", "width": w, "seed": s, "delta2_share": 0.1 * (128 / w) ** 0.5}
+        for w in widths
+        for s in (0, 1)
+    ]
+    rows += [{"init": "init_a", "width": w, "seed": 0, "delta2_share": 0.5} for w in widths]
+    assert [p.outcome for p in delta_split_parts(rows)] == ["holds", "holds"]
+    flipped = [{**r, "delta2_share": 0.9} if r["init"] == "init_b" and r["width"] == 128 else r for r in rows]
+    assert delta_split_parts(flipped)[1].outcome == "tie"  # above Init[A] at one width of four
+    assert [p.outcome for p in delta_split_parts(None)] == ["missing", "missing"]
+
+    (tmp_path / "delta.json").write_text(json.dumps({"rows": rows, "cpu_seconds": 12.0}))
+    extra = textwrap.indent(
+        textwrap.dedent("""\
+            - id: mixed
+              claim: A beats B, and B is undertrained
+              rule: better
+              experiments:
+                - {source: toy, groups: [{setup: A}, {setup: B}]}
+                - {source: delta, rule: width_delta_split}
+            """),
+        "  ",
+    )
+    claims = write_claims(tmp_path, toy_store, extra)
+    claims.write_text(
+        claims.read_text().replace("sources:\n", "sources:\n  delta: {kind: delta, file: delta.json}\n")
+    )
+    write_export(toy_store, tmp_path / "toy.json")
+    mixed = evaluate(load_ledger(claims))[2]
+    assert [p.outcome for p in mixed.verdict.parts][1:] == ["holds", "holds"]
+    assert (
+        mixed.experiments[1].cost.seconds == 12.0 and "δ2 share by width" in mixed.experiments[1].measured[0]
+    )

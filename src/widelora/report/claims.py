@@ -19,9 +19,9 @@ from widelora.errors import FileProblem, UserError
 from widelora.experiments.setup_comparison import SetupResult, collect, ranking
 from widelora.report.claims_spec import ClaimDef, ExperimentDef, LedgerDef, Source
 from widelora.report.export import open_results, write_export
-from widelora.report.summary import SweepResults, display_scale
+from widelora.report.summary import SweepResults, display_scale, pretty
 from widelora.report.verdicts import RULES, Group, Part, Settings, Verdict, cell_text, combine, exponent_part
-from widelora.report.width_claims import export_study, feature_growth_part
+from widelora.report.width_claims import delta_split_parts, export_study, feature_growth_part, shares_by_width
 from widelora.sweep.store import FINISHED, TrialRecord
 
 
@@ -102,6 +102,8 @@ class _Sources:
                 self._cache[name] = None
             elif src.kind == "sweep":
                 self._cache[name] = open_results(src.file)
+            elif src.kind == "delta":
+                self._cache[name] = _read_json(src.file)
             else:
                 self._cache[name] = _read_summary(src.file)
         return self._cache[name]
@@ -130,16 +132,40 @@ def evaluate(ledger: LedgerDef) -> list[ClaimResult]:
         if claim.rule == "pending":
             parts = [Part(claim.claim, "missing", claim.needs or "no experiment yet")]
             exps = [_pending(e, ledger, claim) for e in claim.experiments]
-        elif claim.rule in ("width_exponent", "width_feature_growth"):
-            exps = [_width(e, claim.rule, ledger, sources) for e in claim.experiments]
-            parts = [p for e in exps for p in e.parts]
         else:
-            exps = [_sweep(e, claim, ledger, sources) for e in claim.experiments]
+            exps = [_experiment(e, claim, ledger, sources) for e in claim.experiments]
             parts = [p for e in exps for p in e.parts]
         if claim.needs and claim.rule != "pending":
             parts.append(Part("not measured by any experiment yet", "missing", claim.needs))
         out.append(ClaimResult(claim, exps, combine(parts)))
     return out
+
+
+def _experiment(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
+    """One experiment evaluated by its rule (the claim's unless it names its own)."""
+    if e.rule in ("width_exponent", "width_feature_growth"):
+        return _width(e, e.rule, ledger, sources)
+    if e.rule == "width_delta_split":
+        return _delta(e, ledger, sources)
+    return _sweep(e, claim, ledger, sources)
+
+
+def _delta(e: ExperimentDef, ledger: LedgerDef, sources: _Sources) -> ExperimentResult:
+    src = ledger.sources[e.source]
+    data = sources.get(e.source)
+    if not isinstance(data, dict):
+        parts = delta_split_parts(None)
+        return ExperimentResult(e, src, ledger.settings, parts, available=False)
+    rows = data.get("rows", [])
+    measured = [
+        f"{pretty(init)} δ2 share by width: "
+        + ", ".join(f"{w}: {share:.3f}" for w, share in sorted(shares_by_width(rows, init).items()))
+        for init in dict.fromkeys(r["init"] for r in rows)
+    ]
+    cost = Cost(float(data.get("cpu_seconds") or 0.0), len(rows), 0, unit="monitored runs")
+    return ExperimentResult(
+        e, src, ledger.settings, delta_split_parts(rows), measured=measured, cost=cost, summaries=[data]
+    )
 
 
 def _pending(e: ExperimentDef, ledger: LedgerDef, claim: ClaimDef) -> ExperimentResult:
@@ -229,6 +255,16 @@ def _trial_cost(trials: list[TrialRecord]) -> Cost:
             cost.wall_only += 1
         cost.runs += 1
     return cost
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileProblem(path, f"is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FileProblem(path, "is not a JSON object")
+    return data
 
 
 def _read_summary(path: Path) -> dict:

@@ -19,6 +19,7 @@ from widelora.report.claims_spec import LedgerDef
 from widelora.report.figures import COLORS, STYLE, plot_metric_vs_lr, plt, save
 from widelora.report.summary import SweepResults
 from widelora.report.verdicts import MARK, RULES
+from widelora.report.width_claims import delta_split_parts
 
 HOW_VERDICTS = (
     "**How a verdict is computed.** Each claim is checked as parts by a stated rule (given under each claim). "
@@ -31,6 +32,7 @@ HOW_VERDICTS = (
 )
 RULE_TEXT = {
     "pending": "no experiment has been run yet",
+    "width_delta_split": " ".join((delta_split_parts.__doc__ or "").split()),
     "width_feature_growth": (
         "the log-log slope of |Z_A| (at each width's optimal learning rate, end of training, seed mean) over width "
         "must have its 95% interval above 0; below 0 contradicts; containing 0 is within noise"
@@ -175,14 +177,14 @@ def _cell(text: str) -> str:
 
 def _section(i: int, r: ClaimResult, out: Path, figs: list[Path]) -> list[str]:
     d = r.definition
+    rules = list(dict.fromkeys([d.rule, *(e.definition.rule for e in r.experiments if e.definition.rule)]))
     lines = [
         f'<a id="claim-{d.id}"></a>',
         f"## {i}. {d.claim}",
         "",
         f"*Source:* {d.origin or '—'}. *Verdict:* **{r.verdict.text()}**. *CPU time:* {r.cost.text()}.",
         "",
-        f"*Rule ({d.rule}):* {rule_text(d.rule)}",
-        "",
+        *[f"*Rule ({rule}):* {rule_text(rule)}\n" for rule in rules],
         "Checks:",
         "",
     ]

@@ -39,15 +39,17 @@ import yaml
 from widelora.errors import FileProblem, UserError
 from widelora.report.verdicts import RULES, Settings
 
-SOURCE_KINDS = ("sweep", "width")
+SOURCE_KINDS = ("sweep", "width", "delta")
 #: Rules that are not sweep comparisons: a width study's exponent, or a claim whose experiment is not run yet.
-OTHER_RULES = ("width_exponent", "width_feature_growth", "pending")
+OTHER_RULES = ("width_exponent", "width_feature_growth", "width_delta_split", "pending")
 WIDTH_RULES = ("width_exponent", "width_feature_growth")
+#: The source kind each non-sweep rule reads (sweep rules read sweeps).
+RULE_SOURCE = {"width_exponent": "width", "width_feature_growth": "width", "width_delta_split": "delta"}
 FIGURES = ("metric_vs_lr", "optimal_lr_vs_width", "none")
 _TOP = {"title", "intro", "settings", "sources", "claims"}
 _SOURCE = {"kind", "file", "store", "command", "setting"}
 _CLAIM = {"id", "claim", "origin", "rule", "experiments", "would_change", "figure", "note", "needs"}
-_EXPERIMENT = {"source", "title", "groups", "inits", "half_step", "budget"}
+_EXPERIMENT = {"source", "title", "groups", "inits", "half_step", "budget", "rule"}
 _GROUP = {"source", "setup", "name"}
 
 
@@ -76,6 +78,7 @@ class ExperimentDef:
     inits: dict[str, str] = field(default_factory=dict)  # width_exponent: init -> display name
     half_step: int | None = None
     budget: int | None = None  # width studies: read the fits at this recorded earlier budget (--eval-steps)
+    rule: str = ""  # this experiment's rule when it differs from the claim's
 
 
 @dataclass
@@ -184,6 +187,8 @@ def _claim(i: int, value: Any, sources: dict[str, Source]) -> ClaimDef:
     if not isinstance(exps, list) or (not exps and rule != "pending"):
         raise UserError(f"{where}.experiments must be a non-empty list")
     experiments = [_experiment(f"{where}.experiments[{j}]", e, sources, rule) for j, e in enumerate(exps, 1)]
+    for e in experiments:
+        e.rule = e.rule or rule
     return ClaimDef(
         str(data["id"]),
         str(data["claim"]),
@@ -200,7 +205,10 @@ def _claim(i: int, value: Any, sources: dict[str, Source]) -> ClaimDef:
 def _experiment(where: str, value: Any, sources: dict[str, Source], rule: str) -> ExperimentDef:
     data = _mapping(value, where, _EXPERIMENT)
     source = _known(where, data.get("source"), sources)
-    wanted = "width" if rule in WIDTH_RULES else "sweep"
+    rule = str(data.get("rule") or rule)
+    if rule not in RULES and rule not in OTHER_RULES:
+        raise UserError(f"{where}.rule: {rule!r} is not a rule; valid: {', '.join([*RULES, *OTHER_RULES])}")
+    wanted = RULE_SOURCE.get(rule, "sweep")
     if sources[source].kind != wanted:
         raise UserError(
             f"{where}: rule {rule!r} needs a {wanted} source; {source!r} is a {sources[source].kind}"
@@ -225,6 +233,7 @@ def _experiment(where: str, value: Any, sources: dict[str, Source], rule: str) -
         inits,
         None if half is None else int(half),
         None if budget is None else int(budget),
+        rule,
     )
 
 

@@ -113,3 +113,38 @@ def feature_growth_part(name: str, features: dict[str, list[float]] | None) -> P
     if fit.ci_high < 0:
         return Part(text, "contradicted", detail)
     return Part(text, "tie", detail + "; the interval contains 0")
+
+
+def shares_by_width(rows: Iterable[Mapping[str, Any]], init: str) -> dict[int, float]:
+    """Seed-mean δ2 share per width for ``init`` (rows of bench/claims_delta_split.py)."""
+    by: dict[int, list[float]] = {}
+    for r in rows:
+        if r["init"] == init and r.get("delta2_share") is not None:
+            by.setdefault(int(r["width"]), []).append(float(r["delta2_share"]))
+    return {w: sum(v) / len(v) for w, v in by.items()}
+
+
+def delta_split_parts(rows: list[Mapping[str, Any]] | None) -> list[Part]:
+    """Theorem 2 on the toy model, at each init's optimal learning rate: (1) under Init[B] δ2's share of the
+    feature update shrinks with width (log-log slope over widths, 95% interval below 0); (2) it is below Init[A]'s
+    at every width measured (at none: contradicted; at some: a tie)."""
+    from widelora.theory import fit_loglog_slope
+
+    shrink = "Init[B]: δ2's share of the feature update shrinks with width (B undertrained)"
+    below = "Init[B]'s δ2 share is below Init[A]'s at every width"
+    b, a = shares_by_width(rows or [], "init_b"), shares_by_width(rows or [], "init_a")
+    if len(b) < 3:
+        return [Part(shrink, "missing", "no δ-split file yet"), Part(below, "missing", "no δ-split file yet")]
+    widths = sorted(b)
+    fit = fit_loglog_slope(widths, [b[w] for w in widths])
+    detail = (
+        f"share ∝ n^{fit.slope:+.2f} [{fit.ci_low:+.2f}, {fit.ci_high:+.2f}] (95% CI, {len(widths)} widths)"
+    )
+    outcome = "holds" if fit.ci_high < 0 else "contradicted" if fit.ci_low > 0 else "tie"
+    parts = [Part(shrink, outcome, detail)]
+    both = [w for w in widths if w in a]
+    if not both:
+        return [*parts, Part(below, "missing", "no Init[A] runs at the same widths")]
+    lower = sum(b[w] < a[w] for w in both)
+    outcome = "holds" if lower == len(both) else "contradicted" if lower == 0 else "tie"
+    return [*parts, Part(below, outcome, f"lower at {lower} of {len(both)} widths")]
