@@ -263,6 +263,10 @@ def test_finetune_on_a_chat_file(tmp_path):
     assert result.exit_code == 0, result.output
     final = json.loads((tmp_path / "run" / "result.json").read_text())
     assert final["status"] == "done" and final["final"]["perplexity"] > 1
+    packed = [*args[:-1], str(tmp_path / "packed"), "--packing", "--seq-len", "48"]
+    result = CliRunner().invoke(app, packed)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["packing"] is True
 
 
 def test_finetune_names_the_bad_chat_row(tmp_path):

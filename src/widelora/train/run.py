@@ -108,7 +108,7 @@ def build_run(cfg: RunConfig, procs: Processes) -> Run:
     data = prepare(
         cfg.dataset, tokenizer, task=cfg.task, seq_len=cfg.seq_len, seed=cfg.seed,
         max_train=cfg.max_train_examples, max_eval=cfg.eval_examples,
-        text_field=cfg.text_field, label_field=cfg.label_field,
+        text_field=cfg.text_field, label_field=cfg.label_field, packing=cfg.packing,
     )  # fmt: skip
     dtype = getattr(torch, cfg.dtype)
     model, _ = models.load_model(
