@@ -17,6 +17,7 @@ from pathlib import Path
 
 from widelora.errors import FileProblem, UserError
 from widelora.experiments.setup_comparison import SetupResult, collect, ranking
+from widelora.files import atomic_write_text
 from widelora.report.claims_spec import ClaimDef, ExperimentDef, LedgerDef, Source
 from widelora.report.export import open_results, write_export
 from widelora.report.summary import SweepResults, display_scale, pretty
@@ -109,6 +110,14 @@ class _Sources:
         return self._cache[name]
 
 
+def _copy(store: Path, file: Path) -> Path:
+    return atomic_write_text(file, store.read_text(encoding="utf-8"))
+
+
+#: How each source kind's live form becomes its committed file: a sweep store, a width-study folder, a JSON.
+EXPORTERS = {"sweep": write_export, "width": export_study, "delta": _copy}
+
+
 def refresh(ledger: LedgerDef) -> list[str]:
     """Export every source whose live store (width: study folder) exists into its committed file; returns what
     was done."""
@@ -117,7 +126,7 @@ def refresh(ledger: LedgerDef) -> list[str]:
         if src.store is None:
             continue
         if src.store.exists():
-            (write_export if src.kind == "sweep" else export_study)(src.store, src.file)
+            EXPORTERS[src.kind](src.store, src.file)
             done.append(f"exported {src.store} -> {src.file}")
         else:
             done.append(f"skipped {src.name}: store {src.store} not on this machine")
