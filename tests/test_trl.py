@@ -54,10 +54,10 @@ def sft_args(tmp_path, **extra) -> SFTConfig:
     return SFTConfig(**(options | extra))
 
 
-def make_trainer(tmp_path, **widelora_options) -> SFTTrainer:
+def make_trainer(tmp_path, args: dict | None = None, **widelora_options) -> SFTTrainer:
     return SFTTrainer(
         model=tiny_model(),
-        args=sft_args(tmp_path),
+        args=sft_args(tmp_path, **(args or {})),
         train_dataset=chat_dataset(),
         processing_class=tiny_tokenizer(TINY_CHAT_TEMPLATE),
         peft_config=LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
@@ -85,6 +85,25 @@ def test_loraplus_from_the_training_arguments(tmp_path):
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert trained == optimized and len(trained) == 8
     assert all(not torch.equal(before[p.name], p.B) for p in wl.lora_pairs(trainer.model))
+
+
+def test_the_schedule_keeps_the_loraplus_ratio(tmp_path):
+    from transformers import TrainerCallback
+
+    seen: list[tuple[float, float]] = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            seen.append((groups["A"], groups["B"]))
+
+    trainer = make_trainer(
+        tmp_path, args={"lr_scheduler_type": "linear", "max_steps": 4}, method="loraplus",
+        optimizer_options={"ratio": RATIO}, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.train()
+    assert [a for a, _ in seen] == pytest.approx([LR * f for f in (0.75, 0.5, 0.25, 0.0)])  # the decay acted
+    assert [b for _, b in seen] == pytest.approx([RATIO * a for a, _ in seen])  # ... on both groups alike
 
 
 @pytest.mark.parametrize("method", ["scaled_gd", "lora_one_precond"])

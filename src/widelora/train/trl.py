@@ -6,7 +6,7 @@ and weight decay of `TrainingArguments`. `WideloraSetup` acts after the wrapping
 
 - at the end of `__init__` it initializes the adapters PEFT just added with a widelora scheme (`init=`); a
   data-driven scheme (lora_one, lora_ga) reads `init_batches` batches from the trainer's own train dataloader;
-- `create_optimizer` (the Trainer's hook, called once training starts, after any accelerate/FSDP wrapping) builds
+- `create_optimizer` (Trainer's own hook, called when training starts; under FSDP with the wrapped model) builds
   `widelora.create_optimizer(method=...)` over the model the trainer trains, with `learning_rate`,
   `weight_decay`, `adam_beta1/2` and `adam_epsilon` taken from the arguments, so a command-line
   `--learning_rate`, a sweep or HF's schedulers act on it as on Trainer's own AdamW (each LoRA+ group keeps its
