@@ -58,6 +58,17 @@ def test_untuned_setup_keeps_its_per_seed_learning_rates():
     assert cell.lr is None and cell.lr_by_seed == pytest.approx({0: 1.5e-3, 1: 3e-3, 2: 4.5e-3})
 
 
+def test_chosen_lr_is_read_from_the_run_folder_when_not_in_the_final_metrics(tmp_path):
+    (tmp_path / "result.json").write_text('{"status": "done", "setup": {"lr": 0.0007, "ratio": 3.9}}')
+    t = trial("r", "rec", 0, 0.8)
+    t.run_dir = str(tmp_path)
+    (cell,) = collect([t], "accuracy")["rec"].cells.values()
+    assert cell.lr_by_seed == {0: 0.0007}
+    t.run_dir = str(tmp_path / "missing")
+    (cell,) = collect([t], "accuracy")["rec"].cells.values()
+    assert cell.lr_by_seed == {}
+
+
 def test_paired_gap_uses_common_seeds_only():
     setups = collect(grid_trials(), "accuracy")
     gap = paired_gap(setups["rec"].cells[None], setups["A"].best("max"))

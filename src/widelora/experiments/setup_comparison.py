@@ -13,9 +13,11 @@ in, and a cell with such a trial cannot be a setup's best (its mean would descri
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 FINISHED = ("done", "diverged", "failed")
@@ -128,7 +130,7 @@ def collect(
             cell.by_seed[seed] = float(value)
             chosen = next((t.final[k] for k in CHOSEN_LR_KEYS if t.final.get(k) is not None), None)
             if chosen is None:
-                chosen = t.config.get("lr")
+                chosen = t.config.get("lr") if has_grid else _lr_from_run_dir(getattr(t, "run_dir", None))
             if chosen is not None:
                 cell.lr_by_seed[seed] = float(chosen)
         elif t.status == "failed":
@@ -136,6 +138,18 @@ def collect(
         elif t.status in ("done", "diverged"):
             cell.diverged += 1
     return out
+
+
+def _lr_from_run_dir(run_dir: str | None) -> float | None:
+    """The learning rate a run chose itself, from its ``result.json`` (``setup.lr``, written by finetune)."""
+    if not run_dir:
+        return None
+    try:
+        result = json.loads((Path(run_dir) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    lr = (result.get("setup") or {}).get("lr") if isinstance(result, dict) else None
+    return float(lr) if isinstance(lr, (int, float)) else None
 
 
 @dataclass
