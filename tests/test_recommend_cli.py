@@ -92,3 +92,16 @@ def test_attach_and_create_optimizer_accept_the_object_itself() -> None:
     pair = lora_pairs(model)[0]
     assert lrs[id(pair.B)] == pytest.approx(2e-3) and lrs[id(model.classifier.weight)] == pytest.approx(0.1)
     torch.testing.assert_close(pair.B, torch.zeros_like(pair.B))  # Init[A]: B = 0
+
+
+def test_finetune_auto_runs_with_the_probed_setup(files, tmp_path) -> None:
+    """`widelora finetune --auto` (= setup: recommended) fills the run's setup seam from the probe."""
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "c.txt"), "--targets",
+            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
+            "--no-progress", "--steps", "80", "--lr", "1e-4", "--out", str(out), "--auto"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    setup = json.loads((out / "result.json").read_text())["setup"]
+    assert setup["method"] == "loraplus" and setup["init"] == "init_a" and setup["lr"] != 1e-4
+    assert setup["targets"] == ["q_proj", "v_proj"]

@@ -128,6 +128,9 @@ def finetune(
     ] = None,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="Print the presets and exit.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    auto: Annotated[
+        bool, typer.Option("--auto", help="widelora chooses init, ratio and learning rates (= --setup recommended).")
+    ] = False,
     **flags: Any,
 ) -> None:
     """Finetune a model with LoRA; prints held-out perplexity/accuracy before and after."""
@@ -135,6 +138,8 @@ def finetune(
         for name, p in sorted(PRESETS.items()):
             typer.echo(f"{name:28s} model={p.get('model')} dataset={p.get('dataset')} task={p.get('task')}")
         return
+    if auto:
+        flags["setup"] = "recommended"
     cfg = _resolve(preset, config, resume, flags, set_ or [])
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=1))

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from widelora.errors import UserError
 from widelora.train.config import RunConfig
 
 
@@ -41,11 +40,14 @@ def manual(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice
     return SetupChoice(targets=cfg.targets, init=cfg.init, method=cfg.method, lr=cfg.lr, ratio=cfg.ratio)
 
 
-def _recommended_unavailable(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
-    raise UserError("setup='recommended' is not available in this version; use setup='manual'")
+def recommended(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+    """widelora's choice: init, method, ratio and learning rates from `widelora.recommend` (a short probe)."""
+    from widelora.recommend.runconfig import recommended_setup
+
+    return recommended_setup(cfg, model, batches)
 
 
-SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": _recommended_unavailable}
+SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": recommended}
 
 
 def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
