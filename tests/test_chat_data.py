@@ -279,3 +279,15 @@ def test_finetune_names_the_bad_chat_row(tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert f"error: {path}: line 2 has neither 'messages' nor 'prompt' and 'completion'" in result.output
+
+
+@pytest.mark.slow
+def test_smollm2_renders_with_its_own_template():
+    """The shipped SmolLM2-Instruct tokenizer: ChatML turns, its default system prompt, answers end in <|im_end|>."""
+    from widelora.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids, labels = chat.render(conv(("user", "Name a colour."), ("assistant", "Blue.")), tokenizer)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert [tokenizer.decode(run) for run in labelled_runs(ids, labels)] == ["Blue.<|im_end|>\n"]

@@ -210,3 +210,31 @@ def test_generate_errors(runs, tmp_path):
     save_tiny_folder(plain)
     with pytest.raises(ValueError, match="chat=True needs a chat template"):
         prompt_ids(load_run(runs["lm"]).tokenizer.__class__.from_pretrained(plain), "hi", chat=True)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_run_exports_and_generates(tmp_path):
+    """The shipped SmolLM2-135M-Instruct: a short chat run, merged export equal to the adapted model, generation."""
+    from transformers import AutoModelForCausalLM
+
+    from widelora.export import export_merged
+    from widelora.generation import generate
+    from widelora.train import train
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say the word {w}."}, {"role": "assistant", "content": w}]}
+        for w in ["apple", "river", "stone", "cloud", "light"] * 6
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = {
+        "model": "smollm2-135m", "dataset": str(tmp_path / "chat.jsonl"), "targets": ["q_proj", "v_proj"],
+        "rank": 4, "seq_len": 64, "batch_size": 2, "steps": 3, "lr": 1e-3, "eval_examples": 2, "progress": False,
+    }  # fmt: skip
+    assert train(config, tmp_path / "run")["status"] == "done"
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]])
+    adapted = _logits(load_run(tmp_path / "run").model, ids)
+    export_merged(tmp_path / "run", tmp_path / "merged")
+    merged = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids)
+    assert (merged - adapted).abs().max() < 1e-4 * adapted.abs().max()
+    text = generate(tmp_path / "run", "Say the word apple.", max_new_tokens=8, temperature=0)
+    assert isinstance(text, str) and text.strip()
