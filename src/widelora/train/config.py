@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("causal_lm", "classification")
 EVAL_SPLITS = ("val", "test")
 SETUPS = ("manual", "recommended")
+REPORT_TO = ("none", "tensorboard")
 
 
 class _NotGiven:
@@ -234,7 +235,15 @@ class RunConfig:
     monitor: bool = option(False, "Log feature-learning statistics (widelora.monitor).", flag)
     monitor_every: int = option(10, "Steps between monitor records.", positive_int, resume_free=True)
     progress: bool = option(True, "Show a progress bar.", flag, resume_free=True)
+    report_to: str = option(
+        "none", "Also log metrics, monitor statistics and group learning rates to: none | tensorboard "
+        "(event files in the run folder's tensorboard/).", choices=REPORT_TO, resume_free=True,
+    )  # fmt: skip
     dtype: str = option("float32", "Dtype of the frozen base model (adapters stay float32).", choices=DTYPES)
+    gradient_checkpointing: bool = option(
+        False, "Recompute each block's activations in backward (less memory, more time; same numbers).", flag,
+        resume_free=True,
+    )  # fmt: skip
     device: str = option("auto", "auto | cpu | cuda | cuda:N.", device_check, resume_free=True)
     out_dir: str = option(
         "runs/finetune", "Run folder (metrics, checkpoints, adapter).", text, resume_free=True

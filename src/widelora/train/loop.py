@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +38,10 @@ from widelora.train.checkpoint import (
 from widelora.train.config import RunConfig
 from widelora.train.distributed import Processes
 from widelora.train.evaluation import evaluate
-from widelora.train.metrics import MetricsLog, monitor_row
+from widelora.train.metrics import MetricsLog, group_learning_rates, monitor_stats
 from widelora.train.run import Run, build_run
 from widelora.train.rundir import RunFolder, file_errors
+from widelora.train.trackers import open_tracker
 
 MetricsCallback = Callable[[int, dict], None]
 
@@ -87,8 +89,8 @@ def train(
             if finished is not None:
                 return finished
             try:
-                with file_errors(folder.path):
-                    return _train(cfg, folder, procs, on_metrics)
+                with file_errors(folder.path), contextlib.ExitStack() as closing:
+                    return _train(cfg, folder, procs, on_metrics, closing)
             except Exception as exc:
                 folder.record_failure(exc)
                 raise
@@ -96,7 +98,13 @@ def train(
         procs.close()
 
 
-def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: MetricsCallback | None) -> dict:
+def _train(
+    cfg: RunConfig,
+    folder: RunFolder,
+    procs: Processes,
+    on_metrics: MetricsCallback | None,
+    closing: contextlib.ExitStack,
+) -> dict:
     t_start = time.time()
     folder.write_config()
     run = build_run(cfg, procs)
@@ -104,11 +112,16 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
     resumed = resume_latest(folder.path, run.model, run.optimizer, run.scheduler) if folder.resume else None
     if resumed is not None:
         progress.load(resumed[1])
+        if resumed[1].get("scaler"):
+            run.scaler.load_state_dict(resumed[1]["scaler"])
     log = MetricsLog(folder.path, procs.main, keep_until=progress.step if resumed else None)
+    reporter = open_tracker(cfg.report_to, folder.path, progress.step, enabled=procs.main)
+    closing.callback(reporter.close)
 
     def emit(row: dict) -> None:
         if procs.main:
             log.write(row)
+            reporter.log(row)
             if on_metrics is not None:
                 on_metrics(row["step"], row)
 
@@ -119,6 +132,7 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
                 "targets": run.targets,
                 "total_steps": run.total,
                 "setup": run.setup.as_dict(),
+                "scaler": run.scaler.state_dict(),
             }
             save_checkpoint(
                 folder.path, run.model, run.optimizer, run.scheduler, progress.step, progress.micro, extra
@@ -146,9 +160,11 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
             if progress.within_limit(train_loss):
                 progress.last_ok = step
             if reason is None:
+                run.scaler.unscale_(run.optimizer)  # float16: clip the true gradients (a no-op otherwise)
                 grad_norm = _clip(run, cfg.max_grad_norm)
-                run.optimizer.step()
-                run.scheduler.step()
+                run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
+                run.scaler.update()
+                _advance(run.scheduler)
                 progress.step = step
                 if not all(bool(torch.isfinite(p).all()) for p in run.trainable()):
                     reason = "the adapter weights became non-finite"
@@ -161,10 +177,10 @@ def _train(cfg: RunConfig, folder: RunFolder, procs: Processes, on_metrics: Metr
             tok_rate = tokens * procs.world / max(1e-9, time.time() - t0)
             if monitor is not None and (records := monitor.step(step)) and procs.main:
                 log.write_monitor([r.as_row() for r in records])
-                emit({"step": step, "kind": "monitor", **monitor_row(records)})
+                emit({"step": step, "kind": "monitor", **monitor_stats(monitor, records)})
             if step % cfg.log_every == 0 or step == run.total:
                 emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tok_rate})  # fmt: skip
+                      "tokens_per_s": tok_rate, **group_learning_rates(run.optimizer)})  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_rate:.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total:
@@ -222,10 +238,19 @@ def _forward_backward(run: Run, net: nn.Module, progress: Progress) -> tuple[flo
         last = k == cfg.grad_accum - 1
         with net.no_sync() if run.procs.world > 1 and not last else contextlib.nullcontext(), run.precision():
             loss = net(**batch).loss
-            (loss / cfg.grad_accum).backward()
+            run.scaler.scale(loss / cfg.grad_accum).backward()
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
     return run.procs.mean(sum(losses) / len(losses)), tokens
+
+
+def _advance(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Step the schedule, also after a step the float16 scaler skipped (the schedule counts steps taken or
+    skipped, so a run's length and lr curve do not depend on overflows); torch's warning about a scheduler
+    stepping before its optimizer does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
 
 
 def _clip(run: Run, max_norm: float | None) -> float | None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from widelora.errors import FileProblem
 from widelora.files import atomic_write_text
@@ -90,7 +93,33 @@ def monitor_row(records: list) -> dict[str, float]:
         return sum(vals) / len(vals) if vals else None
 
     row = {k: mean(k) for k in ("z_a", "z_b", "delta1", "delta2", "delta3")}
+    row["z_a_max"] = max(r.z_a for r in records)
+    row["z_b_max"] = max(r.z_b for r in records)
     row["z_a_ratio"] = sum(r.z_a_ratio for r in records) / len(records)
     if row["delta1"] is not None and row["delta2"] is not None and row["delta1"] + row["delta2"] > 0:
         row["delta2_share"] = row["delta2"] / (row["delta1"] + row["delta2"])
     return row
+
+
+def monitor_stats(monitor: Any, records: list) -> dict[str, float]:
+    """`monitor_row` plus the instability flags summarized across layers: how many layers the monitor flags for
+    internal instability (|Z_A| growing while |Z_B| stays bounded) and for output instability (|Z_B| large or
+    non-finite), judged on every record so far."""
+    row = monitor_row(records)
+    summary = monitor.summary()
+    row["internal_instability_layers"] = sum(bool(s["internal_instability"]) for s in summary.values())
+    row["output_instability_layers"] = sum(bool(s["output_instability"]) for s in summary.values())
+    return row
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of every parameter group, as `lr/<group name>` (LoRA+: lr/A and lr/B; a
+    classification head: lr/head); unnamed or repeated names get their group index."""
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        if not group["params"]:
+            continue
+        name = str(group.get("name") or i)
+        key = f"lr/{name}" if f"lr/{name}" not in out else f"lr/{name}.{i}"
+        out[key] = float(group["lr"])
+    return out

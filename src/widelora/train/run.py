@@ -25,6 +25,7 @@ from widelora.methods.init import get_scheme
 from widelora.train.config import RunConfig
 from widelora.train.distributed import Processes
 from widelora.train.evaluation import to_device
+from widelora.train.precision import enable_gradient_checkpointing, make_scaler, precision
 from widelora.train.schedule import BatchOrder, make_schedule
 from widelora.train.setups import SetupChoice, choose_setup
 
@@ -43,6 +44,7 @@ class Run:
     total: int
     setup: SetupChoice
     targets: list[str] | str
+    scaler: torch.amp.GradScaler
 
     def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
         """The `m`-th micro-batch of this process, on its device."""
@@ -60,14 +62,6 @@ class Run:
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-
-def precision(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Forwards under a bfloat16/float16 base run in autocast: the float32 adapters meet the base weights in the
-    base's dtype (on CPU too), while their gradients and the optimizer state stay float32."""
-    if cfg.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
 
 
 def check_seq_len(cfg: RunConfig) -> None:
@@ -140,6 +134,8 @@ def build_run(cfg: RunConfig, procs: Processes) -> Run:
             wl.initialize(
                 model, setup.init, seed=cfg.seed, batches=probe, progress=cfg.progress and procs.main
             )
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, cfg.model)
     model.train()
     extra: dict[str, Any] = {} if setup.head_lr is None else {"head_lr": setup.head_lr}
     optimizer = wl.create_optimizer(
@@ -148,4 +144,5 @@ def build_run(cfg: RunConfig, procs: Processes) -> Run:
     )  # fmt: skip
     total = _total_steps(cfg, order)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg, total))
-    return Run(cfg, procs, data, model, optimizer, scheduler, order, total, setup, targets)
+    scaler = make_scaler(cfg, procs.device)
+    return Run(cfg, procs, data, model, optimizer, scheduler, order, total, setup, targets, scaler)
