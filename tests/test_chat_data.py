@@ -291,3 +291,10 @@ def test_smollm2_renders_with_its_own_template():
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert [tokenizer.decode(run) for run in labelled_runs(ids, labels)] == ["Blue.<|im_end|>\n"]
+
+
+def test_text_readers_recognise_chat_data(tmp_path):
+    """Commands that read plain text (place, classification) say the file is chat data, not just 'no text'."""
+    path = write_jsonl(tmp_path / "chat.jsonl", qa_rows(3))
+    with pytest.raises(FileProblem, match="has no field 'text'; fields: \\['messages'\\]. this is chat data"):
+        data.load_corpus(path)

@@ -58,7 +58,13 @@ def _check_record(path: Path, where: str, obj: object, needed: list[str], label_
         raise FileProblem(path, f"{where}: expected a JSON object, got {type(obj).__name__}")
     for field in needed:
         if field not in obj:
-            raise FileProblem(path, f"{where} has no field {field!r}; fields: {sorted(obj)}")
+            chat = "messages" in obj or {"prompt", "completion"} <= set(obj)
+            hint = (
+                "this is chat data, which `widelora finetune` (causal_lm) reads; this command needs text"
+                if chat
+                else ""
+            )
+            raise FileProblem(path, f"{where} has no field {field!r}; fields: {sorted(obj)}", hint)
     if label_field in needed and obj[label_field] is None:
         raise FileProblem(path, f"{where}: {label_field!r} is null; every record needs a label")
     return obj
