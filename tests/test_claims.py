@@ -401,3 +401,26 @@ def test_delta_split_rule_and_a_claim_mixing_rules(toy_store: Path, tmp_path: Pa
     assert (
         mixed.experiments[1].cost.seconds == 12.0 and "δ2 share by width" in mixed.experiments[1].measured[0]
     )
+
+
+def test_cpu_time_of_trials_recorded_before_cpu_s_is_estimated_from_their_protocol() -> None:
+    from widelora.report.claims_cost import trial_cost, typical_cpu
+    from widelora.sweep.store import TrialRecord
+
+    def trial(i: int, cpu: float | None, steps: int = 120, wall: float = 100.0) -> TrialRecord:
+        final = {"accuracy": 0.5} | ({} if cpu is None else {"cpu_s": cpu})
+        config = {"model": "m", "steps": steps, "seed": i}
+        return TrialRecord(str(i), i, config, {}, "done", None, 1, None, None, 0.0, wall, final)
+
+    measured = [trial(0, 40.0), trial(1, 50.0), trial(2, 60.0)]
+    old = [trial(3, None), trial(4, None, steps=999, wall=70.0)]
+    typical = typical_cpu(measured + old)
+    cost = trial_cost(measured + old, typical)
+    assert cost.seconds == pytest.approx(
+        150.0 + 50.0 + 70.0
+    )  # median 50 for the same protocol; wall otherwise
+    assert (cost.runs, cost.estimated, cost.wall_only) == (5, 1, 1)
+    assert (
+        cost.text().startswith("≈ 4.5 CPU-min (5 trials; 1 estimated")
+        and "1 timed by wall clock" in cost.text()
+    )

@@ -11,38 +11,19 @@ measured*; nothing is ever filled in by hand. Rendering (markdown, figures) is `
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from widelora.errors import FileProblem, UserError
 from widelora.experiments.setup_comparison import SetupResult, collect, ranking
 from widelora.files import atomic_write_text
+from widelora.report.claims_cost import Cost, trial_cost, typical_cpu
 from widelora.report.claims_spec import ClaimDef, ExperimentDef, LedgerDef, Source
 from widelora.report.export import open_results, write_export
 from widelora.report.summary import SweepResults, display_scale, pretty
 from widelora.report.verdicts import RULES, Group, Part, Settings, Verdict, cell_text, combine, exponent_part
 from widelora.report.width_claims import delta_split_parts, export_study, feature_growth_part, shares_by_width
 from widelora.sweep.store import FINISHED, TrialRecord
-
-
-@dataclass
-class Cost:
-    """CPU seconds of the trials behind an experiment; trials recorded before ``cpu_s`` existed count their
-    wall time × threads instead (an upper bound), and are counted in ``wall_only``."""
-
-    seconds: float = 0.0
-    runs: int = 0
-    wall_only: int = 0
-    unit: str = "trials"
-
-    def text(self) -> str:
-        if not self.runs:
-            return "none yet"
-        out = f"{self.seconds / 60:.1f} CPU-min ({self.runs} {self.unit})"
-        if self.wall_only:
-            out += f"; {self.wall_only} timed by wall clock × threads (an upper bound)"
-        return out
 
 
 @dataclass
@@ -70,12 +51,13 @@ class ClaimResult:
     definition: ClaimDef
     experiments: list[ExperimentResult]
     verdict: Verdict
+    typical: dict[str, float] = field(default_factory=dict)  # median CPU per protocol (see Cost)
 
     @property
     def cost(self) -> Cost:
         """The claim's evidence cost: each trial once (experiments may share a group), plus width studies."""
         trials = [t for e in self.experiments for t in e.trials]
-        total = _trial_cost(trials) if trials else Cost(unit=self._unit())
+        total = trial_cost(trials, self.typical) if trials else Cost(unit=self._unit())
         seen: set[str] = set()
         for e in self.experiments:
             if e.summaries and e.source.name not in seen:  # several budgets of one study: one run
@@ -83,6 +65,7 @@ class ClaimResult:
                 total.seconds += e.cost.seconds
                 total.runs += e.cost.runs
                 total.wall_only += e.cost.wall_only
+                total.unit = total.unit if total.unit == e.cost.unit else "runs"
         return total
 
     def _unit(self) -> str:
@@ -95,6 +78,15 @@ class _Sources:
     def __init__(self, ledger: LedgerDef) -> None:
         self.ledger = ledger
         self._cache: dict[str, object] = {}
+        self._typical: dict[str, float] | None = None
+
+    @property
+    def typical(self) -> dict[str, float]:
+        """Median measured CPU per protocol over every sweep source of the ledger."""
+        if self._typical is None:
+            sweeps = [self.get(n) for n, src in self.ledger.sources.items() if src.kind == "sweep"]
+            self._typical = typical_cpu([t for r in sweeps if isinstance(r, SweepResults) for t in r.trials])
+        return self._typical
 
     def get(self, name: str) -> object:
         if name not in self._cache:
@@ -146,7 +138,7 @@ def evaluate(ledger: LedgerDef) -> list[ClaimResult]:
             parts = [p for e in exps for p in e.parts]
         if claim.needs and claim.rule != "pending":
             parts.append(Part("not measured by any experiment yet", "missing", claim.needs))
-        out.append(ClaimResult(claim, exps, combine(parts)))
+        out.append(ClaimResult(claim, exps, combine(parts), sources.typical))
     return out
 
 
@@ -231,7 +223,7 @@ def _sweep(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sourc
         measured,
         full_rank,
         half_rank,
-        _trial_cost(compared),
+        trial_cost(compared, sources.typical),
         remaining,
         available,
         compared,
@@ -251,19 +243,6 @@ def _half_step(res: SweepResults) -> int | None:
     """Half the spec's step budget, when the trials logged an evaluation there."""
     steps = (res.spec.get("base") or {}).get("steps")
     return int(steps) // 2 if isinstance(steps, int) and steps >= 2 else None
-
-
-def _trial_cost(trials: list[TrialRecord]) -> Cost:
-    cost = Cost()
-    for t in {t.id: t for t in trials}.values():
-        cpu = t.final.get("cpu_s")
-        if cpu is not None and math.isfinite(cpu):
-            cost.seconds += cpu
-        elif t.started is not None and t.finished is not None:
-            cost.seconds += t.finished - t.started  # sweeps here ran one torch thread per trial
-            cost.wall_only += 1
-        cost.runs += 1
-    return cost
 
 
 def _read_json(path: Path) -> dict:
