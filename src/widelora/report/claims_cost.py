@@ -58,7 +58,7 @@ def trial_cost(trials: list[TrialRecord], typical: dict[str, float] | None = Non
         cpu = t.final.get("cpu_s")
         if cpu is not None and math.isfinite(cpu):
             cost.seconds += cpu
-        elif typical and _protocol(t) in typical:
+        elif typical and t.status != "failed" and _protocol(t) in typical:  # a failed attempt: its wall time
             cost.seconds += typical[_protocol(t)]
             cost.estimated += 1
         elif t.started is not None and t.finished is not None:
