@@ -156,6 +156,7 @@ def _train(
             t0 = time.time()
             train_loss, tokens = _forward_backward(run, net, progress)
             step, lr = progress.step + 1, run.scheduler.get_last_lr()[0]
+            group_lrs = group_learning_rates(run.optimizer)  # the rates this step uses
             reason = progress.tracker.update(train_loss)
             if progress.within_limit(train_loss):
                 progress.last_ok = step
@@ -180,7 +181,7 @@ def _train(
                 emit({"step": step, "kind": "monitor", **monitor_stats(monitor, records)})
             if step % cfg.log_every == 0 or step == run.total:
                 emit({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tok_rate, **group_learning_rates(run.optimizer)})  # fmt: skip
+                      "tokens_per_s": tok_rate, **group_lrs})  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_rate:.0f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total:
