@@ -70,3 +70,9 @@ def test_lr_finder_suggests_a_rate_and_restores_the_model(monkeypatch):
     assert set(model.state_dict()) == set(before)  # the temporary adapters are gone
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_evaluation_setups_are_valid_run_config_setups():
+    from widelora.train import config, setups
+
+    assert set(config.SETUPS) == set(setups.SETUPS) >= {"recommended_tuned", "lr_finder"}

@@ -21,7 +21,7 @@ DECAYS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("causal_lm", "classification")
 EVAL_SPLITS = ("val", "test")
-SETUPS = ("manual", "recommended")
+SETUPS = ("manual", "recommended", "recommended_tuned", "lr_finder")  # = train.setups.SETUPS
 REPORT_TO = ("none", "tensorboard")
 
 

@@ -47,7 +47,20 @@ def recommended(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupC
     return recommended_setup(cfg, model, batches)
 
 
-SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": recommended}
+def _evaluation_setup(name: str) -> SetupFn:
+    """A setup of the evaluation of `recommend` (widelora.experiments.eval_setups), imported when used."""
+
+    def run(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+        from widelora.experiments import eval_setups
+
+        return getattr(eval_setups, name)(cfg, model, batches)
+
+    return run
+
+
+SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": recommended,
+                              "recommended_tuned": _evaluation_setup("recommended_tuned"),
+                              "lr_finder": _evaluation_setup("lr_finder")}
 
 
 def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
