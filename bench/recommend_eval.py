@@ -43,16 +43,21 @@ def load(
     full: dict[str, SetupResult] = {}
     half: dict[str, SetupResult] = {}
     metric = goal = ""
-    info: dict[str, Any] = {"stores": [], "cpu_seconds": 0.0, "trials": 0}
+    info: dict[str, Any] = {"stores": [], "trial_wall_seconds": 0.0, "trials": 0}
     for path in stores:
         res = load_results(path)
         metric, goal = res.metric, res.goal
         base = res.spec.get("base", {})
         steps, every = base.get("steps"), base.get("eval_every")
         full.update(collect(res.trials, metric))
-        if steps and every and 2 * every == steps:
-            half.update(collect(res.trials, metric, curves=res.curves, at_step=every))
+        if steps and every and steps % 2 == 0 and (steps // 2) % every == 0:
+            half.update(collect(res.trials, metric, curves=res.curves, at_step=steps // 2))
+        info.setdefault("loss_curves", {}).update(loss_curves(res))
+        info.setdefault("final_loss", {}).update(collect(res.trials, "eval_loss"))
         secs = [t.seconds for t in res.trials if t.seconds is not None]
+        cpu = [t.final.get("cpu_s") for t in res.trials if t.final.get("cpu_s") is not None]
+        info["cpu_s_recorded"] = info.get("cpu_s_recorded", 0.0) + sum(cpu)
+        info["trials_with_cpu_s"] = info.get("trials_with_cpu_s", 0) + len(cpu)
         info["stores"].append(
             {
                 "path": str(res.path),
@@ -62,9 +67,61 @@ def load(
                 "wall_seconds_sum": sum(secs),
             }
         )
-        info["cpu_seconds"] += sum(secs)
+        info["trial_wall_seconds"] += sum(secs)
         info["trials"] += len(res.trials)
     return metric, goal, full, half, info
+
+
+def loss_curves(res: Any) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """Held-out loss over steps per setup label and seed (step 0 and the last step: test; between: validation)."""
+    out: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for t in res.trials:
+        if t.status != "done":
+            continue
+        curve = res.curves.get(t.id, {}).get("eval_loss", [])
+        if len(curve) > 3 and "lr" not in t.labels:  # the own-lr runs, which evaluate every few steps
+            label = str(t.labels.get("setup", "all"))
+            out.setdefault(label, {})[int(t.config.get("seed", 0))] = curve
+    return out
+
+
+def steps_to_target(
+    full: dict[str, SetupResult],
+    losses: dict[str, SetupResult],
+    curves: dict[str, dict[int, list[tuple[int, float]]]],
+    goal: str,
+    min_seeds: int,
+    steps: int,
+) -> list[dict[str, Any]]:
+    """Issue 12's third target: the first evaluated step at which a setup's held-out loss is at or below PEFT
+    default's final held-out loss (its best grid cell, same seed), as a fraction of the run."""
+    from widelora.experiments.setup_comparison import mean_se
+
+    base = full.get(BASELINE)
+    best = base.best(goal, min_seeds) if base else None
+    if best is None:
+        return []
+    rows = []
+    for label, per_seed in curves.items():
+        fractions = {}
+        for seed, curve in per_seed.items():
+            target = losses[BASELINE].cells[best.lr].by_seed.get(seed) if BASELINE in losses else None
+            if target is None:
+                continue
+            hit = next((step for step, loss in curve if step > 0 and loss <= target), None)
+            fractions[seed] = (hit / steps) if hit is not None else math.inf
+        finite = [v for v in fractions.values() if math.isfinite(v)]
+        m, se = mean_se(finite)
+        rows.append(
+            {
+                "setup": label,
+                "fraction_by_seed": fractions,
+                "mean": m,
+                "se": se,
+                "not_reached": sum(not math.isfinite(v) for v in fractions.values()),
+            }
+        )
+    return rows
 
 
 def setup_rows(
@@ -190,15 +247,37 @@ def main(argv: list[str] | None = None) -> int:
     rows = setup_rows(full, half, goal, args.min_seeds)
     comps = comparisons(full, goal, relative, floor, args.fixed_lr, args.min_seeds)
     print(markdown(metric, rows, comps, scale))
+    steps = max((int(c[-1][0]) for per in info["loss_curves"].values() for c in per.values()), default=0)
+    speed = steps_to_target(full, info.pop("final_loss"), info["loss_curves"], goal, args.min_seeds, steps)
+    if speed:
+        print(
+            "\n| setup | steps to PEFT default's final held-out loss (fraction of the run) | per seed | not reached |"
+        )
+        print("|---|---|---|---|")
+        for r in speed:
+            per = ", ".join(f"{v:.2f}" for _, v in sorted(r["fraction_by_seed"].items()))
+            err = f" ± {r['se']:.2f}" if math.isfinite(r["se"]) else ""
+            print(f"| {r['setup']} | {r['mean']:.2f}{err} | {per} | {r['not_reached']} |")
+    if info.get("trials_with_cpu_s"):
+        print(
+            f"CPU time recorded by {info['trials_with_cpu_s']} trials: {info['cpu_s_recorded'] / 60:.1f} min"
+        )
     print(
-        f"\n{info['trials']} trials; sum of trial wall times {info['cpu_seconds'] / 60:.1f} min "
+        f"\n{info['trials']} trials; sum of trial wall times {info['trial_wall_seconds'] / 60:.1f} min "
         "(wall clock of each trial, one thread each; on a loaded machine more than its CPU time)"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"metric": metric, "goal": goal, "setups": rows, "comparisons": comps, **info},
+                {
+                    "metric": metric,
+                    "goal": goal,
+                    "setups": rows,
+                    "comparisons": comps,
+                    "steps_to_target": speed,
+                    **info,
+                },
                 indent=1,
                 default=str,
             )
