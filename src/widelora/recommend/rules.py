@@ -15,7 +15,8 @@ for a < 1) and B is at its own output-stability edge when `η_B·Z_A = Θ(1)`, i
 a = 1 (no internal instability, LoRA+'s asymptotic regime) gives ratio ∝ n; a = 1/2 (vanilla LoRA at its edge)
 gives ratio = 1. Seed 001 argues, and the width study measures, that the optimum of Init[A] sits in between:
 a = 0.80 [0.65, 0.94] (docs/results/width_study.md), so the ratio grows like n^0.6. The constant is pinned where
-the papers' experience is: ratio 2^4 at n = 4096 (Llama-7B, LoRA+'s recommended setting). The same argument
+the papers' experience is: ratio 2^4 at n = 4096 (Llama-7B, LoRA+'s recommended setting). The toy's ratio sweep
+(widths 128-8192, ratios 1-256) has a noisy best ratio growing like n^0.39 — same sign. The same argument
 would put the output-stability edge (η ~ n^-1/2) a factor n^(a - 1/2) above the optimum, but the width study
 measures that factor flat in width (see `edge_factor`), so the probe's safety factor is a constant.
 """
@@ -33,13 +34,15 @@ RATIO_ANCHOR = 16.0
 WIDTH_ANCHOR = 4096
 #: Bounds: below 1 LoRA+ would slow B below A (never what the theory asks); above 64 nobody has measured.
 RATIO_BOUNDS = (1.0, 64.0)
-#: lr = edge / this (MiniLM-L6 topics: probe edge / grid-best lr); width-independent, see `edge_factor`.
+#: lr = edge / this; width-independent (see `edge_factor`). MiniLM-L6 topics, 60 steps: probe edge 1.46e-2 /
+#: grid-best lr 4e-3 = 3.65 (grid 1e-3..1.6e-2: 84.6 / 85.2 / 85.7 / 79.5 / 20.3 %; docs/results/recommend.md).
 EDGE_FACTOR = 4.0
 #: The width of the calibration task (MiniLM-L6 hidden size).
 CALIBRATION_WIDTH = 384
 #: head lr = this × η₁, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached
 #: features (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM topics
-#: (best head lr / η₁; warmup and decay mean the average step is about half the peak).
+#: (best head lr / η₁ = 1.9 and 7.9 on two seeds, flat top between: 2 is its conservative end; +18.9 points
+#: over the head at lr_A in the full run).
 HEAD_STEP_MULTIPLIER = 2.0
 #: Used only when no probe can run: the base lr at the calibration width (MiniLM topics, grid-best Init[A] lr
 #: 1.16e-2 with one lr for A and B, halved as LoRA+ advises), scaled with the measured exponent.
