@@ -16,3 +16,10 @@ import torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_models(monkeypatch):
+    """Each test starts with an empty process-wide start-up cache (`run_trial` keeps models between trials; a
+    model one test loaded, or hooked through a monkeypatched loader, must not reach another test)."""
+    monkeypatch.setattr("widelora.train.cache._SHARED", None)

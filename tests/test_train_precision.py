@@ -65,8 +65,8 @@ def _overflow_first_backward(monkeypatch):
     """The first backward of the run puts an inf into one adapter gradient (an fp16 overflow, made certain)."""
     real = loop.build_run
 
-    def build(cfg, procs):
-        run = real(cfg, procs)
+    def build(cfg, procs, **kw):
+        run = real(cfg, procs, **kw)
         param = run.trainable()[0]
         fired = []
 

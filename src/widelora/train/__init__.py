@@ -55,11 +55,15 @@ def train(
     run_dir: str | os.PathLike,
     on_metrics: Callable[[int, dict], None] | None = None,
     resume: bool = True,
+    keep_loaded: bool = False,
 ) -> dict[str, Any]:
-    """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback)."""
+    """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback).
+    `keep_loaded`: keep the loaded model and data in this process for the next run (`widelora.train.cache`)."""
     from widelora.train import loop
+    from widelora.train.cache import shared_cache
 
-    return loop.train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume)
+    cache = shared_cache() if keep_loaded else None
+    return loop.train(_as_config(config), run_dir, on_metrics=on_metrics, resume=resume, cache=cache)
 
 
 def run_trial(
@@ -67,12 +71,15 @@ def run_trial(
 ) -> dict[str, Any]:
     """Run one trial to completion (or resume it); failures come back as `status="failed"`, never raised.
 
+    The process keeps the loaded base model, tokenizer and data for the next trial that uses the same ones (a
+    sweep worker's start-up is paid once; each trial still gets an exact copy: `widelora.train.cache`).
+
     `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks the
     base; None is a value, e.g. `max_grad_norm: None` turns clipping off). `on_metrics(step, row)` receives every
     logged row (rows have a "kind": train / eval / monitor / status).
     """
     try:
-        return train(config, run_dir, on_metrics=on_metrics, resume=True)
+        return train(config, run_dir, on_metrics=on_metrics, resume=True, keep_loaded=True)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001  a sweep must see a status, not a traceback

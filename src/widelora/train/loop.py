@@ -28,6 +28,7 @@ from torch import nn
 from widelora.divergence import DivergenceRule, DivergenceTracker
 from widelora.features import FeatureMonitor
 from widelora.lora.io import save_adapter
+from widelora.train.cache import StartupCache
 from widelora.train.checkpoint import (
     checkpoint_steps,
     prune_checkpoints,
@@ -76,9 +77,14 @@ class Progress:
 
 
 def train(
-    cfg: RunConfig, run_dir: str | os.PathLike, on_metrics: MetricsCallback | None = None, resume: bool = True
+    cfg: RunConfig,
+    run_dir: str | os.PathLike,
+    on_metrics: MetricsCallback | None = None,
+    resume: bool = True,
+    cache: StartupCache | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) one finetuning run in `run_dir`; returns the result dict (also written to result.json)."""
+    """Run (or resume) one finetuning run in `run_dir`; returns the result dict (also written to result.json).
+    `cache` keeps the loaded model and data for the next run in this process (`widelora.train.cache`)."""
     cfg.validate()
     procs = Processes.start(cfg.device)
     try:
@@ -90,7 +96,7 @@ def train(
                 return finished
             try:
                 with file_errors(folder.path), contextlib.ExitStack() as closing:
-                    return _train(cfg, folder, procs, on_metrics, closing)
+                    return _train(cfg, folder, procs, on_metrics, closing, cache)
             except Exception as exc:
                 folder.record_failure(exc)
                 raise
@@ -104,10 +110,11 @@ def _train(
     procs: Processes,
     on_metrics: MetricsCallback | None,
     closing: contextlib.ExitStack,
+    cache: StartupCache | None,
 ) -> dict:
     t_start = time.time()
     folder.write_config()
-    run = build_run(cfg, procs)
+    run = build_run(cfg, procs, cache=cache)
     progress = Progress(DivergenceRule(cfg.diverge_factor, cfg.diverge_smoothing).tracker())
     resumed = resume_latest(folder.path, run.model, run.optimizer, run.scheduler) if folder.resume else None
     if resumed is not None:

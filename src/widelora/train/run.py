@@ -17,11 +17,12 @@ from torch import nn
 
 import widelora as wl
 from widelora import models
-from widelora.data import TaskData, make_loader, prepare
+from widelora.data import TaskData, make_loader
 from widelora.errors import UserError
 from widelora.lora.modules import CLASSIFICATION_HEAD_NAMES
 from widelora.methods import plop
 from widelora.methods.init import get_scheme
+from widelora.train.cache import FRESH, StartupCache
 from widelora.train.config import RunConfig
 from widelora.train.distributed import Processes
 from widelora.train.evaluation import to_device
@@ -94,20 +95,16 @@ def _total_steps(cfg: RunConfig, order: BatchOrder) -> int:
     return max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
 
 
-def build_run(cfg: RunConfig, procs: Processes) -> Run:
-    """Build every piece of a run on `procs.device` (a fresh start; the loop loads a checkpoint over it)."""
+def build_run(cfg: RunConfig, procs: Processes, cache: StartupCache | None = None) -> Run:
+    """Build every piece of a run on `procs.device` (a fresh start; the loop loads a checkpoint over it).
+
+    `cache` (see `widelora.train.cache`) may hand over the tokenizer, data and base model of an earlier run in
+    this process; without one, everything is loaded fresh."""
     check_seq_len(cfg)
     torch.manual_seed(cfg.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
-    data = prepare(
-        cfg.dataset, tokenizer, task=cfg.task, seq_len=cfg.seq_len, seed=cfg.seed,
-        max_train=cfg.max_train_examples, max_eval=cfg.eval_examples,
-        text_field=cfg.text_field, label_field=cfg.label_field, packing=cfg.packing,
-    )  # fmt: skip
-    dtype = getattr(torch, cfg.dtype)
-    model, _ = models.load_model(
-        cfg.model, task=cfg.task, num_labels=data.num_labels, dtype=dtype, seed=cfg.seed
-    )
+    cache = cache or FRESH
+    data = cache.data(cfg, cache.tokenizer(cfg.model))
+    model = cache.model(cfg, data.num_labels)
     model.to(procs.device)
     order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, procs.rank, procs.world)
     probe = [
