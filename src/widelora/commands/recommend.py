@@ -24,7 +24,7 @@ def _curve_lines(probe: dict) -> list[str]:
     lines.append(f"edge {probe['edge_lr']:.3g} ({probe['reason']}); lr = edge / {probe['factor']:.3g}; "
                  f"loss lowest after lr {probe['min_loss_lr']:.3g}"
                  + (f"; internal instability from lr {probe['internal_lr']:.3g}" if probe["internal_lr"] else ""))
-    lines.append(f"probe cost: {probe['steps']} steps of ≤ {probe['batch_size']} examples = "
+    lines.append(f"probe cost: {len(probe['curve'])} of {probe['steps']} planned steps of ≤ {probe['batch_size']} examples = "
                  f"{probe['cost_steps']:.3g} training steps ({100 * probe['cost_fraction']:.1f} % of the run)")
     head = probe.get("head")
     if head:
