@@ -278,6 +278,9 @@ def summarize(cal: dict) -> dict:
             "optimal_ratio_log2_spread_over_widths": float(log_r.std(ddof=1)),
             "optimal_ratio_vs_width": fit,
             "width_dependence": _width_dependence(fit),
+            # LoRA+ under Adam predicts lr_A ∝ n^-1 and lr_B ∝ n^0 at the optimum: the two halves of the ratio
+            "lr_a_at_best_vs_width": slope([r["width"] for r in rows], [r["lr"] for r in rows]),
+            "lr_b_at_best_vs_width": slope([r["width"] for r in rows], [r["lr"] * r["ratio_grid"] for r in rows]),
             "gain_geomean_over_widths": float(2 ** log_g.mean()) if log_g.size else None,
             "gain_per_width": {r["width"]: r["gain"] for r in rows},
             "gain_heldout_per_width": {r["width"]: r["gain_heldout"] for r in rows},
