@@ -17,33 +17,45 @@ import torch
 
 from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair
-from widelora.methods.gradients import iter_gradients
+from widelora.methods.gradients import consume_gradients, iter_gradients
 from widelora.methods.init import InitContext
 
-__all__ = ["COMMON_OPTIONS", "SVD_MODES", "gradient_factors", "pair_gradients", "truncated_svd"]
+__all__ = ["COMMON_OPTIONS", "SVD_MODES", "choose_svd", "gradient_factors", "pair_gradients", "truncated_svd"]
 
 SVD_MODES = ("auto", "exact", "lowrank")
-_EXACT_MAX_DIM = 1024  # "auto": exact SVD when min(out, in) is at most this, randomized otherwise
+# "auto": randomized SVD only where it is far cheaper and its error is negligible: the sketch width q is at
+# most a quarter of min(out, in) and the matrix is not small. Elsewhere exact SVD (float64).
+_LOWRANK_MIN_DIM = 256
+_LOWRANK_MAX_FRACTION = 0.25
 
 COMMON_OPTIONS = {"num_batches", "memory_budget", "svd", "niter", "q", "train_mode", "progress"}
+
+
+def choose_svd(shape: tuple[int, int], q: int, mode: str = "auto") -> str:
+    """ "exact" or "lowrank" for a gradient of ``shape`` truncated through a sketch of width ``q``."""
+    if mode not in SVD_MODES:
+        raise UserError(f"svd={mode!r} is not valid; choose one of {list(SVD_MODES)}")
+    if mode != "auto":
+        return mode
+    small = min(shape)
+    return "lowrank" if small > _LOWRANK_MIN_DIM and q <= _LOWRANK_MAX_FRACTION * small else "exact"
 
 
 def truncated_svd(
     g: torch.Tensor, k: int, mode: str, q: int | None, niter: int, generator_seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top singular triplets of ``g`` (float64 for exact): U (m, >=k), S (>=k,), V (n, >=k), descending."""
+    """Top singular triplets of ``g`` (float64): U (m, >=k), S (>=k,), V (n, >=k), descending.
+
+    The randomized path (``torch.svd_lowrank``, a Halko-style range finder with ``niter`` power iterations
+    over a sketch of ``q`` >= k columns, default 2k) is the references' choice; it is seeded privately so
+    the global RNG is untouched and results are reproducible.
+    """
     m, n = g.shape
-    if mode not in SVD_MODES:
-        raise UserError(f"svd={mode!r} is not valid; choose one of {list(SVD_MODES)}")
-    if mode == "auto":
-        mode = "exact" if min(m, n) <= _EXACT_MAX_DIM else "lowrank"
-    if mode == "exact":
+    q = min(max(q if q is not None else 2 * k, k), min(m, n))
+    if choose_svd((m, n), q, mode) == "exact":
         u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
         return u, s, vh.mT
-    q = min(max(q if q is not None else 2 * k, k), min(m, n))
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # svd_lowrank draws from the global RNG: keep it seeded and private
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global RNG: keep it private
         torch.manual_seed(generator_seed)
         u, s, v = torch.svd_lowrank(g.float(), q=q, niter=niter)
     return u.double(), s.double(), v.double()
@@ -141,13 +153,26 @@ def gradient_factors(
     fn: Callable[[LoRAPair, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(B0, A0) per pair, each group's gradients turned into factors before the next group is estimated."""
+    if ctx.batches is None:
+        raise UserError(
+            "gradient-informed init schemes need data: pass batches=<an iterable of model inputs>"
+        )
     by_name = {p.name: p for p in pairs}
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with base_function(pairs, ctx), closing(gradient_groups(pairs, ctx)) as groups:
-        for group in groups:
-            for name in list(group):
-                out[name] = fn(by_name[name], group.pop(name))
-    return out
+    opts = ctx.options
+    with base_function(pairs, ctx):
+        consume_gradients(
+            ctx.model,
+            pairs,
+            ctx.batches,
+            lambda name, g: out.__setitem__(name, fn(by_name[name], g)),
+            loss_fn=ctx.loss_fn,
+            num_batches=opts.get("num_batches"),
+            memory_budget=opts.get("memory_budget"),
+            train_mode=bool(opts.get("train_mode", False)),
+            progress=bool(opts.get("progress", True)),
+        )
+    return {p.name: out[p.name] for p in pairs}
 
 
 def svd_seed(ctx: InitContext) -> int:

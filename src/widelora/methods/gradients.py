@@ -27,7 +27,14 @@ from widelora.lora.modules import is_linear, linear_shape
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["compute_loss", "estimate_gradients", "group_by_budget", "iter_gradients", "move_batch"]
+__all__ = [
+    "compute_loss",
+    "consume_gradients",
+    "estimate_gradients",
+    "group_by_budget",
+    "iter_gradients",
+    "move_batch",
+]
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
@@ -185,9 +192,48 @@ def iter_gradients(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Like :func:`estimate_gradients`, one memory-budget group at a time (``{name: G}`` per group).
 
-    A consumer that turns each ``G`` into small factors before asking for the next group never holds more
-    than one group's gradients.
+    Prefer :func:`consume_gradients` when each ``G`` can be reduced on its own: it never holds a finished
+    ``G`` beyond the moment it is handed over.
     """
+    plan = _plan(model, modules, batches, num_batches, memory_budget, device)
+    for group in plan.groups:
+        done: dict[str, torch.Tensor] = {}
+        _run(model, plan, [group], loss_fn, train_mode, progress, done.__setitem__)
+        yield {name: done[name] for name in group}
+
+
+def consume_gradients(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module] | Sequence[Any],
+    batches: Iterable[Any],
+    on_done: Callable[[str, torch.Tensor], None],
+    *,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
+    memory_budget: int | None = None,
+    train_mode: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> None:
+    """Hand each module's averaged ``G`` to ``on_done(name, G)`` as soon as it is complete.
+
+    Why: with one batch (or in the last batch) a module's ``G`` is complete the moment its output gradient
+    arrives in the backward pass, so it is reduced (e.g. to SVD factors) there and freed before the next
+    layer's gradient exists: the full-size gradients of all adapted weights are never held together. With
+    several batches the running sums of a memory-budget group are held between batches (``memory_budget``
+    bounds them, at one extra pass over the batches per group).
+    """
+    plan = _plan(model, modules, batches, num_batches, memory_budget, device)
+    _run(model, plan, plan.groups, loss_fn, train_mode, progress, on_done)
+
+
+class _Plan:
+    def __init__(self, targets, data, device, groups) -> None:
+        self.targets, self.data, self.device, self.groups = targets, data, device, groups
+
+
+def _plan(model, modules, batches, num_batches, memory_budget, device) -> _Plan:
+    """Check every input before anything runs; resolve modules, batches, device and budget groups."""
     targets = _resolve_modules(modules)
     if not targets:
         raise UserError("modules is empty: there is no adapted weight to estimate a gradient for")
@@ -204,18 +250,19 @@ def iter_gradients(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     shapes = {name: shape for name, (_, shape) in targets.items()}
-    groups = group_by_budget(shapes, memory_budget)
+    return _Plan(targets, data, device, group_by_budget(shapes, memory_budget))
 
+
+def _run(model, plan: _Plan, groups, loss_fn, train_mode, progress, on_done) -> None:
     was_training = model.training
     model.train(train_mode)
-    bar = _progress(len(groups) * len(data), progress)
+    bar = _progress(len(groups) * len(plan.data), progress)
     try:
         with _frozen(model):
             for group in groups:
-                result = _estimate_group(
-                    model, {n: targets[n][0] for n in group}, shapes, data, loss_fn, device, bar
+                _estimate_group(
+                    model, {n: plan.targets[n] for n in group}, plan.data, loss_fn, plan.device, bar, on_done
                 )
-                yield {name: result[name] for name in group}
     finally:
         bar.close()
         model.train(was_training)
@@ -245,45 +292,77 @@ def _resolve_modules(
 
 def _estimate_group(
     model: nn.Module,
-    group: dict[str, nn.Module],
-    shapes: Mapping[str, tuple[int, int]],
+    group: dict[str, tuple[nn.Module, tuple[int, int]]],
     data: list[Any],
     loss_fn: LossFn | None,
     device: torch.device | str,
     bar: Any,
-) -> dict[str, torch.Tensor]:
-    sums = {name: torch.zeros(shapes[name], dtype=torch.float32, device=device) for name in group}
+    on_done: Callable[[str, torch.Tensor], None],
+) -> None:
+    """One pass over ``data`` for ``group``; each G is accumulated in a tensor hook as its output gradient
+    arrives (never all output gradients at once) and handed to ``on_done`` when its last call is in."""
+    sums: dict[str, torch.Tensor] = {}  # allocated on first use: with one batch, G's live one at a time
     taps = {name: _Tap() for name in group}
-    handles = [group[name].register_forward_hook(taps[name]) for name in group]
+    handles = [mod.register_forward_hook(taps[name]) for name, (mod, _) in group.items()]
+    pending: dict[str, int] = {}
+    finished: set[str] = set()
+    last = False
+
+    def finish(name: str) -> None:
+        finished.add(name)
+        total = sums.pop(name, None)
+        if total is None:
+            total = torch.zeros(group[name][1], dtype=torch.float32, device=device)
+        on_done(name, total.div_(len(data)).cpu())
+
+    def accumulate(name: str, i: int, g: torch.Tensor) -> None:
+        x = taps[name].calls[i][0]
+        taps[name].calls[i] = None  # free the reference as soon as it is used
+        g2 = g.reshape(-1, g.shape[-1]).float()
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if name in sums:
+            sums[name].addmm_(g2.T, x2)
+        else:
+            sums[name] = g2.T @ x2
+        pending[name] -= 1
+        if last and pending[name] == 0:
+            finish(name)
+
     try:
-        for batch in data:
+        for index, batch in enumerate(data):
+            last = index == len(data) - 1
             for tap in taps.values():
                 tap.calls.clear()
             loss = compute_loss(model, move_batch(batch, device), loss_fn)
-            outs = [(name, i) for name, tap in taps.items() for i in range(len(tap.calls))]
-            if not outs:
+            if not any(tap.calls for tap in taps.values()):
                 raise UserError(
                     f"none of the target modules ({', '.join(list(group)[:3])}, ...) ran in the "
                     "forward pass; check that they belong to this model"
                 )
-            tensors = [taps[name].calls[i][1] for name, i in outs]
             if not loss.requires_grad:
                 raise UserError("the loss does not depend on any target module's output; check loss_fn")
-            out_grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for (name, i), g in zip(outs, out_grads):
-                if g is None:
-                    continue
-                x = taps[name].calls[i][0]
-                g2 = g.reshape(-1, g.shape[-1]).float()
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                sums[name].add_(g2.T @ x2)
+            leaves = []
+            for name, tap in taps.items():
+                pending[name] = len(tap.calls)
+                for i, (_, out) in enumerate(tap.calls):
+                    out.register_hook(lambda g, name=name, i=i: accumulate(name, i, g))
+                    if out.is_leaf:
+                        leaves.append(out)
+            # Differentiate only toward the graph leaves the taps created (the first adapted layers): the
+            # hooks do the work on the way, and autograd returns only those few output gradients.
+            if not leaves:
+                leaves = [out for tap in taps.values() for _, out in tap.calls]
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+            del loss
             bar.update(1)
+        for name in group:
+            if name not in finished:
+                finish(name)  # calls whose output did not reach the loss: what arrived is complete
     finally:
         for h in handles:
             h.remove()
         for tap in taps.values():
             tap.calls.clear()
-    return {name: (s / len(data)).cpu() for name, s in sums.items()}
 
 
 class _NoBar:
