@@ -25,7 +25,7 @@ __all__ = ["COMMON_OPTIONS", "SVD_MODES", "choose_svd", "gradient_factors", "pai
 SVD_MODES = ("auto", "exact", "lowrank")
 # "auto": randomized SVD only where it is far cheaper and its error is negligible: the sketch width q is at
 # most a quarter of min(out, in) and the matrix is not small. Elsewhere exact SVD (float64).
-_LOWRANK_MIN_DIM = 256
+_LOWRANK_MIN_DIM = 128
 _LOWRANK_MAX_FRACTION = 0.25
 
 COMMON_OPTIONS = {"num_batches", "memory_budget", "svd", "niter", "q", "train_mode", "progress"}
