@@ -239,7 +239,10 @@ class RunConfig:
         "none", "Also log metrics, monitor statistics and group learning rates to: none | tensorboard "
         "(event files in the run folder's tensorboard/).", choices=REPORT_TO, resume_free=True,
     )  # fmt: skip
-    dtype: str = option("float32", "Dtype of the frozen base model (adapters stay float32).", choices=DTYPES)
+    dtype: str = option(
+        "float32", "Dtype of the frozen base model (adapters stay float32; float16 uses loss scaling).",
+        choices=DTYPES,
+    )  # fmt: skip
     gradient_checkpointing: bool = option(
         False, "Recompute each block's activations in backward (less memory, more time; same numbers).", flag,
         resume_free=True,
