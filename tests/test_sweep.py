@@ -387,8 +387,8 @@ def test_example_specs_parse(path: Path) -> None:
 
     spec = load_spec(path)
     trials = spec.trials()
-    assert len(trials) >= 12 and spec.metric
-    assert "seed" in spec.axes and ("lr" in spec.axes)
+    assert len(trials) >= 2 and spec.metric
+    assert "seed" in spec.axes  # an lr axis is optional: a setup may choose its own learning rate
 
 
 # -- trial functions: a registry, never an import from a spec ------------------------------------------------

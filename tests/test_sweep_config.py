@@ -62,7 +62,7 @@ def test_finetune_trials_get_their_nulls(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     seen = []
 
-    def fake_train(cfg, run_dir, on_metrics=None, resume=True):
+    def fake_train(cfg, run_dir, on_metrics=None, resume=True, **options):  # options: e.g. the model cache
         seen.append(cfg)
         return {"status": "done", "final": {"accuracy": 0.5}, "error": None, "checkpoint": None}
 
