@@ -118,38 +118,6 @@ def test_metric_choice_and_labels() -> None:
     assert metric_label("accuracy") == "accuracy (%)"
 
 
-def test_demo_page_headline(tmp_path: Path) -> None:
-    """The demo's page: headline table of each setup's best result against the PEFT-default baseline."""
-    from widelora.commands.demo import BASELINE, DemoResult, headline_rows, write_page
-
-    spec = parse_spec(
-        textwrap.dedent(f"""\
-        name: demo-toy
-        trial_fn: toy
-        metric: test_loss
-        goal: min
-        base: {{steps: 15, width: 16}}
-        axes:
-          lr: [1e-2, 3e-2]
-          setup:
-            - {{label: "{BASELINE}", init: kaiming, method: adamw}}
-            - {{label: "Init[A] + LoRA+", init: init_a, method: loraplus, ratio: 4}}
-        """)
-    )
-    with ResultStore(tmp_path / "s.sqlite") as store:
-        run_sweep(spec, store, workers=0, threads=1)
-    res = DemoResult(out=tmp_path / "demo", seconds=12.0, notes=["width study skipped: test"])
-    res.sweep = load_results(tmp_path / "s.sqlite")
-    res.headline = headline_rows(res.sweep)
-    assert [r["setup"] for r in res.headline] == [BASELINE, "Init[A] + LoRA+"]
-    assert res.headline[0]["gain"] == 0.0
-    other = res.headline[1]
-    assert other["gain"] == pytest.approx(other["accuracy"] - res.headline[0]["accuracy"])
-    page = write_page(res).read_text()
-    assert "Headline" in page and BASELINE in page and "width study skipped: test" in page
-    assert page.count("data:image/png;base64,") >= 2
-
-
 def test_mean_se_says_single_seed_instead_of_a_zero_error():
     from widelora.report.html import mean_se
 
