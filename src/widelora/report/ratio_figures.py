@@ -104,3 +104,30 @@ def make_figures(cal: dict, out_dir: Path) -> list[Path]:
 if __name__ == "__main__":  # pragma: no cover
     for p in make_figures(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])):
         print(p)
+
+
+def plot_exponent_sensitivity(rows: list[dict], path: Path) -> Path:
+    """Optimal-LR exponent vs step budget per init, one marker per LR grid, with 95 % intervals and predictions."""
+    plt = _plt()
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    fig, axes = plt.subplots(1, len(inits), figsize=(4.8 * len(inits), 3.8), squeeze=False, sharey=True)
+    for ax, init in zip(axes[0], inits, strict=True):
+        for k, (grid, marker) in enumerate(zip(grids, "os^", strict=False)):
+            sel = [r for r in rows if r["init"] == init and r["grid"] == grid and r["slope"] is not None]
+            x = np.array([r["budget"] for r in sel], dtype=float) * 2 ** ((k - 1) * 0.08)  # dodge
+            y = np.array([r["slope"] for r in sel])
+            err = [y - [r["ci_low"] for r in sel], [r["ci_high"] for r in sel] - y]
+            ax.errorbar(x, y, yerr=err, fmt=marker, color=_color(init, inits), alpha=1.0 - 0.3 * k, capsize=2,
+                        label=grid)
+        ax.axhline(-1.0, color="0.3", ls="--", lw=1, label="n^-1")
+        ax.axhline(-0.5, color="0.3", ls=":", lw=1, label="n^-1/2")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("step budget")
+        ax.set_title(_label(init), fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+    axes[0, 0].set_ylabel("optimal-LR exponent (95% CI)")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
