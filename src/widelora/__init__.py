@@ -6,7 +6,7 @@ instruments that show whether features are learned — on widelora's own layers 
 
 from widelora.api import attach
 from widelora.features import FeatureMonitor, monitor
-from widelora.lora.attach import match_targets, merge, set_fused, unload, unmerge
+from widelora.lora.attach import match_targets, merge, set_fused, set_shared_input, unload, unmerge
 from widelora.lora.io import save_adapter
 from widelora.lora.layer import LoRALinear
 from widelora.lora.load import load_adapter
@@ -41,6 +41,7 @@ __all__ = [
     "register_optimizer",
     "save_adapter",
     "set_fused",
+    "set_shared_input",
     "unload",
     "unmerge",
 ]

@@ -19,6 +19,7 @@ from torch import nn
 from widelora.errors import UserError
 from widelora.lora.layer import SCALINGS, LoRALinear
 from widelora.lora.modules import is_linear, linear_shape, output_head_names
+from widelora.lora.shared_input import link_siblings
 
 ALL_LINEAR = "all-linear"  # every linear layer except the output heads (widelora.lora.modules)
 
@@ -213,9 +214,11 @@ def add_adapters(
         setattr(parent, leaf, layer)
         new_layers.append(layer)
     untied = mark_trainable(model, extra)
+    link_siblings(model, LoRALinear)
 
     def undo() -> None:
         _unwrap(model, new_layers)
+        link_siblings(model, LoRALinear)
         for sub, p_name, original in untied:
             setattr(sub, p_name, original)
         for p, flag in grad_flags:
@@ -265,6 +268,12 @@ def unload(model: nn.Module) -> nn.Module:
         layer.merge()
     _unwrap(model, layers)
     return model
+
+
+def set_shared_input(model: nn.Module, enabled: bool) -> None:
+    """Switch the stacked A products of siblings that read one input on or off (on by default; fused only)."""
+    for layer in _widelora_layers(model):
+        layer.use_shared_input = bool(enabled)
 
 
 def set_fused(model: nn.Module, enabled: bool) -> None:

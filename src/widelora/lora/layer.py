@@ -59,6 +59,9 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.use_fused = True
+        self.use_shared_input = (
+            True  # group A products with siblings reading the same input (shared_input.py)
+        )
 
     @property
     def in_features(self) -> int:
@@ -81,23 +84,32 @@ class LoRALinear(nn.Module):
         """`s · B A` in (out, in) orientation."""
         return self.scale * (self.lora_B @ self.lora_A)
 
+    def fusable(self, x: torch.Tensor) -> bool:
+        """True when the fused path computes exactly what the plain path does on ``x``."""
+        if self.merged or self.disabled or not self.use_fused:
+            return False
+        # Dropout only acts in training mode; in eval the fused path is exact whatever p is.
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        return _fused.can_fuse(x, p, self.base_layer.weight, self.lora_A, self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.use_fused:
-            # Dropout only acts in training mode; in eval the fused path is exact whatever p is.
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            w = self.base_layer.weight
-            if _fused.can_fuse(x, p, w, self.lora_A, self.lora_B):
-                return _fused.fused_lora_linear(
-                    x,
-                    w,
-                    self.bias,
-                    self.lora_A,
-                    self.lora_B,
-                    self.scale,
-                    weight_transposed=self.weight_transposed,
-                )
+        if self.fusable(x):
+            shared = self.__dict__.get("_shared_input")
+            if shared is not None and self.use_shared_input:
+                y = shared.forward(self, x)
+                if y is not None:
+                    return y
+            return _fused.fused_lora_linear(
+                x,
+                self.base_layer.weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scale,
+                weight_transposed=self.weight_transposed,
+            )
         y = self.base_layer(x)
         x_a = self.dropout(x)
         if x_a.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
