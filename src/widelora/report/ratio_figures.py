@@ -96,9 +96,14 @@ def plot_edge(cal: dict, path: Path) -> Path:
     return out
 
 
-def make_figures(cal: dict, out_dir: Path) -> list[Path]:
+def make_figures(calibration: dict, out_dir: Path) -> list[Path]:
+    """Both figures for every setup of the calibration file (``<figure>_<setup>.png``)."""
     out = Path(out_dir)
-    return [plot_ratio(cal, out / "ratio_vs_width.png"), plot_edge(cal, out / "edge_vs_optimum.png")]
+    paths = []
+    for name, cal in calibration.items():
+        paths.append(plot_ratio(cal, out / f"ratio_vs_width_{name}.png"))
+        paths.append(plot_edge(cal, out / f"edge_vs_optimum_{name}.png"))
+    return paths
 
 
 if __name__ == "__main__":  # pragma: no cover
