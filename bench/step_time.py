@@ -4,7 +4,9 @@ For each model, the same base weights (shared, frozen), the same batch, rank, al
 except the output head, spelled out as one explicit list and passed to both libraries) and seed:
 
 - ``peft``            PEFT LoraConfig(r, alpha, dropout 0) + torch AdamW;
-- ``widelora``        wl.attach(init="init_a") + wl.create_optimizer(method="loraplus"): fused path on;
+- ``widelora``        wl.attach(init="init_a") + wl.create_optimizer(method="loraplus"): fused path on, siblings
+                      reading one input (q/k/v, gate/up) with their A products stacked (lora/shared_input.py);
+- ``widelora-separate`` the same with the stacking off (wl.set_shared_input(model, False)): one fused layer each;
 - ``widelora-plain``  the same model class with the fused path switched off (wl.set_fused(model, False));
 - ``bound``           no adapters, every weight frozen, but the input-embedding output requires grad so the
                       backward pass still runs through every layer: what any LoRA step must at least cost.
@@ -65,7 +67,7 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 def build_setups(base: torch.nn.Module, kind: str, rank: int, seed: int, lr: float = 1e-4
                  ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer | None], list[str]]:
-    """The four setups of the module docstring, all sharing `base`'s frozen weights."""
+    """The setups of the module docstring, all sharing `base`'s frozen weights."""
     from peft import LoraConfig, get_peft_model
 
     base.requires_grad_(False)
@@ -85,10 +87,12 @@ def build_setups(base: torch.nn.Module, kind: str, rank: int, seed: int, lr: flo
     models: dict[str, torch.nn.Module] = {"peft": pm}
     opts: dict[str, torch.optim.Optimizer | None] = {
         "peft": torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)}
-    for name, fused in (("widelora", True), ("widelora-plain", False)):
+    for name, fused, shared in (("widelora", True, True), ("widelora-separate", True, False),
+                                ("widelora-plain", False, False)):
         m = wl.attach(_shared_copy(base), targets=names, rank=rank, alpha=rank, init="init_a", seed=seed,
                       trainable=tuple(head) if kind == "classification" else ())
         wl.set_fused(m, fused)
+        wl.set_shared_input(m, shared)
         m.train()
         models[name] = m
         opts[name] = wl.create_optimizer(m, lr=lr, method="loraplus")
@@ -134,7 +138,7 @@ def _ratios(times: dict[str, dict[str, list[float]]], num: str, den: str, key: s
 def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], args) -> dict:
     models, opts, names = build_setups(base, kind, args.rank, args.seed)
     steps = {k: make_step(models[k], opts[k], batch) for k in models}
-    # same loss at step 0 (B = 0 everywhere): a cheap check that all four compute the same function
+    # same loss at step 0 (B = 0 everywhere): a cheap check that all setups compute the same function
     first = {k: float(_loss(models[k], batch).detach()) for k in models}
     spread = max(first.values()) - min(first.values())
     if spread > 1e-3:
