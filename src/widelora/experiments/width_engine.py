@@ -31,6 +31,7 @@ from widelora.experiments.toy import FrozenWeights, ToyData, ToyModel, derive_se
 from widelora.experiments.width_config import _FULL_LOSS_ELEMS, DTYPES, WidthStudyConfig, lr_factor
 from widelora.experiments.width_results import ChunkResult
 from widelora.features import gram_norms
+from widelora.methods.adam import adamw_step_
 
 
 @dataclass
@@ -126,14 +127,7 @@ def full_loss(h, u, w_out, y, A, Bt, scale, max_elems: int = _FULL_LOSS_ELEMS) -
 
 def adamw_(p, g, m, v, lr, t, beta1, beta2, eps, wd) -> None:
     """torch.optim.AdamW's update on stacked parameters; lr broadcasts against p (per-config learning rates)."""
-    if wd:
-        p.mul_(1.0 - lr * wd)
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    bc1 = 1.0 - beta1**t
-    bc2_sqrt = math.sqrt(1.0 - beta2**t)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.sub_((lr / bc1) * m / denom)
+    adamw_step_(p, g, m, v, lr=lr, step=t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
 
 
 def config_lrs(config: WidthStudyConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
