@@ -4,7 +4,8 @@ For each model, the same frozen base, batch, rank and targets (every linear laye
 
 - ``train_step``   one widelora training step (attach init_a, fused path, LoRA+ AdamW): forward + backward + step;
 - ``lora_one``     ``wl.initialize(model, "lora_one", batches=[batch])`` on an attached model (one batch);
-- ``lora_ga``      the same with ``"lora_ga"``;
+- ``lora_ga``      the same with ``"lora_ga"``; both start each repeat from the user's W (an untimed
+                   ``init_a`` re-initialization before the timed call), as a first initialization does;
 - ``peft_lora_ga`` PEFT's own LoRA-GA (peft >= 0.18: ``preprocess_loraga`` with one forward + backward on the
                    batch, then ``get_peft_model`` with ``init_lora_weights="lora_ga"``), on a fresh deep copy of the
                    base made outside the timed region (its init rewrites W).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,8 +68,21 @@ def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    self_timed: dict[str, list[tuple[float, float]]] = {"lora_one": [], "lora_ga": []}
+
+    def reset(scheme: str) -> None:
+        """Untimed: back to the user's W (a repeated lora_ga otherwise first saves every moved W, which a
+        first initialization never does)."""
+        wl.initialize(adapted[scheme], "init_a", seed=args.seed)
+
     def init(scheme: str):
-        return lambda: wl.initialize(adapted[scheme], scheme, batches=[batch], progress=False)
+        def run() -> None:
+            reset(scheme)
+            c0, t0 = time.process_time(), time.perf_counter()
+            wl.initialize(adapted[scheme], scheme, batches=[batch], progress=False)
+            self_timed[scheme].append((time.perf_counter() - t0, time.process_time() - c0))
+
+        return run
 
     steps = {"train_step": train_step, "lora_one": init("lora_one"), "lora_ga": init("lora_ga")}
     peft_run = _peft_lora_ga(base, names, batch, args.rank, head if kind == "classification" else None)
@@ -81,7 +96,14 @@ def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict, args)
         # one fresh copy per call (warmup + repeats + the memory run), made before any timing
         copies.extend(copy.deepcopy(base).train() for _ in range(args.warmup + args.repeats + 1))
     times = common.interleaved_times(steps, args.repeats, args.warmup)
-    peaks = {k: common.peak_memory_bytes(fn) for k, fn in steps.items()}
+    for k, recorded in self_timed.items():  # the inits' own timings, without the untimed reset
+        times[k] = {"wall": [w for w, _ in recorded[-args.repeats :]], "cpu": [c for _, c in recorded[-args.repeats :]]}
+    peaks = {}
+    for k, fn in steps.items():
+        if k in self_timed:
+            reset(k)
+            fn = (lambda k=k: wl.initialize(adapted[k], k, batches=[batch], progress=False))
+        peaks[k] = common.peak_memory_bytes(fn)
     result = {"targets": len(names), "batch": list(batch["input_ids"].shape), "setups": {}}
     for k in steps:
         result["setups"][k] = {
