@@ -424,3 +424,14 @@ def test_cpu_time_of_trials_recorded_before_cpu_s_is_estimated_from_their_protoc
         cost.text().startswith("≈ 4.5 CPU-min (5 trials; 1 estimated")
         and "1 timed by wall clock" in cost.text()
     )
+
+
+def test_a_part_stays_preliminary_while_a_groups_grid_is_unfinished() -> None:
+    """Three seeds at the current best cell are not enough while other learning rates may still win."""
+    a = group("A", cell(1e-3, 0.9, 0.91, 0.92))
+    b = group("B", cell(1e-3, 0.5, 0.5, 0.5))
+    assert [p.outcome for p in rule_larger_lr_and_better([a, b], S)] == ["tie", "holds"]
+    b.complete = False
+    parts = rule_larger_lr_and_better([a, b], S)
+    assert [p.outcome for p in parts] == ["missing", "missing"]
+    assert all("grid is not finished" in p.detail for p in parts)

@@ -204,12 +204,13 @@ def _sweep(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sourc
         full = collect(trials, metric).get(ref.setup, SetupResult(ref.name))
         halves = collect(trials, metric, curves=res.curves, at_step=half) if half else {}
         grid = len({t.config.get("lr") for t in trials})
-        groups.append(Group(ref.name, full, halves.get(ref.setup), half, grid))
+        done = all(t.status in FINISHED for t in trials)
+        groups.append(Group(ref.name, full, halves.get(ref.setup), half, grid, done))
         compared += [t for t in trials if t.status in FINISHED]
         remaining += sum(t.status not in FINISHED for t in trials)
     available = all(isinstance(results[g.source], SweepResults) for g in e.groups)
     parts = RULES[claim.rule](groups, s)
-    measured = [f"{g.name}: {cell_text(g.best(s), s)}{_coverage(g)}" for g in groups] if available else []
+    measured = [f"{g.name}: {cell_text(g.best(s), s)}{_coverage(g, s)}" for g in groups] if available else []
     by_name = {g.name: g.full for g in groups}
     full_rank = [n for n in ranking(by_name, goal) if by_name[n].best(goal) is not None]
     halves = {g.name: g.half for g in groups if g.half is not None}
@@ -231,12 +232,17 @@ def _sweep(e: ExperimentDef, claim: ClaimDef, ledger: LedgerDef, sources: _Sourc
     )
 
 
-def _coverage(g: Group) -> str:
-    """How much of the group's learning-rate grid the best cell was chosen from."""
-    done = sum(c.n > 0 for c in g.full.cells.values())
-    if not g.grid_size or not done:
+def _coverage(g: Group, s: Settings) -> str:
+    """Which of the group's learning rates the best cell was chosen among: those with enough seeds."""
+    full = sum(c.n >= s.min_seeds for c in g.full.cells.values())
+    if not g.grid_size:
         return ""
-    return f", best of {done} lrs" if done == g.grid_size else f", best of {done} of {g.grid_size} lrs so far"
+    if full == g.grid_size:
+        return f", best of {full} lrs"
+    if full:
+        return f", best of the {full} of {g.grid_size} lrs with {s.min_seeds} seeds so far"
+    begun = sum(c.n > 0 for c in g.full.cells.values())
+    return f", best of {begun} of {g.grid_size} lrs begun so far" if begun else ""
 
 
 def _half_step(res: SweepResults) -> int | None:

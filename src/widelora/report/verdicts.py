@@ -52,6 +52,7 @@ class Group:
     half: SetupResult | None = None
     half_step: int | None = None
     grid_size: int = 0  # learning rates the sweep has for the group, finished or not
+    complete: bool = True  # every trial of the group finished: its best learning rate is final
 
     def best(self, settings: Settings) -> Cell | None:
         """The best cell among those with enough seeds (while none has: the best so far, preliminary)."""
@@ -121,6 +122,17 @@ def cell_text(cell: Cell | None, s: Settings) -> str:
     return f"{cell.mean * s.scale:.4g}{err}{s.unit} ({cell.n} seed{'s' if cell.n != 1 else ''}){lr}"
 
 
+def compare_groups(
+    a: Group, b: Group, s: Settings, at_least: bool = False, half: bool = False
+) -> tuple[str, str]:
+    """`compare` of the groups' best cells (a's at half budget with ``half``); while either group still has
+    trials to run its best learning rate may change, so the part stays preliminary."""
+    outcome, detail = compare(a.best_half(s) if half else a.best(s), b.best(s), s, at_least)
+    if outcome != "missing" and not (a.complete and b.complete):
+        return "missing", f"preliminary, the grid is not finished: {detail}"
+    return outcome, detail
+
+
 def compare(a: Cell | None, b: Cell | None, s: Settings, at_least: bool = False) -> tuple[str, str]:
     """(outcome, detail) of "a is better than b" (``at_least``: "a is at least as good as b", a tie holds).
 
@@ -155,7 +167,7 @@ def rule_better(groups: Sequence[Group], s: Settings) -> list[Part]:
     """groups [a, b]: a's best metric beats b's, each at its own best learning rate."""
     _pair(groups, 2, "better")
     a, b = groups
-    outcome, detail = compare(a.best(s), b.best(s), s)
+    outcome, detail = compare_groups(a, b, s)
     return [Part(f"{a.name} beats {b.name}, each at its own best learning rate", outcome, detail)]
 
 
@@ -166,7 +178,7 @@ def rule_at_least(groups: Sequence[Group], s: Settings) -> list[Part]:
     a = groups[0]
     parts = []
     for b in groups[1:]:
-        outcome, detail = compare(a.best(s), b.best(s), s, at_least=True)
+        outcome, detail = compare_groups(a, b, s, at_least=True)
         parts.append(Part(f"{a.name} ≥ {b.name}, each at its own best learning rate", outcome, detail))
     return parts
 
@@ -177,7 +189,7 @@ def rule_ordering(groups: Sequence[Group], s: Settings) -> list[Part]:
         raise UserError("rule 'ordering' needs at least two groups, best first")
     parts = []
     for a, b in pairwise(groups):
-        outcome, detail = compare(a.best(s), b.best(s), s)
+        outcome, detail = compare_groups(a, b, s)
         parts.append(Part(f"{a.name} > {b.name}", outcome, detail))
     return parts
 
@@ -192,6 +204,8 @@ def larger_lr(a: Group, b: Group, s: Settings) -> Part:
     detail = f"{ca.lr:.2g} vs {cb.lr:.2g}" + (f"; at the grid's edge: {', '.join(edges)}" if edges else "")
     if min(ca.n, cb.n) < s.min_seeds:
         return Part(text, "missing", f"preliminary, fewer than {s.min_seeds} seeds: {detail}")
+    if not (a.complete and b.complete):
+        return Part(text, "missing", f"preliminary, the grid is not finished: {detail}")
     outcome = "holds" if ca.lr > cb.lr else "tie" if ca.lr == cb.lr else "contradicted"
     return Part(text, outcome, detail)
 
@@ -210,7 +224,7 @@ def rule_better_and_faster(groups: Sequence[Group], s: Settings) -> list[Part]:
     a, b = groups
     parts = rule_better(groups, s)
     text = f"{a.name} at half the steps reaches {b.name} at full steps (≥ 2× faster)"
-    outcome, detail = compare(a.best_half(s), b.best(s), s, at_least=True)
+    outcome, detail = compare_groups(a, b, s, at_least=True, half=True)
     if a.half is None:
         outcome, detail = "missing", "no metric logged at half budget"
     parts.append(Part(text, outcome, detail))
