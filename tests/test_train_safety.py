@@ -20,6 +20,7 @@ from widelora.errors import FileProblem, UserError
 from widelora.testing.faults import failing_writes
 from widelora.testing.models import save_tiny_folder
 from widelora.train import RunConfig, run_trial, train
+from widelora.train.config import SETUPS
 
 WORDS = [
     "the",
@@ -108,7 +109,7 @@ def interrupted(files, run_dir: Path, at: int = 4) -> None:
         ({"betas": 5}, "betas=5 is not valid; it must be two numbers"),
         ({"betas": [0.9]}, "betas=(0.9,)"),
         ({"betas": "0.9,x"}, "betas='0.9,x' is not a number"),
-        ({"setup": "magic"}, "setup='magic' is not valid; valid: ['manual', 'recommended']"),
+        ({"setup": "magic"}, f"setup='magic' is not valid; valid: {list(SETUPS)}"),
         ({"diverge_smoothing": 1.0}, "diverge_smoothing=1.0"),
         ({"monitor": "yes"}, "monitor='yes'"),
     ],
