@@ -28,7 +28,7 @@ from widelora.experiments.setup_comparison import (
     within_target,
 )
 from widelora.experiments.setup_figures import plot_setups
-from widelora.report.summary import load_results
+from widelora.report.export import export_results, open_results
 
 BASELINE = "PEFT default (Kaiming A, AdamW)"
 TUNED = "recommend (tuned)"
@@ -45,7 +45,7 @@ def load(
     metric = goal = ""
     info: dict[str, Any] = {"stores": [], "trial_wall_seconds": 0.0, "trials": 0}
     for path in stores:
-        res = load_results(path)
+        res = open_results(path)
         metric, goal = res.metric, res.goal
         base = res.spec.get("base", {})
         steps, every = base.get("steps"), base.get("eval_every")
@@ -70,6 +70,26 @@ def load(
         info["trial_wall_seconds"] += sum(secs)
         info["trials"] += len(res.trials)
     return metric, goal, full, half, info
+
+
+def export(stores: list[str], folder: Path) -> list[Path]:
+    """Each live store as a small JSON (widelora.report.export) that this script reads back like the store;
+    the learning rate a self-tuning run chose (in its run folder) is copied into its final metrics first."""
+    from widelora.experiments.setup_comparison import _lr_from_run_dir
+    from widelora.files import atomic_write_text
+    from widelora.report.summary import load_results
+
+    out = []
+    for path in stores:
+        res = load_results(path)
+        for t in res.trials:
+            if "lr" not in t.labels and "chosen_lr" not in t.final:
+                lr = _lr_from_run_dir(t.run_dir)
+                if lr is not None:
+                    t.final["chosen_lr"] = lr
+        target = folder / f"{res.name}.json"
+        out.append(atomic_write_text(target, json.dumps(export_results(res), indent=1) + "\n"))
+    return out
 
 
 def loss_curves(res: Any) -> dict[str, dict[int, list[tuple[int, float]]]]:
@@ -234,12 +254,15 @@ def markdown(metric: str, rows: list[dict[str, Any]], comps: list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stores", nargs="+", help="sweep stores (.sqlite or their folders)")
+    ap.add_argument("stores", nargs="+", help="sweep stores (.sqlite or their folders) or their JSON exports")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     ap.add_argument("--figure", type=Path, help="write the metric-vs-lr figure here (PNG)")
     ap.add_argument("--fixed-lr", type=float, default=2e-4, help="the 'everyone uses it' learning rate")
+    ap.add_argument("--export", type=Path, help="also write each store as <folder>/<sweep name>.json")
     ap.add_argument("--min-seeds", type=int, default=1, help="cells with fewer seeds cannot be a best")
     args = ap.parse_args(argv)
+    if args.export:
+        print("exported:", ", ".join(str(p) for p in export(args.stores, args.export)))
     metric, goal, full, half, info = load(args.stores)
     relative = goal == "min"  # perplexity-like: gaps in % of the baseline
     scale = 100.0 if metric.endswith("accuracy") else 1.0
