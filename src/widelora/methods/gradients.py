@@ -15,6 +15,7 @@ gradient of its own mean loss, and the sum is divided by the number of batches.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -125,16 +126,33 @@ def _frozen(model: nn.Module):
 
 
 class _Tap:
-    """Forward hook on one linear module: keeps (input, output) of every call in the current pass."""
+    """Forward hook on one linear module: keeps the input of every call and hooks its output's gradient.
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    The output itself is kept only when it is a graph leaf the tap created (the first adapted layers, the
+    targets of the backward call); the others are referenced weakly, so the estimate holds no activation that
+    a training step would have freed.
+    """
+
+    def __init__(self, on_grad: Callable[[int, torch.Tensor], None]) -> None:
+        self.on_grad = on_grad
+        self.calls: list[torch.Tensor | None] = []
+        self.leaves: list[torch.Tensor] = []
+        self.others: list[weakref.ref] = []
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.leaves.clear()
+        self.others.clear()
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0].detach()
         if not output.requires_grad:  # upstream of everything trainable: make it a graph leaf
             output = output.detach().requires_grad_(True)
-        self.calls.append((x, output))
+            self.leaves.append(output)
+        else:
+            self.others.append(weakref.ref(output))
+        i = len(self.calls)
+        self.calls.append(args[0].detach())
+        output.register_hook(lambda g: self.on_grad(i, g))
         return output
 
 
@@ -302,7 +320,7 @@ def _estimate_group(
     """One pass over ``data`` for ``group``; each G is accumulated in a tensor hook as its output gradient
     arrives (never all output gradients at once) and handed to ``on_done`` when its last call is in."""
     sums: dict[str, torch.Tensor] = {}  # allocated on first use: with one batch, G's live one at a time
-    taps = {name: _Tap() for name in group}
+    taps = {name: _Tap(lambda i, g, name=name: accumulate(name, i, g)) for name in group}
     handles = [mod.register_forward_hook(taps[name]) for name, (mod, _) in group.items()]
     pending: dict[str, int] = {}
     finished: set[str] = set()
@@ -316,7 +334,7 @@ def _estimate_group(
         on_done(name, total.div_(len(data)).cpu())
 
     def accumulate(name: str, i: int, g: torch.Tensor) -> None:
-        x = taps[name].calls[i][0]
+        x = taps[name].calls[i]
         taps[name].calls[i] = None  # free the reference as soon as it is used
         g2 = g.reshape(-1, g.shape[-1]).float()
         x2 = x.reshape(-1, x.shape[-1]).float()
@@ -332,7 +350,7 @@ def _estimate_group(
         for index, batch in enumerate(data):
             last = index == len(data) - 1
             for tap in taps.values():
-                tap.calls.clear()
+                tap.clear()
             loss = compute_loss(model, move_batch(batch, device), loss_fn)
             if not any(tap.calls for tap in taps.values()):
                 raise UserError(
@@ -341,17 +359,13 @@ def _estimate_group(
                 )
             if not loss.requires_grad:
                 raise UserError("the loss does not depend on any target module's output; check loss_fn")
-            leaves = []
             for name, tap in taps.items():
                 pending[name] = len(tap.calls)
-                for i, (_, out) in enumerate(tap.calls):
-                    out.register_hook(lambda g, name=name, i=i: accumulate(name, i, g))
-                    if out.is_leaf:
-                        leaves.append(out)
             # Differentiate only toward the graph leaves the taps created (the first adapted layers): the
             # hooks do the work on the way, and autograd returns only those few output gradients.
+            leaves = [out for tap in taps.values() for out in tap.leaves]
             if not leaves:
-                leaves = [out for tap in taps.values() for _, out in tap.calls]
+                leaves = [o for tap in taps.values() for ref in tap.others if (o := ref()) is not None]
             torch.autograd.grad(loss, leaves, allow_unused=True)
             del loss
             bar.update(1)
@@ -362,7 +376,7 @@ def _estimate_group(
         for h in handles:
             h.remove()
         for tap in taps.values():
-            tap.calls.clear()
+            tap.clear()
 
 
 class _NoBar:
