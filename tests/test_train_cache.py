@@ -129,3 +129,23 @@ def test_trials_in_one_process_equal_fresh_runs(files, tmp_path, fresh_shared, k
 def test_plain_train_keeps_nothing(files, tmp_path, fresh_shared):
     train(lm_cfg(files, steps=1), tmp_path / "run")
     assert fresh_shared.stats()["models"] == {"hits": 0, "misses": 0}
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("seq_len", 24),
+        ("seed", 1),
+        ("packing", True),
+        ("max_train_examples", 10),
+        ("eval_examples", 4),
+        ("text_field", "body"),
+    ],
+)
+def test_every_data_setting_is_part_of_the_data_key(files, field, value, monkeypatch):
+    """A setting the data depends on that the key missed would hand a trial another trial's data."""
+    monkeypatch.setattr("widelora.train.cache.prepare", lambda *a, **k: object())
+    cache = StartupCache()
+    for cfg in (lm_cfg(files), lm_cfg(files, **{field: value})):
+        cache.data(build_config(overrides=cfg), tokenizer=None)
+    assert cache.stats()["data"] == {"hits": 0, "misses": 2}

@@ -76,12 +76,12 @@ class StartupCache:
         """The run's tokenized data (treated as read-only by the loop)."""
         key = (
             cfg.model, cfg.dataset, _file_signature(cfg.dataset), cfg.task, cfg.seq_len, cfg.seed,
-            cfg.max_train_examples, cfg.eval_examples, cfg.text_field, cfg.label_field,
+            cfg.max_train_examples, cfg.eval_examples, cfg.text_field, cfg.label_field, cfg.packing,
         )  # fmt: skip
         return self._data.get(key, lambda: prepare(
             cfg.dataset, tokenizer, task=cfg.task, seq_len=cfg.seq_len, seed=cfg.seed,
             max_train=cfg.max_train_examples, max_eval=cfg.eval_examples,
-            text_field=cfg.text_field, label_field=cfg.label_field,
+            text_field=cfg.text_field, label_field=cfg.label_field, packing=cfg.packing,
         ))  # fmt: skip
 
     def model(self, cfg: Any, num_labels: int | None) -> nn.Module:
