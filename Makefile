@@ -36,7 +36,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
 
 clean:
 	rm -rf $(VENV) demo-report .pytest_cache
