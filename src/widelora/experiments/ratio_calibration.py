@@ -5,11 +5,11 @@ Two questions the recommended setup needs answered with numbers, not folklore:
 
 1. Which ratio lr_B / lr_A is best, and does it grow with width? (LoRA+ says Θ(n) in the infinite-width limit
    under Adam; papers use 2^4 at widths 1k–4k.) For each width we read the (ratio, lr) pair with the lowest
-   seed-mean loss, fit the optimal ratio against n in log–log, and measure the gain over ratio 1, each at its own
-   best learning rate.
-2. How far below the stability edge is the optimum? The edge is the largest learning rate that does not diverge
-   within the budget (every smaller one does not either — what an LR range test finds); the optimum is the
-   argmin of the loss. Their ratio is the factor a probe divides the edge by.
+   seed-mean loss, fit the optimal ratio against n in log–log, and measure the gain over ratio 1, each at its
+   own best learning rate.
+2. How far below the stability edge is the optimum? The edge is the largest learning rate that does not
+   diverge within the budget (every smaller one does not either — what an LR range test finds); the optimum is
+   the argmin of the loss. Their ratio is the factor a probe divides the edge by.
 
 Seed errors: every per-width number is also computed per seed; intervals are means ± standard errors of log2
 values over seeds (log2, because the grids are powers of two and errors are multiplicative).
@@ -57,8 +57,17 @@ class LossGrid:
         budgets = {}
         for t in sorted(set.intersection(*(set(c.eval_steps.tolist()) for c in chunks))):
             budgets[int(t)] = np.stack([c.losses(select_by, r, budget=t) for r, c, _ in order], axis=1)
-        return cls(first.width, first.init, list(first.seeds), [r for r, _, _ in order], list(first.lrs),
-                   int(first.curve_steps[-1]), loss, div, budgets)
+        return cls(
+            first.width,
+            first.init,
+            list(first.seeds),
+            [r for r, _, _ in order],
+            list(first.lrs),
+            int(first.curve_steps[-1]),
+            loss,
+            div,
+            budgets,
+        )
 
     def at(self, budget: int | None) -> tuple[np.ndarray, np.ndarray]:
         """(loss, diverged-within-budget) at ``budget`` steps (the full run when None)."""
@@ -103,7 +112,7 @@ class RatioOptimum:
     gain: float  # loss at ratio 1 / loss at the best ratio, each at its own best lr (> 1: the ratio helps)
     gain_log2_se: float  # over seeds, paired at the seed-mean choices
     best_loss_per_ratio: list[float]
-    # the same gain without selection bias: both choices made on half the seeds, the gain measured on the others
+    # the same gain without selection bias: both choices made on half the seeds, measured on the others
     gain_heldout: float = math.nan
 
 
@@ -132,15 +141,29 @@ def best_ratio(grid: LossGrid, budget: int | None = None) -> RatioOptimum:
         lr1, loss1 = grid.lrs[l1], float(mean[r1, l1])
     else:
         gain = gain_se = lr1 = loss1 = math.nan
-    return RatioOptimum(grid.width, grid.init, grid.ratios[ri], ratio, grid.lrs[li], float(mean[ri, li]),
-                        ri in (0, len(grid.ratios) - 1), per_seed, se, lr1, loss1, gain, gain_se,
-                        [float(x) for x in per_ratio], heldout_gain(grid, loss))
+    return RatioOptimum(
+        grid.width,
+        grid.init,
+        grid.ratios[ri],
+        ratio,
+        grid.lrs[li],
+        float(mean[ri, li]),
+        ri in (0, len(grid.ratios) - 1),
+        per_seed,
+        se,
+        lr1,
+        loss1,
+        gain,
+        gain_se,
+        [float(x) for x in per_ratio],
+        heldout_gain(grid, loss),
+    )
 
 
 def heldout_gain(grid: LossGrid, loss: np.ndarray) -> float:
-    """Gain of the tuned ratio over ratio 1 when both (ratio, lr) choices are made on one half of the seeds and
-    measured on the other half (both ways, geometric mean): the best of many noisy configurations looks better
-    than it is on the seeds it was picked on, and this removes that bias."""
+    """Gain of the tuned ratio over ratio 1 when both (ratio, lr) choices are made on one half of the seeds
+    and measured on the other half (both ways, geometric mean): the best of many noisy configurations looks
+    better than it is on the seeds it was picked on, and this removes that bias."""
     n = loss.shape[0]
     if n < 2 or 1.0 not in grid.ratios:
         return math.nan
@@ -195,9 +218,22 @@ def edge_and_optimum(grid: LossGrid, ratio: float = 1.0, budget: int | None = No
     per_seed_opt = [float(grid.lrs[int(np.argmin(np.where(np.isfinite(r), r, np.inf)))]) for r in loss]
     per_seed_factor = [e / o for e, o in zip(edges, per_seed_opt, strict=True)]
     f_mean, f_se = _mean_log2_se(per_seed_factor)
-    return EdgeOptimum(grid.width, grid.init, float(ratio), budget or grid.steps, edge, edge_se, any(censored),
-                       list(edges), optimum, float(grid.lrs[li]), per_seed_opt, edge / optimum,
-                       math.log2(f_mean) if math.isfinite(f_mean) else math.nan, f_se)
+    return EdgeOptimum(
+        grid.width,
+        grid.init,
+        float(ratio),
+        budget or grid.steps,
+        edge,
+        edge_se,
+        any(censored),
+        list(edges),
+        optimum,
+        float(grid.lrs[li]),
+        per_seed_opt,
+        edge / optimum,
+        math.log2(f_mean) if math.isfinite(f_mean) else math.nan,
+        f_se,
+    )
 
 
 def slope(widths: Sequence[int], values: Sequence[float]) -> dict | None:
@@ -206,7 +242,13 @@ def slope(widths: Sequence[int], values: Sequence[float]) -> dict | None:
     if len({w for w, _ in pts}) < 3:
         return None
     fit = fit_loglog_slope([w for w, _ in pts], [v for _, v in pts])
-    return {"slope": fit.slope, "ci_low": fit.ci_low, "ci_high": fit.ci_high, "r2": fit.r2, "points": len(pts)}
+    return {
+        "slope": fit.slope,
+        "ci_low": fit.ci_low,
+        "ci_high": fit.ci_high,
+        "r2": fit.r2,
+        "points": len(pts),
+    }
 
 
 def load_grids(folders: Sequence[str | Path], select_by: str = "train") -> dict[tuple[int, str], LossGrid]:
@@ -220,24 +262,30 @@ def load_grids(folders: Sequence[str | Path], select_by: str = "train") -> dict[
             chunk = load_chunk(path, config)
             if chunk is None:  # written by an older version of the study: accept it when its numbers match
                 chunk = ChunkResult.from_json(json.loads(path.read_text()))
-                chunk.ratios = [float(chunk.fingerprint.get("ratio", 1.0))] if "ratio" in chunk.fingerprint \
+                chunk.ratios = (
+                    [float(chunk.fingerprint.get("ratio", 1.0))]
+                    if "ratio" in chunk.fingerprint
                     else chunk.ratios
+                )
             by_key.setdefault((chunk.width, chunk.init), []).append(chunk)
     return {k: LossGrid.from_chunks(v, select_by) for k, v in sorted(by_key.items())}
 
 
-def calibrate(ratio_grids: dict[tuple[int, str], LossGrid], edge_grids: dict[tuple[int, str], LossGrid]) -> dict:
-    """The machine-readable calibration: per width the optimal ratio, edge, optimum, factor, with seed errors."""
+def calibrate(
+    ratio_grids: dict[tuple[int, str], LossGrid], edge_grids: dict[tuple[int, str], LossGrid]
+) -> dict:
+    """The machine-readable calibration: per width the optimal ratio, edge, optimum, factor, seed errors."""
     out: dict = {"ratio": {}, "edge": {}}
     for init in sorted({i for _, i in ratio_grids}):
         rows = [asdict(best_ratio(g)) for (w, i), g in sorted(ratio_grids.items()) if i == init]
         out["ratio"][init] = {
             "per_width": rows,
             "optimal_ratio_vs_width": slope([r["width"] for r in rows], [r["ratio"] for r in rows]),
-            "edge_at_best_ratio": [asdict(edge_and_optimum(ratio_grids[(r["width"], init)], r["ratio_grid"]))
-                                   for r in rows],
+            "edge_at_best_ratio": [
+                asdict(edge_and_optimum(ratio_grids[(r["width"], init)], r["ratio_grid"])) for r in rows
+            ],
         }
-    for (width, init), g in sorted(edge_grids.items()):
+    for (_width, init), g in sorted(edge_grids.items()):
         for ratio in g.ratios:
             for budget in [*sorted(g.budgets), g.steps]:
                 row = asdict(edge_and_optimum(g, ratio, budget))
@@ -260,8 +308,11 @@ def _width_dependence(fit: dict | None) -> str:
         return "no fit"
     if fit["ci_low"] <= 0.0 <= fit["ci_high"]:
         return "no detectable width dependence (the slope's 95% interval contains 0)"
-    return f"grows with width (slope {fit['slope']:.2f})" if fit["slope"] > 0 else \
-        f"falls with width (slope {fit['slope']:.2f})"
+    return (
+        f"grows with width (slope {fit['slope']:.2f})"
+        if fit["slope"] > 0
+        else f"falls with width (slope {fit['slope']:.2f})"
+    )
 
 
 def summarize(cal: dict) -> dict:
@@ -280,11 +331,15 @@ def summarize(cal: dict) -> dict:
             "width_dependence": _width_dependence(fit),
             # LoRA+ under Adam predicts lr_A ∝ n^-1 and lr_B ∝ n^0 at the optimum: the two halves of the ratio
             "lr_a_at_best_vs_width": slope([r["width"] for r in rows], [r["lr"] for r in rows]),
-            "lr_b_at_best_vs_width": slope([r["width"] for r in rows], [r["lr"] * r["ratio_grid"] for r in rows]),
+            "lr_b_at_best_vs_width": slope(
+                [r["width"] for r in rows], [r["lr"] * r["ratio_grid"] for r in rows]
+            ),
             "gain_geomean_over_widths": float(2 ** log_g.mean()) if log_g.size else None,
             "gain_per_width": {r["width"]: r["gain"] for r in rows},
             "gain_heldout_per_width": {r["width"]: r["gain_heldout"] for r in rows},
-            "gain_heldout_geomean_over_widths": float(2 ** np.mean(np.log2([r["gain_heldout"] for r in rows]))),
+            "gain_heldout_geomean_over_widths": float(
+                2 ** np.mean(np.log2([r["gain_heldout"] for r in rows]))
+            ),
         }
     for key, by_budget in cal["edge"].items():
         per_budget = {}
@@ -292,8 +347,9 @@ def summarize(cal: dict) -> dict:
             f = np.array([r["factor_log2_mean"] for r in rows if r["factor_log2_mean"] is not None])
             fit = cal["edge_fits"][key][budget]["factor_vs_width"]
             per_budget[budget] = {
-                "factor_per_width": {r["width"]: 2 ** r["factor_log2_mean"] for r in rows
-                                     if r["factor_log2_mean"] is not None},
+                "factor_per_width": {
+                    r["width"]: 2 ** r["factor_log2_mean"] for r in rows if r["factor_log2_mean"] is not None
+                },
                 "factor_geomean_over_widths": float(2 ** f.mean()) if f.size else None,
                 "factor_log2_spread_over_widths": float(f.std(ddof=1)) if f.size > 1 else None,
                 "edge_censored_widths": [r["width"] for r in rows if r["edge_censored"]],
@@ -306,10 +362,15 @@ def summarize(cal: dict) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Calibrate the LoRA+ ratio and the edge/optimum factor.")
-    ap.add_argument("--setup", nargs=3, action="append", required=True,
-                    metavar=("NAME", "RATIO_STUDIES", "EDGE_STUDIES"),
-                    help="a named setup (e.g. the LR schedule) and comma-separated width-study folders: those "
-                         "varying the ratio, and those for edge vs optimum; repeat for several setups")
+    ap.add_argument(
+        "--setup",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "RATIO_STUDIES", "EDGE_STUDIES"),
+        help="a named setup (e.g. the LR schedule) and comma-separated width-study folders: those "
+        "varying the ratio, and those for edge vs optimum; repeat for several setups",
+    )
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
     from widelora.files import atomic_write_text

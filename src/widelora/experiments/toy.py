@@ -4,15 +4,15 @@
     Y_h   = Y_in + (W_h + s·B A) φ(Y_in)
     f(x)  = Y_out = W_out φ(Y_h)            φ = ReLU, s = alpha / r
 
-This is the paper's eq. (4); Appendix B.1.1 writes the same thing in one line,
-``f(x) = W_out φ(W_in x + (W_h + BA) φ(W_in x))``. The paper has no ``s``; we keep widelora's ``s = alpha/r`` and
-default ``alpha = r`` so ``s = 1`` reproduces the paper.
+This is the paper's eq. (4); Appendix B.1.1 writes the same thing in one line, ``f(x) = W_out φ(W_in x + (W_h
++ BA) φ(W_in x))``. The paper has no ``s``; we keep widelora's ``s = alpha/r`` and default ``alpha = r`` so
+``s = 1`` reproduces the paper.
 
 The hidden layer is a widelora ``LoRALinear`` wrapping ``nn.Linear(n, n)`` with weight ``W_h``, so every
 widelora tool (initialization registry, optimizers, feature monitor, ``lora_pairs``) works on it unchanged.
 
-Random weights come from generators seeded by ``derive_seed(seed, width, tag)``, so a (seed, width) pair always
-gives the same student, independent of what else was generated before.
+Random weights come from generators seeded by ``derive_seed(seed, width, tag)``, so a (seed, width) pair
+always gives the same student, independent of what else was generated before.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FrozenWeights:
 
 
 def student_weights(d: int, width: int, seed: int, dtype: torch.dtype = torch.float32) -> FrozenWeights:
-    """Appendix B.1.1: W_in ~ N(0, 1/d), W_h ~ N(0, 1/n), W_out ~ N(0, 1/n), frozen (independent of the teacher)."""
+    """Appendix B.1.1: W_in ~ N(0, 1/d), W_h ~ N(0, 1/n), W_out ~ N(0, 1/n), frozen (not the teacher's)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, width, "student"))
     return FrozenWeights(
         w_in=_randn((width, d), 1.0 / math.sqrt(d), gen, dtype),
@@ -65,7 +65,7 @@ def student_weights(d: int, width: int, seed: int, dtype: torch.dtype = torch.fl
 
 
 class ToyModel(nn.Module):
-    """``f(x) = W_out φ(W_in x + (W_h + s·B A) φ(W_in x))`` with a widelora LoRALinear on W_h; x is (..., d)."""
+    """``f(x) = W_out φ(W_in x + (W_h + s·B A) φ(W_in x))``, a widelora LoRALinear on W_h; x is (..., d)."""
 
     def __init__(self, frozen: FrozenWeights, rank: int, alpha: float | None = None) -> None:
         super().__init__()
@@ -148,8 +148,13 @@ def make_data(
     dtype: torch.dtype = torch.float32,
 ) -> ToyData:
     """The synthetic data set of Appendix B.1.1 (teacher computed in float64, then cast)."""
-    for name, value in (("d", d), ("teacher_width", teacher_width), ("teacher_rank", teacher_rank),
-                        ("n_train", n_train), ("n_test", n_test)):
+    for name, value in (
+        ("d", d),
+        ("teacher_width", teacher_width),
+        ("teacher_rank", teacher_rank),
+        ("n_train", n_train),
+        ("n_test", n_test),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     teacher = make_teacher(d, teacher_width, teacher_rank, seed, dtype=torch.float64)

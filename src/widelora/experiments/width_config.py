@@ -1,9 +1,10 @@
 """Every choice of the width study, checked before anything runs — including whether it fits in memory.
 
 The paper (seed 001, Section 3.7, Appendix B.1.1) leaves the step budget, batch size and learning-rate grid
-unstated; ``docs/results/width_study.md`` says why the defaults are what they are. A width is not just a number
-here: the frozen ``W_h`` of a student of width n holds n² floats, so 2^24 would need about a petabyte. The config
-estimates the peak memory of the largest width before any work starts and refuses clearly when it will not fit.
+unstated; ``docs/results/width_study.md`` says why the defaults are what they are. A width is not just a
+number here: the frozen ``W_h`` of a student of width n holds n² floats, so 2^24 would need about a petabyte.
+The config estimates the peak memory of the largest width before any work starts and refuses clearly when it
+will not fit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from widelora.errors import UserError
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SCHEDULES = ("constant", "linear", "cosine")
 SELECT_BY = ("train", "test")
-_FULL_LOSS_ELEMS = 1 << 23  # the batched full-data-set loss is computed in slices of at most this many elements
+_FULL_LOSS_ELEMS = (
+    1 << 23
+)  # the batched full-data-set loss is computed in slices of at most this many elements
 
 
 def lr_factor(schedule: str, t: int, steps: int) -> float:
@@ -64,7 +67,7 @@ def _human(nbytes: float) -> str:
 
 @dataclass
 class WidthStudyConfig:
-    """Every choice of the study; the grid of one (width, init) is seeds × ratios × lrs, trained in one pass."""
+    """Every choice of the study; one (width, init) trains the grid seeds × ratios × lrs in one pass."""
 
     widths: tuple[int, ...] = tuple(2**k for k in range(7, 14))
     inits: tuple[str, ...] = ("init_a", "init_b")
@@ -91,11 +94,16 @@ class WidthStudyConfig:
     curve_points: int = 100  # mean batch loss over this many windows
     diverge_factor: float = 100.0  # batch loss above this × the initial train loss counts as diverged
     dtype: str = "float32"
-    # torch threads per process; None = 1. Parallelism comes from `workers`: on a busy machine one process with
-    # 2 OpenMP threads is many times slower than 2 single-thread processes (its threads wait for each other).
+    # torch threads per process; None = 1. Parallelism comes from `workers`: on a busy machine one process
+    # with 2 OpenMP threads is many times slower than 2 single-thread processes (the threads wait on each
+    # other).
     threads: int | None = None
-    workers: int = 2  # processes, each given whole widths (2 cores: 2 workers of 1 thread beat 1 of 2 threads)
-    memory_limit_gb: float | None = None  # refuse a study whose estimated peak is above this; None: 80 % of RAM
+    workers: int = (
+        2  # processes, each given whole widths (2 cores: 2 workers of 1 thread beat 1 of 2 threads)
+    )
+    memory_limit_gb: float | None = (
+        None  # refuse a study whose estimated peak is above this; None: 80 % of RAM
+    )
 
     # fields that do not change the numbers, so a resumed run may differ in them
     _NON_RESULT = ("threads", "workers", "select_by", "widths", "inits", "memory_limit_gb")
@@ -124,8 +132,18 @@ class WidthStudyConfig:
                 raise _bad(name, values, "strictly increasing numbers")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise _bad("seeds", self.seeds, "distinct ints")
-        for name in ("steps", "batch_size", "rank", "d", "teacher_width", "teacher_rank", "n_train", "n_test",
-                     "trace_points", "curve_points"):
+        for name in (
+            "steps",
+            "batch_size",
+            "rank",
+            "d",
+            "teacher_width",
+            "teacher_rank",
+            "n_train",
+            "n_test",
+            "trace_points",
+            "curve_points",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise _bad(name, v, "an int >= 1")
@@ -151,8 +169,12 @@ class WidthStudyConfig:
             raise _bad("threads", self.threads, "None or an int >= 1")
         if not (self.diverge_factor > 1 and math.isfinite(self.diverge_factor)):
             raise _bad("diverge_factor", self.diverge_factor, "a finite number > 1")
-        if self.memory_limit_gb is not None and not (self.memory_limit_gb > 0 and math.isfinite(self.memory_limit_gb)):
-            raise _bad("memory_limit_gb", self.memory_limit_gb, "a positive number of GiB or None (80 % of RAM)")
+        if self.memory_limit_gb is not None and not (
+            self.memory_limit_gb > 0 and math.isfinite(self.memory_limit_gb)
+        ):
+            raise _bad(
+                "memory_limit_gb", self.memory_limit_gb, "a positive number of GiB or None (80 % of RAM)"
+            )
         self.check_memory()
 
     @property
@@ -172,7 +194,7 @@ class WidthStudyConfig:
             # the frozen n×n W_h of every seed, plus the copies a ToyModel makes while an init scheme runs
             "frozen W_h (n² per seed)": item * (S + 3) * n * n,
             "cached features": item * 2 * S * (self.n_train + self.n_test) * n,
-            # A, Bᵀ, their Adam moments and gradients, temporaries of the update; the (b × n) activation buffer
+            # A, Bᵀ, their Adam moments and gradients, update temporaries; the (b × n) activation buffer
             "adapters and optimizer state": item * (12 * S * C * r * n + S * C * b * n + 4 * S * b * n),
             "full-data-set loss": item * 3 * max(_FULL_LOSS_ELEMS, S * self.n_train * n),
         }
@@ -189,21 +211,28 @@ class WidthStudyConfig:
         limit = f"the limit is {limit_gb:.3g} GiB (memory_limit_gb; default 80 % of this machine's memory)"
         if largest == "frozen W_h (n² per seed)":
             raise UserError(
-                f"widths: {concurrent[0]} needs about {_human(total)} of memory ({_human(parts[largest])} for the "
-                f"frozen n×n weights alone); {limit}. Use smaller widths."
+                f"widths: {concurrent[0]} needs about {_human(total)} of memory ({_human(parts[largest])} "
+                f"for the frozen n×n weights alone); {limit}. Use smaller widths."
             )
         what = "seeds × ratios × lrs" if largest == "adapters and optimizer state" else "seeds"
         raise UserError(
-            f"{what}: {len(self.seeds)} × {len(self.ratios)} × {len(self.lrs)} configurations at width "
-            f"{concurrent[0]} need about {_human(total)} of memory; {limit}. Use fewer seeds, ratios or learning "
-            "rates (or fewer workers)."
+            f"{what}: {len(self.seeds)} × {len(self.ratios)} × {len(self.lrs)} "
+            f"configurations at width {concurrent[0]} need about {_human(total)} of memory; "
+            f"{limit}. Use fewer seeds, ratios or learning rates (or fewer workers)."
         )
 
     @classmethod
     def quick(cls, **overrides: Any) -> WidthStudyConfig:
         """A small study for smoke tests (well under a minute on 2 cores); not for conclusions (3 widths)."""
-        base = {"widths": (128, 512, 2048), "lrs": lr_grid(-14, -4), "seeds": (0,), "steps": 300,
-                "trace_points": 16, "curve_points": 50, "workers": 1}
+        base = {
+            "widths": (128, 512, 2048),
+            "lrs": lr_grid(-14, -4),
+            "seeds": (0,),
+            "steps": 300,
+            "trace_points": 16,
+            "curve_points": 50,
+            "workers": 1,
+        }
         base.update(overrides)
         return cls(**base)
 
@@ -212,7 +241,7 @@ class WidthStudyConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> WidthStudyConfig:
-        """The inverse of ``to_dict``; a folder written before ratios were an axis (``ratio: x``) still loads."""
+        """The inverse of ``to_dict``; a folder from before ratios were an axis (``ratio: x``) still loads."""
         data = dict(data)
         if "ratio" in data and "ratios" not in data:
             data["ratios"] = (data.pop("ratio"),)

@@ -1,11 +1,11 @@
 """The width study's batched engine: every seed × (ratio, lr) configuration of one (width, init) in one pass.
 
 Why it is fast. Everything before the adapter is frozen, so per (width, seed) we cache ``h = φ(W_in x)`` and
-``u = W_in x + W_h h`` for the whole data set once (the n×n product with W_h never runs during training). Then all
-configurations train together: A is stacked to (S, C, r, n), B (kept transposed) to (S, C, r, n), forward and
-backward are written out by hand as batched matmuls, and AdamW is applied to the stacked tensors with a learning
-rate per configuration (lr_A = lr, lr_B = ratio · lr: LoRA+ is just another axis). ``width_reference.run_single``
-is the plain autograd loop the tests compare against.
+``u = W_in x + W_h h`` for the whole data set once (the n×n product with W_h never runs during training). Then
+all configurations train together: A is stacked to (S, C, r, n), B (kept transposed) to (S, C, r, n), forward
+and backward are written out by hand as batched matmuls, and AdamW is applied to the stacked tensors with a
+learning rate per configuration (lr_A = lr, lr_B = ratio · lr: LoRA+ is just another axis).
+``width_reference.run_single`` is the plain autograd loop the tests compare against.
 
 Per step and configuration, with the batch's cached rows h_b, u_b, targets y_b (b rows) and s = alpha/r::
 
@@ -63,8 +63,9 @@ def build_cache(config: WidthStudyConfig, data: ToyData, width: int) -> WidthCac
         h, u = features(data.x_train.to(dtype), fw)
         ht, ut = features(data.x_test.to(dtype), fw)
         hs.append(h), us.append(u), hts.append(ht), uts.append(ut), wo.append(fw.w_out), frozen.append(fw)
-    return WidthCache(width, torch.stack(hs), torch.stack(us), torch.stack(hts), torch.stack(uts),
-                      torch.stack(wo), frozen)
+    return WidthCache(
+        width, torch.stack(hs), torch.stack(us), torch.stack(hts), torch.stack(uts), torch.stack(wo), frozen
+    )
 
 
 def batch_schedule(n_train: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
@@ -72,8 +73,10 @@ def batch_schedule(n_train: int, batch_size: int, steps: int, seed: int) -> torc
     gen = torch.Generator().manual_seed(derive_seed(seed, "batches"))
     per_epoch = n_train // batch_size
     epochs = -(-steps // per_epoch)
-    rows = [torch.randperm(n_train, generator=gen)[: per_epoch * batch_size].view(per_epoch, batch_size)
-            for _ in range(epochs)]
+    rows = [
+        torch.randperm(n_train, generator=gen)[: per_epoch * batch_size].view(per_epoch, batch_size)
+        for _ in range(epochs)
+    ]
     return torch.cat(rows)[:steps]
 
 
@@ -92,14 +95,19 @@ def initial_adapters(
     kwargs: dict[str, Any] = {}
     if spec.needs_data:
         b = config.batch_size
-        batches = [(data.x_train[i : i + b].to(fw.w_in.dtype), data.y_train[i : i + b].to(fw.w_in.dtype))
-                   for i in range(0, min(config.n_train, 8 * b), b)]
+        batches = [
+            (data.x_train[i : i + b].to(fw.w_in.dtype), data.y_train[i : i + b].to(fw.w_in.dtype))
+            for i in range(0, min(config.n_train, 8 * b), b)
+        ]
         kwargs = {"batches": batches, "loss_fn": lambda m, batch: F.mse_loss(m(batch[0]), batch[1])}
     initialize(model, init, seed=derive_seed(seed, model.width, "init"), **kwargs)
     w_h = model.hidden.base_layer.weight.detach()
     moved = not torch.equal(w_h, fw.w_h)
-    return (model.hidden.lora_A.detach().clone(), model.hidden.lora_B.detach().clone(),
-            w_h.clone() if moved else None)
+    return (
+        model.hidden.lora_A.detach().clone(),
+        model.hidden.lora_B.detach().clone(),
+        w_h.clone() if moved else None,
+    )
 
 
 def evenly(steps: int, points: int, start: int) -> np.ndarray:
@@ -126,7 +134,7 @@ def full_loss(h, u, w_out, y, A, Bt, scale, max_elems: int = _FULL_LOSS_ELEMS) -
 
 
 def adamw_(p, g, m, v, lr, t, beta1, beta2, eps, wd) -> None:
-    """torch.optim.AdamW's update on stacked parameters; lr broadcasts against p (per-config learning rates)."""
+    """torch.optim.AdamW's update on stacked parameters; lr broadcasts against p (per-config lrs)."""
     adamw_step_(p, g, m, v, lr=lr, step=t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd)
 
 
@@ -175,7 +183,9 @@ def train_chunk(
     seed_idx = torch.arange(S)[:, None]
     wrow = w_out[:, None, None, :]  # (S, 1, 1, n)
 
-    rule = DivergenceRule(factor=config.diverge_factor, smoothing=0.0)  # the paper's protocol: raw batch losses
+    rule = DivergenceRule(
+        factor=config.diverge_factor, smoothing=0.0
+    )  # the paper's protocol: raw batch losses
     loss0 = full_loss(h, u, w_out, y, A[:, :1], Bt[:, :1], s)[:, 0]  # (S,) initial train loss
     initial = loss0.clamp_min(1e-12)[:, None]
     diverged = torch.full((S, C), -1, dtype=torch.long)
@@ -186,17 +196,27 @@ def train_chunk(
     window = torch.zeros(S, C, dtype=dtype)
     window_len = 0
 
-    def trace() -> None:  # on the full train set; Z_A by one bmm, ||Z_B|| through the r×r Gram (monitor's math)
-        z = torch.bmm(h, A.view(S, C * r, n).transpose(1, 2)).view(S, -1, C, r).transpose(1, 2)  # (S, C, N, r)
+    def trace() -> (
+        None
+    ):  # on the full train set; Z_A by one bmm, ||Z_B|| through the r×r Gram (monitor's math)
+        z = (
+            torch.bmm(h, A.view(S, C * r, n).transpose(1, 2)).view(S, -1, C, r).transpose(1, 2)
+        )  # (S, C, N, r)
         z_a_tr.append(z.norm(dim=-1).mean(-1)), z_b_tr.append(gram_norms(z, Bt.transpose(-1, -2), s).mean(-1))
 
     def evaluate() -> tuple[torch.Tensor, torch.Tensor]:  # full-data-set losses; nan where diverged
         nan = torch.tensor(math.nan, dtype=dtype)
         alive = diverged < 0
-        return (torch.where(alive, full_loss(h, u, w_out, y, A, Bt, s), nan),
-                torch.where(alive, full_loss(cache.h_test, ut, w_out, y_test, A, Bt, s), nan))
+        return (
+            torch.where(alive, full_loss(h, u, w_out, y, A, Bt, s), nan),
+            torch.where(alive, full_loss(cache.h_test, ut, w_out, y_test, A, Bt, s), nan),
+        )
 
-    curve_set, trace_set, eval_set = set(curve_steps.tolist()), set(trace_steps.tolist()), set(config.eval_steps)
+    curve_set, trace_set, eval_set = (
+        set(curve_steps.tolist()),
+        set(trace_steps.tolist()),
+        set(config.eval_steps),
+    )
     if trace_steps[0] == 0:
         trace()
     pending = 0
@@ -204,11 +224,14 @@ def train_chunk(
     for t in range(1, config.steps + 1):
         idx = schedules[:, t - 1]  # (S, b)
         hb, ub, yb = h[seed_idx, idx], u[seed_idx, idx], y[idx]  # (S, b, n), (S, b, n), (S, b)
-        z_a = torch.bmm(hb, A.view(S, C * r, n).transpose(1, 2)).view(S, b, C, r).transpose(1, 2)  # (S, C, b, r)
+        z_a = (
+            torch.bmm(hb, A.view(S, C * r, n).transpose(1, 2)).view(S, b, C, r).transpose(1, 2)
+        )  # (S, C, b, r)
         y_h.copy_(ub[:, None])  # Y_h = u_b + s Z_A Bᵀ, accumulated in place in a reused buffer
         y_h.view(S * C, b, n).baddbmm_(z_a.reshape(S * C, b, r), Bt.view(S * C, r, n), alpha=s)
         act = y_h.clamp_min_(0.0)
-        # φ(Y_h) w_out as one matrix-vector product per seed (a batched (.., n) @ (n, 1) is ~20× slower on CPU)
+        # φ(Y_h) w_out as one matrix-vector product per seed (a batched (.., n) @ (n, 1) is ~20× slower
+        # on CPU)
         pred = torch.stack([torch.mv(act[i].view(C * b, n), w_out[i]) for i in range(S)]).view(S, C, b)
         err = pred - yb[:, None]  # (S, C, b)
         loss = (err * err).mean(-1)
@@ -251,10 +274,22 @@ def train_chunk(
         return torch.stack(values, -1).double().numpy() if values else np.zeros((S, C, 0))
 
     return ChunkResult(
-        width=n, init=init, lrs=list(config.lrs), seeds=list(config.seeds),
-        train_loss=train.double().numpy(), test_loss=test.double().numpy(), diverged_step=diverged.numpy(),
-        curve_steps=curve_steps, curve=stacked(curve), trace_steps=trace_steps, z_a=stacked(z_a_tr),
-        z_b=stacked(z_b_tr), seconds=time.perf_counter() - t0, fingerprint=config.fingerprint(),
-        ratios=list(config.ratios), eval_steps=np.asarray(config.eval_steps, dtype=int),
-        eval_train_loss=stacked(eval_train), eval_test_loss=stacked(eval_test),
+        width=n,
+        init=init,
+        lrs=list(config.lrs),
+        seeds=list(config.seeds),
+        train_loss=train.double().numpy(),
+        test_loss=test.double().numpy(),
+        diverged_step=diverged.numpy(),
+        curve_steps=curve_steps,
+        curve=stacked(curve),
+        trace_steps=trace_steps,
+        z_a=stacked(z_a_tr),
+        z_b=stacked(z_b_tr),
+        seconds=time.perf_counter() - t0,
+        fingerprint=config.fingerprint(),
+        ratios=list(config.ratios),
+        eval_steps=np.asarray(config.eval_steps, dtype=int),
+        eval_train_loss=stacked(eval_train),
+        eval_test_loss=stacked(eval_test),
     )

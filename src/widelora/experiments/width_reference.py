@@ -1,9 +1,9 @@
 """The width study's plain reference: one configuration at a time, the way one would first write it.
 
 ``ToyModel`` (widelora's LoRALinear), autograd and ``torch.optim.AdamW`` — no cached features, no hand-written
-backward. Same weights, initial adapters, batches and divergence rule as the batched engine, so their losses agree
-(the tests check 1e-10 in float64); ``bench/width_study.py`` times the engine against it. It can also carry the
-feature monitor, which gives the δ1/δ2 split the batched engine does not trace.
+backward. Same weights, initial adapters, batches and divergence rule as the batched engine, so their losses
+agree (the tests check 1e-10 in float64); ``bench/width_study.py`` times the engine against it. It can also
+carry the feature monitor, which gives the δ1/δ2 split the batched engine does not trace.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class SingleRun:
     test_loss: float
     diverged_step: int
     seconds: float
-    monitor_rows: list[dict] | None = None  # FeatureMonitor records (Z_A, Z_B, δ1, δ2 on the training batches)
+    monitor_rows: list[dict] | None = (
+        None  # FeatureMonitor records (Z_A, Z_B, δ1, δ2 on the training batches)
+    )
     monitor_summary: dict | None = None
 
 
@@ -48,8 +50,8 @@ def run_single(
 ) -> SingleRun:
     """Train one configuration with autograd and ``torch.optim.AdamW`` (lr_B = ratio · lr).
 
-    ``ratio`` defaults to the config's only ratio. ``monitor_every=k`` attaches a ``widelora.features.FeatureMonitor``
-    recording every k-th training step.
+    ``ratio`` defaults to the config's only ratio. ``monitor_every=k`` attaches a
+    ``widelora.features.FeatureMonitor`` recording every k-th training step.
     """
     if ratio is None:
         if len(config.ratios) != 1:
@@ -67,14 +69,18 @@ def run_single(
         model.hidden.lora_B.copy_(B0)
     opt = torch.optim.AdamW(
         [{"params": [model.hidden.lora_A], "lr": lr}, {"params": [model.hidden.lora_B], "lr": lr * ratio}],
-        betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
     )
     x, y = data.x_train.to(dtype), data.y_train.to(dtype)
     rule = DivergenceRule(factor=config.diverge_factor, smoothing=0.0)
     with torch.no_grad():
         initial = F.mse_loss(model(x), y).clamp_min(1e-12)
     sched = batch_schedule(config.n_train, config.batch_size, config.steps, seed)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(config.schedule, k + 1, config.steps))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(config.schedule, k + 1, config.steps)
+    )
     losses = np.full(config.steps, math.nan)
     diverged = -1
     mon = None
@@ -97,8 +103,19 @@ def run_single(
             mon.step(t)
     with torch.no_grad():
         train = F.mse_loss(model(x), y).item() if diverged < 0 else math.nan
-        test = F.mse_loss(model(data.x_test.to(dtype)), data.y_test.to(dtype)).item() if diverged < 0 else math.nan
+        test = (
+            F.mse_loss(model(data.x_test.to(dtype)), data.y_test.to(dtype)).item()
+            if diverged < 0
+            else math.nan
+        )
     if mon is not None:
         mon.detach()
-    return SingleRun(losses, train, test, diverged, time.perf_counter() - t0,
-                     mon.to_rows() if mon else None, mon.summary() if mon else None)
+    return SingleRun(
+        losses,
+        train,
+        test,
+        diverged,
+        time.perf_counter() - t0,
+        mon.to_rows() if mon else None,
+        mon.summary() if mon else None,
+    )

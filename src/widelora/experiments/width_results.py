@@ -1,10 +1,10 @@
 """What the width study produces, how it is stored and resumed, and how optima and exponents are read from it.
 
-A chunk is everything one (width, init) pass trained: arrays indexed ``[seed, config]``, where the configuration
-axis is the (ratio, lr) grid flattened ratio-major (``config = ratio_index · len(lrs) + lr_index``), so a study
-with one ratio has arrays ``[seed, lr]``. Each chunk is written atomically as ``chunks/w<n>_<init>.json`` with the
-fingerprint of the config that made it: an interrupted run resumes by loading the finished chunks of the same
-configuration and retraining the rest.
+A chunk is everything one (width, init) pass trained: arrays indexed ``[seed, config]``, where the
+configuration axis is the (ratio, lr) grid flattened ratio-major (``config = ratio_index · len(lrs) +
+lr_index``), so a study with one ratio has arrays ``[seed, lr]``. Each chunk is written atomically as
+``chunks/w<n>_<init>.json`` with the fingerprint of the config that made it: an interrupted run resumes by
+loading the finished chunks of the same configuration and retraining the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _INT_ARRAYS = ("diverged_step", "curve_steps", "trace_steps", "eval_steps")
 
 @dataclass
 class ChunkResult:
-    """All seeds × (ratio, lr) configurations of one (width, init); arrays are [seed, config] (and [.., point])."""
+    """All seeds × (ratio, lr) configurations of one (width, init); arrays are [seed, config] (, point)."""
 
     width: int
     init: str
@@ -50,7 +50,9 @@ class ChunkResult:
     fingerprint: dict = field(default_factory=dict)
     ratios: list[float] = field(default_factory=lambda: [1.0])
     eval_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # (E,) earlier budgets
-    eval_train_loss: np.ndarray | None = None  # (S, C, E) full train loss at each earlier budget, nan if diverged
+    eval_train_loss: np.ndarray | None = (
+        None  # (S, C, E) full train loss at each earlier budget, nan if diverged
+    )
     eval_test_loss: np.ndarray | None = None
 
     def ratio_index(self, ratio: float) -> int:
@@ -63,14 +65,18 @@ class ChunkResult:
         """``[seed, config, ...]`` → ``[seed, ratio, lr, ...]``."""
         return values.reshape(values.shape[0], len(self.ratios), len(self.lrs), *values.shape[2:])
 
-    def losses(self, select_by: str = "train", ratio: float | None = None, budget: int | None = None) -> np.ndarray:
+    def losses(
+        self, select_by: str = "train", ratio: float | None = None, budget: int | None = None
+    ) -> np.ndarray:
         """[seed, lr] final (or at step ``budget``) losses of one ratio (the only one when None)."""
         ri = 0 if ratio is None else self.ratio_index(ratio)
         if budget is None or budget == self.curve_steps[-1]:
             values = self.train_loss if select_by == "train" else self.test_loss
         else:
             if budget not in set(self.eval_steps.tolist()):
-                raise KeyError(f"budget: {budget} was not recorded; eval_steps are {self.eval_steps.tolist()}")
+                raise KeyError(
+                    f"budget: {budget} was not recorded; eval_steps are {self.eval_steps.tolist()}"
+                )
             arr = self.eval_train_loss if select_by == "train" else self.eval_test_loss
             values = arr[:, :, list(self.eval_steps).index(budget)]
         return self.grid(values)[:, ri]
@@ -139,7 +145,7 @@ class Optimum:
 
 
 def refine_vertex(log_x: np.ndarray, log_y: np.ndarray, i: int) -> float:
-    """Vertex of the parabola through (i-1, i, i+1) in log–log; the grid point if not interior or not convex."""
+    """Vertex of the parabola through (i-1, i, i+1) in log–log; the grid point if not interior or convex."""
     if i == 0 or i == len(log_x) - 1 or not np.isfinite(log_y[i - 1 : i + 2]).all():
         return float(log_x[i])
     x, y = log_x[i - 1 : i + 2], log_y[i - 1 : i + 2]
@@ -159,12 +165,22 @@ def find_optimum(
     lrs = np.asarray(chunk.lrs)
     r = chunk.ratios[0] if ratio is None else float(ratio)
     if not np.isfinite(mean).any():
-        return Optimum(chunk.width, chunk.init, math.nan, math.nan, math.nan, True, [math.nan] * loss.shape[0], r)
+        return Optimum(
+            chunk.width, chunk.init, math.nan, math.nan, math.nan, True, [math.nan] * loss.shape[0], r
+        )
     i = int(np.argmin(mean))
     log_lr = refine_vertex(np.log(lrs), np.log(mean), i)
     per_seed = [float(lrs[int(np.argmin(row))]) if np.isfinite(row).any() else math.nan for row in loss]
-    return Optimum(chunk.width, chunk.init, float(lrs[i]), float(math.exp(log_lr)), float(mean[i]),
-                   i in (0, len(lrs) - 1), per_seed, r)
+    return Optimum(
+        chunk.width,
+        chunk.init,
+        float(lrs[i]),
+        float(math.exp(log_lr)),
+        float(mean[i]),
+        i in (0, len(lrs) - 1),
+        per_seed,
+        r,
+    )
 
 
 def fit_key(init: str, ratio: float, single_ratio: bool) -> str:
@@ -186,8 +202,12 @@ def fit_optima(optima: Sequence[Optimum], confidence: float = 0.95) -> dict[str,
 
 
 def study_optima(config: WidthStudyConfig, chunks: dict[tuple[int, str], ChunkResult]) -> list[Optimum]:
-    return [find_optimum(chunks[(w, i)], config.select_by, ratio)
-            for i in config.inits for ratio in config.ratios for w in config.widths]
+    return [
+        find_optimum(chunks[(w, i)], config.select_by, ratio)
+        for i in config.inits
+        for ratio in config.ratios
+        for w in config.widths
+    ]
 
 
 @dataclass
@@ -221,9 +241,14 @@ class WidthStudyResult:
                     ratio, lr = c.ratios[ci // len(c.lrs)], c.lrs[ci % len(c.lrs)]
                     row = {"width": width, "init": init, "seed": seed, "lr": lr}
                     row |= {"ratio": ratio} if multi else {}
-                    rows.append(row | {"train_loss": float(c.train_loss[si, ci]),
-                                       "test_loss": float(c.test_loss[si, ci]),
-                                       "diverged_step": int(c.diverged_step[si, ci])})
+                    rows.append(
+                        row
+                        | {
+                            "train_loss": float(c.train_loss[si, ci]),
+                            "test_loss": float(c.test_loss[si, ci]),
+                            "diverged_step": int(c.diverged_step[si, ci]),
+                        }
+                    )
         return rows
 
     def exponent_rows(self) -> list[dict]:
@@ -233,8 +258,9 @@ class WidthStudyResult:
 def write_results(result: WidthStudyResult, out: Path) -> None:
     """results.csv (every run), optima.csv, summary.json (config, optima, fits, timing)."""
     atomic_write_text(out / "results.csv", _csv(result.rows()))
-    atomic_write_text(out / "optima.csv",
-                      _csv([asdict(o) | {"per_seed": json.dumps(o.per_seed)} for o in result.optima]))
+    atomic_write_text(
+        out / "optima.csv", _csv([asdict(o) | {"per_seed": json.dumps(o.per_seed)} for o in result.optima])
+    )
     summary = {
         "config": result.config.to_dict(),
         "seconds": result.seconds,
@@ -250,13 +276,16 @@ def write_results(result: WidthStudyResult, out: Path) -> None:
 
 
 def load_results(out_dir: str | os.PathLike) -> WidthStudyResult:
-    """A finished study read back from its folder (config.json + chunks), e.g. to re-plot or compare studies."""
+    """A finished study read back from its folder (config.json + chunks), to re-plot or compare studies."""
     out = Path(out_dir)
     try:
         config = WidthStudyConfig.from_dict(json.loads((out / "config.json").read_text()))
     except FileNotFoundError:
-        raise FileProblem(out, "no config.json (out_dir is not a width-study folder)",
-                          "pass the folder given to `widelora width-study --out`") from None
+        raise FileProblem(
+            out,
+            "no config.json (out_dir is not a width-study folder)",
+            "pass the folder given to `widelora width-study --out`",
+        ) from None
     except json.JSONDecodeError as exc:
         raise FileProblem(out / "config.json", f"not valid JSON ({exc})") from None
     chunks = {}
@@ -264,8 +293,11 @@ def load_results(out_dir: str | os.PathLike) -> WidthStudyResult:
         for i in config.inits:
             chunk = load_chunk(chunk_path(out, w, i), config)
             if chunk is None:
-                raise FileProblem(chunk_path(out, w, i), "missing or from another configuration (out_dir)",
-                                  "run the study again on this folder to finish it")
+                raise FileProblem(
+                    chunk_path(out, w, i),
+                    "missing or from another configuration (out_dir)",
+                    "run the study again on this folder to finish it",
+                )
             chunks[(w, i)] = chunk
     optima = study_optima(config, chunks)
     return WidthStudyResult(config, chunks, optima, fit_optima(optima), 0.0, out, loaded=len(chunks))

@@ -1,9 +1,9 @@
 """The width study of the initialization paper (seed 001, Section 3.7, Figures 2–3): the orchestration.
 
-For each width n and init scheme, finetune the toy student (``widelora.experiments.toy``) on the teacher's data
-for every seed × LoRA+ ratio × learning rate, read off the optimal learning rate, and fit how it scales with n.
-This module decides what runs where: which (width, init) chunks are already done (resume), how whole widths are
-shared among worker processes, and when results are written. The pieces live next to it:
+For each width n and init scheme, finetune the toy student (``widelora.experiments.toy``) on the teacher's
+data for every seed × LoRA+ ratio × learning rate, read off the optimal learning rate, and fit how it scales
+with n. This module decides what runs where: which (width, init) chunks are already done (resume), how whole
+widths are shared among worker processes, and when results are written. The pieces live next to it:
 
 - ``width_config``    every choice, validated (memory included) before anything runs;
 - ``width_engine``    the batched engine that trains one (width, init) chunk in one pass;
@@ -51,9 +51,22 @@ from widelora.experiments.width_results import (
 from widelora.files import atomic_write_text
 
 __all__ = [
-    "ChunkResult", "Optimum", "SingleRun", "WidthCache", "WidthStudyConfig", "WidthStudyResult", "batch_schedule",
-    "build_cache", "find_optimum", "fit_optima", "initial_adapters", "load_results", "lr_grid", "run_single",
-    "run_width_study", "train_chunk",
+    "ChunkResult",
+    "Optimum",
+    "SingleRun",
+    "WidthCache",
+    "WidthStudyConfig",
+    "WidthStudyResult",
+    "batch_schedule",
+    "build_cache",
+    "find_optimum",
+    "fit_optima",
+    "initial_adapters",
+    "load_results",
+    "lr_grid",
+    "run_single",
+    "run_width_study",
+    "train_chunk",
 ]
 
 
@@ -69,15 +82,24 @@ def _progress(enabled: bool, total: int) -> Any:
         TimeRemainingColumn,
     )
 
-    prog = Progress(TextColumn("[bold]width study[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
+    prog = Progress(
+        TextColumn("[bold]width study[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     prog.start()
     prog.add_task("", total=total)
     return prog
 
 
 def _run_chunks(
-    config: WidthStudyConfig, data: ToyData, todo: list[tuple[int, str]], out: Path | None, advance: Any = None
+    config: WidthStudyConfig,
+    data: ToyData,
+    todo: list[tuple[int, str]],
+    out: Path | None,
+    advance: Any = None,
 ) -> dict[tuple[int, str], ChunkResult]:
     """Train the listed (width, init) chunks, one width's cache at a time; write each chunk as it finishes.
 
@@ -100,9 +122,17 @@ def _run_chunks(
                 else:
                     u_tr.append(cache.u_train[si]), u_te.append(cache.u_test[si])
             step_cb = (lambda k, _w=width: advance(k * _w)) if advance is not None else None
-            chunk = train_chunk(config, cache, data, torch.stack(A0s), torch.stack(B0s), init=init,
-                                u_train=torch.stack(u_tr) if moved else None,
-                                u_test=torch.stack(u_te) if moved else None, on_step=step_cb)
+            chunk = train_chunk(
+                config,
+                cache,
+                data,
+                torch.stack(A0s),
+                torch.stack(B0s),
+                init=init,
+                u_train=torch.stack(u_tr) if moved else None,
+                u_test=torch.stack(u_te) if moved else None,
+                on_step=step_cb,
+            )
             chunks[(width, init)] = chunk
             if out is not None:
                 atomic_write_text(chunk_path(out, width, init), json.dumps(chunk.to_json()))
@@ -111,8 +141,15 @@ def _run_chunks(
 
 
 def _study_data(config: WidthStudyConfig) -> ToyData:
-    return make_data(config.d, config.teacher_width, config.teacher_rank, config.n_train, config.n_test,
-                     config.data_seed, DTYPES[config.dtype])
+    return make_data(
+        config.d,
+        config.teacher_width,
+        config.teacher_rank,
+        config.n_train,
+        config.n_test,
+        config.data_seed,
+        DTYPES[config.dtype],
+    )
 
 
 def _worker(config_dict: dict, out: str, todo: list, counter: Any, errors: Any) -> None:
@@ -150,7 +187,7 @@ def _partition(todo: list[tuple[int, str]], workers: int) -> list[list[tuple[int
 def _run_parallel(
     config: WidthStudyConfig, todo: list[tuple[int, str]], out: Path | None, progress: bool
 ) -> dict[tuple[int, str], ChunkResult]:
-    """Run the chunks in ``config.workers`` processes (1 torch thread each); chunks come back through files."""
+    """Run the chunks in ``config.workers`` processes (1 torch thread each); chunks return through files."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -159,8 +196,10 @@ def _run_parallel(
         tmp = tempfile.TemporaryDirectory(prefix="widelora-width-")
         out = Path(tmp.name)
     counter, errors = ctx.Value("d", 0.0), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(config.to_dict(), str(out), part, counter, errors), daemon=True)
-             for part in _partition(todo, config.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(config.to_dict(), str(out), part, counter, errors), daemon=True)
+        for part in _partition(todo, config.workers)
+    ]
     prog = _progress(progress, sum(config.steps * w for w, _ in todo))
     try:
         for p in procs:
@@ -201,8 +240,8 @@ def run_width_study(
     """Run (or resume) the study; write chunks, results.csv, optima.csv and summary.json into ``out_dir``.
 
     With ``resume`` (the default) a chunk already in ``out_dir/chunks`` from the same configuration is loaded,
-    not recomputed; a chunk from a different configuration is recomputed and overwritten. Figures and the report
-    are ``widelora.report.width_figures.write_figures_and_report(result)``.
+    not recomputed; a chunk from a different configuration is recomputed and overwritten. Figures and the
+    report are ``widelora.report.width_figures.write_figures_and_report(result)``.
     """
     if not isinstance(config, WidthStudyConfig):
         raise TypeError(f"config: expected a WidthStudyConfig, got {type(config).__name__}")
@@ -247,8 +286,15 @@ def _run_study(
                 prog.stop()
 
     optima = study_optima(config, chunks)
-    result = WidthStudyResult(config, chunks, optima, fit_optima(optima), time.perf_counter() - t_start, out,
-                              loaded=len(chunks) - len(todo))
+    result = WidthStudyResult(
+        config,
+        chunks,
+        optima,
+        fit_optima(optima),
+        time.perf_counter() - t_start,
+        out,
+        loaded=len(chunks) - len(todo),
+    )
     if out is not None:
         write_results(result, out)
     return result

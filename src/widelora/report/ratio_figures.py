@@ -1,7 +1,7 @@
-"""Figures of the ratio / stability-edge calibration, drawn from its JSON (``docs/results/ratio_calibration.json``).
+"""Figures of the ratio / stability-edge calibration, from ``docs/results/ratio_calibration.json``.
 
-``python -m widelora.report.ratio_figures CALIBRATION.json OUT_DIR`` redraws them from the file alone, so anyone
-can re-plot without rerunning the studies.
+``python -m widelora.report.ratio_figures CALIBRATION.json OUT_DIR`` redraws them from the file alone, so
+anyone can re-plot without rerunning the studies.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def plot_ratio(cal: dict, path: Path) -> Path:
         c = _color(init, [init])
         w = np.array([r["width"] for r in rows], dtype=float)
         for r in rows:
-            ax.scatter([r["width"]] * len(r["per_seed_ratio"]), r["per_seed_ratio"], s=12, color=c, alpha=0.3,
-                       lw=0)
+            ax.scatter(
+                [r["width"]] * len(r["per_seed_ratio"]), r["per_seed_ratio"], s=12, color=c, alpha=0.3, lw=0
+            )
         fit = block["optimal_ratio_vs_width"]
         label = _label(init)
         if fit:
@@ -33,7 +34,14 @@ def plot_ratio(cal: dict, path: Path) -> Path:
         ax.plot(w, [r["ratio"] for r in rows], "o-", color=c, label=label)
         ref = np.array([r["ratio"] for r in rows], dtype=float)
         centre = float(np.exp(np.log(ref[ref > 0]).mean())) if (ref > 0).any() else 1.0
-        ax.plot(w, centre * w / np.exp(np.log(w).mean()), "--", color="0.4", lw=1, label=r"$\propto n$ (LoRA+ limit)")
+        ax.plot(
+            w,
+            centre * w / np.exp(np.log(w).mean()),
+            "--",
+            color="0.4",
+            lw=1,
+            label=r"$\propto n$ (LoRA+ limit)",
+        )
         gains = [r["gain"] for r in rows]
         errs = [(2 ** r["gain_log2_se"] - 1) * r["gain"] if r["gain_log2_se"] else 0 for r in rows]
         ax2.errorbar(w, gains, yerr=errs, fmt="o-", color=c, capsize=3, label=_label(init))
@@ -55,7 +63,7 @@ def plot_ratio(cal: dict, path: Path) -> Path:
 
 
 def plot_edge(cal: dict, path: Path) -> Path:
-    """Left: edge and optimum vs width (final budget). Right: edge/optimum factor vs budget, one line per width."""
+    """Left: edge and optimum vs width (final budget). Right: edge/optimum factor vs budget per width."""
     plt = _plt()
     keys = list(cal["edge"])
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.6 * (1 + len(keys)), 3.9), squeeze=False)
@@ -66,7 +74,9 @@ def plot_edge(cal: dict, path: Path) -> Path:
         final = max(cal["edge"][key], key=int)
         rows = cal["edge"][key][final]
         w = [r["width"] for r in rows]
-        ax.plot(w, [r["edge"] for r in rows], "v-", color=c, label=f"{_label(init)} {key.split('@')[1]}: edge")
+        ax.plot(
+            w, [r["edge"] for r in rows], "v-", color=c, label=f"{_label(init)} {key.split('@')[1]}: edge"
+        )
         ax.plot(w, [r["optimum"] for r in rows], "o--", color=c, label="optimum", alpha=0.8)
         sub = axes[0, 1 + k]
         budgets = sorted(cal["edge"][key], key=int)
@@ -75,9 +85,16 @@ def plot_edge(cal: dict, path: Path) -> Path:
             f = [cal["edge"][key][b][wi]["factor_log2_mean"] for b in budgets]
             se = [cal["edge"][key][b][wi]["factor_log2_se"] or 0 for b in budgets]
             xs = [int(b) for b in budgets]
-            sub.errorbar(xs, np.exp2(f), yerr=[np.exp2(f) - np.exp2(np.subtract(f, se)),
-                                                   np.exp2(np.add(f, se)) - np.exp2(f)],
-                         fmt="o-", color=color, ms=3, capsize=2, label=f"n={rows[wi]['width']}")
+            sub.errorbar(
+                xs,
+                np.exp2(f),
+                yerr=[np.exp2(f) - np.exp2(np.subtract(f, se)), np.exp2(np.add(f, se)) - np.exp2(f)],
+                fmt="o-",
+                color=color,
+                ms=3,
+                capsize=2,
+                label=f"n={rows[wi]['width']}",
+            )
         sub.set_xscale("log", base=2)
         sub.set_yscale("log", base=2)
         sub.set_xlabel("step budget")
@@ -112,7 +129,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 def plot_exponent_sensitivity(rows: list[dict], path: Path) -> Path:
-    """Optimal-LR exponent vs step budget per init, one marker per LR grid, with 95 % intervals and predictions."""
+    """Optimal-LR exponent vs step budget per init, a marker per LR grid, 95 % intervals, predictions."""
     plt = _plt()
     inits = list(dict.fromkeys(r["init"] for r in rows))
     grids = list(dict.fromkeys(r["grid"] for r in rows))
@@ -123,8 +140,16 @@ def plot_exponent_sensitivity(rows: list[dict], path: Path) -> Path:
             x = np.array([r["budget"] for r in sel], dtype=float) * 2 ** ((k - 1) * 0.08)  # dodge
             y = np.array([r["slope"] for r in sel])
             err = [y - [r["ci_low"] for r in sel], [r["ci_high"] for r in sel] - y]
-            ax.errorbar(x, y, yerr=err, fmt=marker, color=_color(init, inits), alpha=1.0 - 0.3 * k, capsize=2,
-                        label=grid)
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                fmt=marker,
+                color=_color(init, inits),
+                alpha=1.0 - 0.3 * k,
+                capsize=2,
+                label=grid,
+            )
         ax.axhline(-1.0, color="0.3", ls="--", lw=1, label="n^-1")
         ax.axhline(-0.5, color="0.3", ls=":", lw=1, label="n^-1/2")
         ax.set_xscale("log", base=2)

@@ -2,8 +2,8 @@
 
 The study computes (``widelora.experiments.width_study``); this module presents, and only the command (or the
 demo) calls it, so the library never imports plotting code. ``write_figures_and_report`` writes every PNG
-(matplotlib, Agg backend) and ``report.md``; ``report_markdown`` gives the predicted-vs-measured exponent table and
-the optima as markdown, ready to paste into docs or an HTML report.
+(matplotlib, Agg backend) and ``report.md``; ``report_markdown`` gives the predicted-vs-measured exponent
+table and the optima as markdown, ready to paste into docs or an HTML report.
 """
 
 from __future__ import annotations
@@ -63,8 +63,17 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                         "axes.spines.right": False, "figure.dpi": 110, "savefig.dpi": 110})
+    plt.rcParams.update(
+        {
+            "font.size": 10,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "figure.dpi": 110,
+            "savefig.dpi": 110,
+        }
+    )
     return plt
 
 
@@ -73,7 +82,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
-    """Figure 2: optimal LR vs width per init, log–log, with fitted slopes and n^-1, n^-1/2 reference lines."""
+    """Figure 2: optimal LR vs width per init, log–log, fitted slopes and n^-1, n^-1/2 reference lines."""
     plt = _plt()
     cfg = result.config
     inits = list(cfg.inits)
@@ -108,13 +117,23 @@ def plot_optimal_lr(result: WidthStudyResult, path: Path) -> Path:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("width n")
     ax.set_ylabel(f"optimal learning rate ({cfg.select_by} loss)")
-    ax.set_title(f"Optimal LR vs width (r={cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size})", fontsize=10)
+    ax.set_title(
+        f"Optimal LR vs width (r={cfg.rank}, {cfg.steps} steps, batch {cfg.batch_size})", fontsize=10
+    )
     ax.legend(fontsize=8, frameon=False, loc="lower left")
     lo, hi = min(cfg.lrs), max(cfg.lrs)
     ax.axhspan(lo / 1.5, lo, color="0.9", zorder=0)
     ax.axhspan(hi, hi * 1.5, color="0.9", zorder=0)
-    ax.text(0.99, 0.99, "hollow: optimum at a grid edge\nshaded: outside the LR grid\nfaint dots: per-seed optima",
-            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.4")
+    ax.text(
+        0.99,
+        0.99,
+        "hollow: optimum at a grid edge\nshaded: outside the LR grid\nfaint dots: per-seed optima",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=7,
+        color="0.4",
+    )
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -162,7 +181,7 @@ def plot_features(result: WidthStudyResult, path: Path, widths: tuple[int, int] 
 
 
 def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
-    """Final train (solid) and test (dashed) loss vs LR for every width: the curves the optima are read from."""
+    """Final train (solid) and test (dashed) loss vs LR per width: the curves the optima are read from."""
     plt = _plt()
     cfg = result.config
     inits = list(cfg.inits)
@@ -183,8 +202,16 @@ def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
             for arr, ls, name in ((train, "-", "train"), (test, "--", "test")):
                 bad = ~np.isfinite(arr).all(axis=0)  # a seed diverged: no mean
                 mean = np.where(bad, np.nan, np.where(np.isfinite(arr), arr, 0.0).mean(axis=0))
-                ax.plot(lrs, mean, ls, color=c, lw=1.3, marker="o" if ls == "-" else None, ms=2.5,
-                        label=f"{_label(init)} {name}")
+                ax.plot(
+                    lrs,
+                    mean,
+                    ls,
+                    color=c,
+                    lw=1.3,
+                    marker="o" if ls == "-" else None,
+                    ms=2.5,
+                    label=f"{_label(init)} {name}",
+                )
             opt = next((o for o in _optima(result, init) if o.width == width), None)
             if opt is not None and math.isfinite(opt.lr):
                 ax.axvline(opt.lr, color=c, lw=0.8, alpha=0.6)
@@ -202,11 +229,19 @@ def plot_loss_vs_lr(result: WidthStudyResult, path: Path) -> Path:
     for k in range(len(widths), rows * cols):
         axes[k // cols, k % cols].axis("off")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.suptitle("Final loss vs learning rate (mean over seeds; vertical line: optimum; gaps: diverged)",
-                 fontsize=10)
+    fig.suptitle(
+        "Final loss vs learning rate (mean over seeds; vertical line: optimum; gaps: diverged)", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=len(labels),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+    )
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -255,20 +290,25 @@ def report_markdown(result: WidthStudyResult) -> str:
     cfg = result.config
     lines = ["## Width study: optimal learning rate vs width", ""]
     conf = int(100 * next(iter(result.fits.values())).confidence) if result.fits else 95
-    header = (f"| init | predicted max-stable exponent | expected optimal exponent | measured slope ({conf}% CI) "
-              "| R² | consistent |")
+    header = (
+        "| init | predicted max-stable exponent | expected optimal "
+        f"exponent | measured slope ({conf}% CI) | R² | consistent |"
+    )
     lines += [header, "|---|---|---|---|---|---|"]
     for row in result.exponent_rows():
         lo, hi = row["predicted_optimal_range"]
         rng = f"{lo:g}" if lo == hi else f"between {lo:g} and {hi:g}"
         if not row["informative"]:  # an interval this wide says nothing: never shown as a result
-            lines.append(f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
-                         f"not determined (95% CI {row['ci_high'] - row['ci_low']:.1f} wide) | "
-                         f"{row['r2']:.2f} | – |")
+            lines.append(
+                f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | not "
+                f"determined (95% CI {row['ci_high'] - row['ci_low']:.1f} wide) | {row['r2']:.2f} | – |"
+            )
             continue
-        lines.append(f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
-                     f"{row['measured_slope']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | "
-                     f"{row['r2']:.2f} | {'yes' if row['consistent'] else 'no'} |")
+        lines.append(
+            f"| {_label(row['init'])} | {_fmt(row['predicted_max_stable'], 'g')} | {rng} | "
+            f"{row['measured_slope']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | "
+            f"{row['r2']:.2f} | {'yes' if row['consistent'] else 'no'} |"
+        )
     lines += ["", "Optimal learning rate (refined; grid point in brackets; * = at the grid edge):", ""]
     inits = list(cfg.inits)
     lines.append("| width | " + " | ".join(_label(i) for i in inits) + " |")
@@ -280,20 +320,26 @@ def report_markdown(result: WidthStudyResult) -> str:
             if o is None:
                 cells.append("–")
             else:
-                cells.append(f"{_fmt(o.lr)} ({_fmt(o.lr_grid)}){'*' if o.at_edge else ''}, loss {_fmt(o.loss)}")
+                cells.append(
+                    f"{_fmt(o.lr)} ({_fmt(o.lr_grid)}){'*' if o.at_edge else ''}, loss {_fmt(o.loss)}"
+                )
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    settings = (f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
-                f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
-                f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {shown_ratio(result):g}, AdamW betas "
-                f"{cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR schedule; "
-                f"optimum read from the final {cfg.select_by} loss (mean over seeds). "
-                f"Wall time {result.seconds:.1f} s ({result.loaded} of {len(result.chunks)} chunks resumed from "
-                f"disk; chunk wall times summed over the parallel workers: {result.compute_seconds:.1f} s).")
+    settings = (
+        f"Settings: {len(cfg.widths)} widths × {len(inits)} inits × {len(cfg.lrs)} LRs "
+        f"({_fmt(min(cfg.lrs))}–{_fmt(max(cfg.lrs))}) × {len(cfg.seeds)} seeds; {cfg.steps} steps, batch "
+        f"{cfg.batch_size}, r={cfg.rank}, scale s={cfg.scale:g}, LoRA+ ratio {shown_ratio(result):g}, AdamW "
+        f"betas {cfg.betas}, eps {cfg.eps:g}, weight decay {cfg.weight_decay:g}, {cfg.schedule} LR "
+        f"schedule; optimum read from the final {cfg.select_by} loss (mean over seeds). Wall time "
+        f"{result.seconds:.1f} s ({result.loaded} of {len(result.chunks)} chunks resumed from disk; chunk "
+        f"wall times summed over the parallel workers: {result.compute_seconds:.1f} s)."
+    )
     lines += ["", settings, ""]
     return "\n".join(lines)
 
 
-def write_figures_and_report(result: WidthStudyResult, out_dir: str | os.PathLike | None = None) -> list[Path]:
+def write_figures_and_report(
+    result: WidthStudyResult, out_dir: str | os.PathLike | None = None
+) -> list[Path]:
     """Figures into ``<out>/figures`` and ``<out>/report.md`` (out defaults to the study's folder); the figure
     paths are also stored in ``result.figures``."""
     base = Path(out_dir) if out_dir is not None else result.out_dir
