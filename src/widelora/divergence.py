@@ -1,10 +1,10 @@
 """When a run has diverged: one rule for the training loop, the sweeps and the width study.
 
-A run diverges when its loss is non-finite, or when its (exponentially smoothed) loss rises above ``factor`` times
-its starting value. Only the non-finite half is unambiguous; the second half is what users mean by "it blew up"
-(a tiny BERT going from loss 0.69 to 1821 is not a finished run, whatever its numbers say). Smoothing keeps one
-noisy batch from ending a healthy run; the width study, which compares single batches against 100 × the initial
-loss as the paper's protocol does, uses the same rule with ``smoothing=0``.
+A run diverges when its loss is non-finite, or when its (exponentially smoothed) loss rises above ``factor``
+times its starting value. Only the non-finite half is unambiguous; the second half is what users mean by "it
+blew up" (a tiny BERT going from loss 0.69 to 1821 is not a finished run, whatever its numbers say). Smoothing
+keeps one noisy batch from ending a healthy run; the width study, which compares single batches against 100 ×
+the initial loss as the paper's protocol does, uses the same rule with ``smoothing=0``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _check(name: str, value: float, low: float, high: float, *, closed_high: boo
 @dataclass(frozen=True)
 class DivergenceRule:
     """`factor`: a smoothed loss above factor × the starting loss is divergence (> 1).
-    `smoothing`: weight of the past in the exponential moving average of the loss, in [0, 1); 0 = raw losses."""
+    `smoothing`: weight of the past in the exponential moving average of the loss, in [0, 1); 0 = raw loss."""
 
     factor: float = DEFAULT_FACTOR
     smoothing: float = DEFAULT_SMOOTHING
@@ -74,13 +74,13 @@ class DivergenceTracker:
         limit = self.rule.limit(self.initial)
         if self.initial > 0 and self.smoothed > limit:
             return (
-                f"the smoothed loss {self.smoothed:.4g} rose above {self.rule.factor:g} × its starting value "
-                f"{self.initial:.4g}"
+                f"the smoothed loss {self.smoothed:.4g} rose above "
+                f"{self.rule.factor:g} × its starting value {self.initial:.4g}"
             )
         return None
 
     def state_dict(self) -> dict[str, float | int | None]:
-        """What a checkpoint stores, so a resumed run applies the rule exactly as an uninterrupted one would."""
+        """What a checkpoint stores, so a resumed run applies the rule exactly as an uninterrupted one."""
         return {"initial": self.initial, "smoothed": self.smoothed, "count": self._count}
 
     def load_state_dict(self, state: dict[str, float | int | None]) -> None:

@@ -1,7 +1,8 @@
 """Expected failures: what the command line reports as one clear message instead of a traceback.
 
-Raise `UserError` (or a subclass) for a mistake the user can fix: its message names what went wrong, the file or
-key, and what would be valid. It subclasses ValueError so library callers that catch ValueError keep working.
+Raise `UserError` (or a subclass) for a mistake the user can fix: its message names what went wrong, the file
+or key, and what would be valid. It subclasses ValueError so library callers that catch ValueError keep
+working.
 """
 
 from __future__ import annotations

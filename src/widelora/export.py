@@ -1,12 +1,12 @@
-"""After training: a finished run folder → a standalone merged model, a PEFT adapter, or the adapted model itself.
+"""After training: a finished run folder → a merged model, a PEFT adapter, or the adapted model itself.
 
 Why: a run folder holds widelora's own record of a run (config, checkpoints, metrics) and the adapter; people
-deploy a plain transformers folder (every serving stack loads it, no widelora or PEFT needed) or a PEFT adapter
-(to share, or to swap on one base). Both are exported from the same adapted model, loaded in float32 so the merge
-is exact: the merged model's logits equal the adapted model's to float32 rounding.
+deploy a plain transformers folder (every serving stack loads it, no widelora or PEFT needed) or a PEFT
+adapter (to share, or to swap on one base). Both are exported from the same adapted model, loaded in float32
+so the merge is exact: the merged model's logits equal the adapted model's to float32 rounding.
 
-A run that has not finished has no `adapter/` yet; its newest checkpoint's adapter is used, and a line says so.
-Output folders go through `widelora.files.claim_folder`: a user's non-empty folder is never written into.
+A run that has not finished has no `adapter/` yet; its newest checkpoint's adapter is used, and a line says
+so. Output folders go through `widelora.files.claim_folder`: a user's non-empty folder is never written into.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def load_run(run_dir: str | os.PathLike) -> TrainedRun:
 
 
 def _untie_adapted_weights(model: nn.Module) -> None:
-    """Give an adapted weight that another module shares (a tied LM head) its own copy before the merge, so the
-    merge changes only the adapted layer; the saved config then no longer ties them."""
+    """Give an adapted weight that another module shares (a tied LM head) its own copy before the merge, so
+    the merge changes only the adapted layer; the saved config then no longer ties them."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -148,7 +148,7 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
 
 
 def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the run's adapter in PEFT's format (`widelora.save_adapter`) with the tokenizer, naming the base."""
+    """Write the run's adapter in PEFT's format (`widelora.save_adapter`) plus tokenizer, naming the base."""
     run = load_run(run_dir)
     folder = claim_folder(out, "export", fresh=True)
     wl.save_adapter(run.model, folder, base_model_name_or_path=models.resolve(run.config.model))

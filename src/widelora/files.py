@@ -67,7 +67,8 @@ def claim_folder(path: str | os.PathLike[str], owner: str, fresh: bool = False) 
             raise FileProblem(
                 path,
                 f"is not empty and was not created by `widelora {owner}` (it is {whose})",
-                "choose a new or empty folder; widelora never writes into, or deletes, a folder it did not create",
+                "choose a new or empty folder; widelora never writes "
+                "into, or deletes, a folder it did not create",
             )
         if fresh:
             for child in path.iterdir():

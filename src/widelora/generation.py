@@ -2,8 +2,8 @@
 
 Why: a lower perplexity says little about what a model now writes. `generate` renders the prompt the way the
 model was trained on chat data (the tokenizer's chat template, as a user turn followed by the assistant's
-generation prompt) when the tokenizer has one, samples with a fixed seed (the same seed gives the same text), and
-returns only the new text. A temperature of 0 decodes greedily.
+generation prompt) when the tokenizer has one, samples with a fixed seed (the same seed gives the same text),
+and returns only the new text. A temperature of 0 decodes greedily.
 """
 
 from __future__ import annotations

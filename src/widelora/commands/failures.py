@@ -2,12 +2,13 @@
 
 Expected failures are the ones a user can act on: a `widelora.errors.UserError` (a mistake in an argument, a
 config, a data file; a `FileProblem` names the file), a ValueError or TypeError from an argument check, an
-OSError (read-only or full disk, a file where a folder should be), a malformed YAML or JSON file, a SQLite file
-that is not a result store, a corrupt safetensors file. Each becomes `error: <what, where, what to do>`.
+OSError (read-only or full disk, a file where a folder should be), a malformed YAML or JSON file, a SQLite
+file that is not a result store, a corrupt safetensors file. Each becomes `error: <what, where, what to do>`.
 
 Anything else is a bug in widelora and keeps its traceback, so that it gets reported. `widelora --debug` (or
-`WIDELORA_DEBUG=1`) shows the traceback of an expected failure too. Exit codes: 0 success, 1 a run that finished
-but did not succeed (diverged or failed trials), 2 an expected failure or a usage error (as click reports them).
+`WIDELORA_DEBUG=1`) shows the traceback of an expected failure too. Exit codes: 0 success, 1 a run that
+finished but did not succeed (diverged or failed trials), 2 an expected failure or a usage error (as click
+reports them).
 """
 
 from __future__ import annotations

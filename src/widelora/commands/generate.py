@@ -1,4 +1,4 @@
-"""`widelora generate RUN --prompt TEXT`: sample from a finetuned run (base + adapter), chat-template aware."""
+"""`widelora generate RUN --prompt TEXT`: sample from a finetuned run (base + adapter), chat-aware."""
 
 from __future__ import annotations
 

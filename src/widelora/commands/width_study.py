@@ -13,7 +13,7 @@ _POW_RANGE = re.compile(r"^2\^(-?\d+)\.\.2\^(-?\d+)(?:/(\d+))?$")
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    """"128,256,512" or "2^7..2^13" (every power of two in between)."""
+    """ "128,256,512" or "2^7..2^13" (every power of two in between)."""
     m = _POW_RANGE.match(text.replace(" ", ""))
     if m:
         lo, hi = int(m.group(1)), int(m.group(2))
@@ -23,14 +23,16 @@ def parse_widths(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"widths: {text!r} is not a comma-separated list of ints or a range like 2^7..2^13")
+        raise ValueError(
+            f"widths: {text!r} is not a comma-separated list of ints or a range like 2^7..2^13"
+        ) from None
     if not values or min(values) < 1:
         raise ValueError(f"widths: {text!r}; expected positive ints")
     return values
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
-    """"1e-4,3e-4" or "2^-16..2^-2" (factor 2 apart) or "2^-16..2^-2/2" (2 points per octave)."""
+    """ "1e-4,3e-4" or "2^-16..2^-2" (factor 2 apart) or "2^-16..2^-2/2" (2 points per octave)."""
     from widelora.experiments.width_config import lr_grid
 
     m = _POW_RANGE.match(text.replace(" ", ""))
@@ -40,14 +42,16 @@ def parse_lrs(text: str) -> tuple[float, ...]:
     try:
         values = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
     except ValueError:
-        raise ValueError(f"lrs: {text!r} is not a comma-separated list of numbers or a range like 2^-16..2^-2")
+        raise ValueError(
+            f"lrs: {text!r} is not a comma-separated list of numbers or a range like 2^-16..2^-2"
+        ) from None
     if not values or min(values) <= 0:
         raise ValueError(f"lrs: {text!r}; expected positive learning rates")
     return values
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
-    """"1,4,16" or "2^0..2^8" (every power of two in between)."""
+    """ "1,4,16" or "2^0..2^8" (every power of two in between)."""
     from widelora.experiments.width_config import lr_grid
 
     m = _POW_RANGE.match(text.replace(" ", ""))
@@ -56,7 +60,9 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     try:
         values = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
     except ValueError:
-        raise ValueError(f"ratios: {text!r} is not a comma-separated list of numbers or a range like 2^0..2^8")
+        raise ValueError(
+            f"ratios: {text!r} is not a comma-separated list of numbers or a range like 2^0..2^8"
+        ) from None
     if not values or min(values) <= 0:
         raise ValueError(f"ratios: {text!r}; expected positive ratios lr_B / lr_A")
     return values
@@ -72,30 +78,45 @@ def register(app: typer.Typer) -> None:
     @app.command("width-study")
     def width_study(
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = DEFAULT_OUT,
-        quick: Annotated[bool, typer.Option("--quick", help="Small study for demos: 3 widths, 1 seed, < 1 min.")]
-        = False,
-        widths: Annotated[str | None, typer.Option(help="e.g. 128,1024,8192 or 2^7..2^13 (default: 2^7..2^13)")]
-        = None,
-        inits: Annotated[str, typer.Option(help="Registered init schemes, comma-separated.")] = "init_a,init_b",
-        lrs: Annotated[str | None, typer.Option(help="e.g. 2^-15..2^-3 (factor 2), 2^-15..2^-3/2, or 1e-4,3e-4")]
-        = None,
+        quick: Annotated[
+            bool, typer.Option("--quick", help="Small study for demos: 3 widths, 1 seed, < 1 min.")
+        ] = False,
+        widths: Annotated[
+            str | None, typer.Option(help="e.g. 128,1024,8192 or 2^7..2^13 (default: 2^7..2^13)")
+        ] = None,
+        inits: Annotated[
+            str, typer.Option(help="Registered init schemes, comma-separated.")
+        ] = "init_a,init_b",
+        lrs: Annotated[
+            str | None, typer.Option(help="e.g. 2^-15..2^-3 (factor 2), 2^-15..2^-3/2, or 1e-4,3e-4")
+        ] = None,
         seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: 0,1,2,3).")] = None,
         steps: Annotated[int | None, typer.Option(help="AdamW steps per run (default: 500).")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Mini-batch size (default: 16).")] = None,
         rank: Annotated[int, typer.Option(help="Student LoRA rank r.")] = 4,
-        alpha: Annotated[float | None, typer.Option(help="LoRA alpha; s = alpha/r (default: alpha = r).")] = None,
-        ratios: Annotated[str, typer.Option(help="LoRA+ ratios lr_B / lr_A, a grid axis: 1 (plain AdamW), "
-                                            "1,4,16 or 2^0..2^8.")] = "1",
-        eval_steps: Annotated[str, typer.Option(help="Earlier budgets at which losses are also recorded, "
-                                                "e.g. 125,250.")] = "",
+        alpha: Annotated[
+            float | None, typer.Option(help="LoRA alpha; s = alpha/r (default: alpha = r).")
+        ] = None,
+        ratios: Annotated[
+            str,
+            typer.Option(help="LoRA+ ratios lr_B / lr_A, a grid axis: 1 (plain AdamW), 1,4,16 or 2^0..2^8."),
+        ] = "1",
+        eval_steps: Annotated[
+            str, typer.Option(help="Earlier budgets at which losses are also recorded, e.g. 125,250.")
+        ] = "",
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
         schedule: Annotated[str, typer.Option(help="LR schedule: constant | linear | cosine.")] = "constant",
-        select_by: Annotated[str, typer.Option(help="Loss the optimum is read from: train | test.")] = "train",
+        select_by: Annotated[
+            str, typer.Option(help="Loss the optimum is read from: train | test.")
+        ] = "train",
         dtype: Annotated[str, typer.Option(help="float32 | float64.")] = "float32",
         threads: Annotated[int | None, typer.Option(help="torch threads per process (default: 1).")] = None,
-        workers: Annotated[int | None, typer.Option(help="Processes, 1 thread each (default: 2; --quick: 1).")]
-        = None,
-        resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip chunks already in --out.")] = True,
+        workers: Annotated[
+            int | None, typer.Option(help="Processes, 1 thread each (default: 2; --quick: 1).")
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume/--no-resume", help="Skip chunks already in --out.")
+        ] = True,
         progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
         figures: Annotated[bool, typer.Option("--figures/--no-figures")] = True,
     ) -> None:
@@ -103,9 +124,16 @@ def register(app: typer.Typer) -> None:
         from widelora.experiments.width_study import WidthStudyConfig, run_width_study
         from widelora.report.width_figures import report_markdown, write_figures_and_report
 
-        overrides: dict = {"inits": _names(inits), "rank": rank, "alpha": alpha,
-                           "weight_decay": weight_decay, "schedule": schedule, "select_by": select_by, "dtype": dtype,
-                           "threads": threads}
+        overrides: dict = {
+            "inits": _names(inits),
+            "rank": rank,
+            "alpha": alpha,
+            "weight_decay": weight_decay,
+            "schedule": schedule,
+            "select_by": select_by,
+            "dtype": dtype,
+            "threads": threads,
+        }
         if workers is not None:
             overrides["workers"] = workers
         try:
