@@ -1,4 +1,4 @@
-"""Corpora (shipped offline ones, user files, the hub) → deterministic splits → tokenized datasets → DataLoaders.
+"""Corpora (shipped, user files, the hub) → deterministic splits → tokenized datasets → DataLoaders.
 
 Why: every experiment needs the same three steps, and splits must be by *document* (never leaking a document
 across train/test) and fixed by one seed. `corpus` holds the Corpus and its split, `shipped` / `user_files` /

@@ -21,7 +21,7 @@ from widelora.errors import UserError
 
 
 class BlockDataset(Dataset):
-    """Packed causal-LM blocks: row i is `seq_len` consecutive tokens; labels equal inputs (the model shifts)."""
+    """Packed causal-LM blocks: row i is `seq_len` consecutive tokens; labels equal inputs (model shifts)."""
 
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -143,8 +143,8 @@ def prepare(
     """Load, split by document with `seed`, and tokenize. `max_train` / `max_eval` cap examples (LM: blocks).
 
     A causal-LM `.jsonl`/`.json` file of conversations (`messages`, or `prompt` and `completion`) is chat data
-    (`widelora.data.chat`): rendered with the tokenizer's chat template, labels on the assistant's tokens only,
-    one example per conversation, or full `seq_len` blocks with `packing`. Plain text is always packed.
+    (`widelora.data.chat`): rendered with the tokenizer's chat template, labels on the assistant's tokens
+    only, one example per conversation, or full `seq_len` blocks with `packing`. Plain text is always packed.
     """
     _check_positive("seq_len", seq_len)
     _check_positive("max_train", max_train, optional=True)

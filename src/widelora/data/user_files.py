@@ -113,8 +113,8 @@ def read_csv(
                 present = sum(v is not None for k, v in row.items() if k is not None)
                 raise FileProblem(
                     path,
-                    f"line {reader.line_num} has {present} of the {len(columns)} columns; its {label_field!r} "
-                    "value is missing",
+                    f"line {reader.line_num} has {present} of the {len(columns)} "
+                    f"columns; its {label_field!r} value is missing",
                 )
             rows.append(row)
     except csv.Error as exc:

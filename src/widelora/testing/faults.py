@@ -2,8 +2,8 @@
 
 Why: chmod cannot make a folder read-only for root (tests often run as root in containers), and a real full
 disk cannot be arranged in a test. `failing_writes(folder, errno.ENOSPC)` makes every Python-level write under
-`folder` fail the way the kernel would (opening a file for writing, creating a folder, renaming into it), while
-reads and everything outside `folder` keep working.
+`folder` fail the way the kernel would (opening a file for writing, creating a folder, renaming into it),
+while reads and everything outside `folder` keep working.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from torch import nn
 
 from widelora.models import TASKS
 
-#: A small chat template in the style of Zephyr / ChatML: each turn is `<|role|>\n` + content + EOS (`</s>`), so
-#: an assistant turn ends with the token that stops generation.
+#: A small chat template in the style of Zephyr / ChatML: each turn is `<|role|>\n` + content + EOS (`</s>`),
+#: so an assistant turn ends with the token that stops generation.
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -101,7 +101,7 @@ def save_tiny_folder(
     seed: int = 0,
     chat_template: str | None = None,
 ) -> Path:
-    """Write a tiny model + byte tokenizer as a transformers folder, so tests exercise the local-folder path."""
+    """Write a tiny model + byte tokenizer as a transformers folder, so tests use the local-folder path."""
     path = Path(path)
     model = tiny_model(arch, task=task, num_labels=num_labels, seed=seed)
     model.save_pretrained(path)
@@ -109,7 +109,7 @@ def save_tiny_folder(
     return path
 
 
-# Hand-sized models for the core layer tests: shapes small enough to reason about, one per architecture family.
+# Hand-sized models for the core layer tests: shapes small enough to reason about, one per model family.
 
 
 class TinyMLP(nn.Module):

@@ -46,7 +46,7 @@ CHECKPOINT = "toy_checkpoint.safetensors"
 
 
 def run_toy_trial(config: dict[str, Any], run_dir: Path, on_metrics: Any = None) -> dict[str, Any]:
-    """Train the toy LoRA pair, resuming from ``run_dir``'s checkpoint; each call adds a line to starts.log."""
+    """Train the toy LoRA pair, resuming from ``run_dir``'s checkpoint; each call adds a starts.log line."""
     unknown = set(config) - CONFIG_KEYS
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; valid: {sorted(CONFIG_KEYS)}")

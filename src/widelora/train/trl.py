@@ -1,16 +1,16 @@
-"""widelora inside TRL's `SFTTrainer` (and any `transformers.Trainer`): inits, optimizers and monitor with PEFT.
+"""widelora inside TRL's `SFTTrainer` (any `transformers.Trainer`): inits, optimizers, monitor with PEFT.
 
 Why: `SFTTrainer(peft_config=...)` wraps the model with PEFT inside its constructor, so an optimizer built
-beforehand holds no adapter parameters, and a factory handed to `optimizers=` silently ignores the learning rate
-and weight decay of `TrainingArguments`. `WideloraSetup` acts after the wrapping instead:
+beforehand holds no adapter parameters, and a factory handed to `optimizers=` silently ignores the learning
+rate and weight decay of `TrainingArguments`. `WideloraSetup` acts after the wrapping instead:
 
 - at the end of `__init__` it initializes the adapters PEFT just added with a widelora scheme (`init=`); a
   data-driven scheme (lora_one, lora_ga) reads `init_batches` batches from the trainer's own train dataloader;
-- `create_optimizer` (Trainer's own hook, called when training starts; under FSDP with the wrapped model) builds
-  `widelora.create_optimizer(method=...)` over the model the trainer trains, with `learning_rate`,
+- `create_optimizer` (Trainer's own hook, called when training starts; under FSDP with the wrapped model)
+  builds `widelora.create_optimizer(method=...)` over the model the trainer trains, with `learning_rate`,
   `weight_decay`, `adam_beta1/2` and `adam_epsilon` taken from the arguments, so a command-line
-  `--learning_rate`, a sweep or HF's schedulers act on it as on Trainer's own AdamW (each LoRA+ group keeps its
-  ratio under the schedule);
+  `--learning_rate`, a sweep or HF's schedulers act on it as on Trainer's own AdamW (each LoRA+ group keeps
+  its ratio under the schedule);
 - a W-moving init (pissa, lora_ga) is saved through `widelora.save_adapter`, which folds the move back in, so
   the saved adapter applies to the original base weights; otherwise PEFT saves as usual.
 
@@ -63,17 +63,17 @@ def _check_setup(init: str | None, method: str, optimizer_options: dict, kwargs:
     optimizers = kwargs.get("optimizers") or (None, None)
     if optimizers[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
         raise UserError(
-            "WideloraSetup builds the optimizer itself: drop optimizers=/optimizer_cls_and_kwargs=, or drop the "
-            "widelora trainer and pass your own"
+            "WideloraSetup builds the optimizer itself: drop "
+            "optimizers=/optimizer_cls_and_kwargs=, or drop the widelora trainer and pass your own"
         )
 
 
 class WideloraSetup:
     """Trainer mixin: widelora's init after PEFT wraps the model, widelora's optimizer from the training
     arguments (see the module doc). Keyword arguments: `init` (a scheme name, None keeps PEFT's init),
-    `init_options` (passed to the scheme), `init_batches` (for data-driven schemes), `seed`, `method` ("adamw",
-    "loraplus", "lora_one_precond", "scaled_gd", ...) and `optimizer_options` (ratio, embedding_lr, head_lr,
-    ...)."""
+    `init_options` (passed to the scheme), `init_batches` (for data-driven schemes), `seed`, `method`
+    ("adamw", "loraplus", "lora_one_precond", "scaled_gd", ...) and `optimizer_options` (ratio,
+    embedding_lr, head_lr, ...)."""
 
     def __init__(
         self,
