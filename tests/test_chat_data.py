@@ -1,4 +1,4 @@
-"""Instruction and chat data (issue 14): chat-template rendering, loss on assistant tokens only, packing, errors."""
+"""Instruction and chat data (issue 14): chat templates, loss on assistant tokens only, packing, errors."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_only_assistant_turns_carry_labels(tok):
     )
 )
 def test_labels_are_exactly_the_assistant_texts(turns):
-    """Any contents (unicode, newlines, template-looking text): the labelled tokens spell the answers, nothing else."""
+    """Any contents (unicode, newlines, template-like text): labelled tokens spell the answers, no more."""
     tok = tiny_tokenizer(TINY_CHAT_TEMPLATE)
     messages = [("user", q) if k == 0 else ("assistant", a) for q, a in turns for k in range(2)]
     c = conv(*messages)
@@ -118,7 +118,8 @@ def test_messages_without_a_chat_template_are_a_clear_error():
 def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
     """A template that renders the last turn differently cannot locate the assistant's tokens."""
     odd = tiny_tokenizer(
-        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: "
+        "{{ m['content'] }}\n{% endfor %}"
     )
     with pytest.raises(UserError, match="renders the start of a conversation differently"):
         chat.render(conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")), odd)
@@ -283,7 +284,7 @@ def test_finetune_names_the_bad_chat_row(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_renders_with_its_own_template():
-    """The shipped SmolLM2-Instruct tokenizer: ChatML turns, its default system prompt, answers end in <|im_end|>."""
+    """The shipped SmolLM2-Instruct tokenizer: ChatML turns, default system prompt, answers end <|im_end|>."""
     from widelora.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
@@ -296,5 +297,5 @@ def test_smollm2_renders_with_its_own_template():
 def test_text_readers_recognise_chat_data(tmp_path):
     """Commands that read plain text (place, classification) say the file is chat data, not just 'no text'."""
     path = write_jsonl(tmp_path / "chat.jsonl", qa_rows(3))
-    with pytest.raises(FileProblem, match="has no field 'text'; fields: \\['messages'\\]. this is chat data"):
+    with pytest.raises(FileProblem, match=r"has no field 'text'; fields: \['messages'\]. this is chat data"):
         data.load_corpus(path)

@@ -1,4 +1,4 @@
-"""The `widelora` app exposes every documented command; `demo` never deletes or fills a folder it did not create."""
+"""The `widelora` app has every documented command; `demo` never deletes or fills a folder it didn't make."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_unknown_command_is_a_clear_error():
     assert result.exit_code != 0 and "No such command" in result.output
 
 
-# ------------------------------------------------------------------------------------------------- demo folders
+# ----------------------------------------------------------------------------------------------- demo folders
 def demo(out, *extra: str):
     return runner.invoke(app, ["demo", "--out", str(out), "--skip-width", "--skip-real", *extra])
 

@@ -66,7 +66,7 @@ def place_args(files, *extra: str) -> list[str]:
     ]
 
 
-# ------------------------------------------------------------------------------------------------- the handler
+# ------------------------------------------------------------------------------------------------ the handler
 @pytest.mark.parametrize(
     "exc,expected",
     [
@@ -300,7 +300,7 @@ def test_really_read_only_out_folder(files, tmp_path):
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_console_run_prints_one_line_or_the_traceback(tmp_path, debug):
-    """The real entry point in a fresh interpreter: stderr is one line, unless WIDELORA_DEBUG asks for more."""
+    """The real entry point in a fresh interpreter: stderr is one line unless WIDELORA_DEBUG asks for more."""
     env = {**os.environ, "WIDELORA_DEBUG": "1" if debug else "0"}
     args = [sys.executable, "-m", "widelora.cli", "place", "--dataset", str(tmp_path / "missing.jsonl")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)

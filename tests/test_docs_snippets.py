@@ -1,10 +1,10 @@
 """Every ```python block of README.md and docs/integrations.md runs, on tiny local models (issue 14).
 
 Why: snippets drift silently (the README's `widelora.train.hf.optimizers(...)` once failed after a plain
-`import widelora`). Each block runs in a fresh namespace, in a folder that holds what the docs name: a tiny Llama
-with a chat template standing in for "path/or/hub-id", `chat.jsonl`, `notes.txt` and a finished run `runs/chat`.
-A document's blocks run in order in one namespace, as a reader reads them; names the prose supplies
-(`base_model`, `loader`) come from `prelude`.
+`import widelora`). Each block runs in a fresh namespace, in a folder that holds what the docs name: a tiny
+Llama with a chat template standing in for "path/or/hub-id", `chat.jsonl`, `notes.txt` and a finished run
+`runs/chat`. A document's blocks run in order in one namespace, as a reader reads them; names the prose
+supplies (`base_model`, `loader`) come from `prelude`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def workspace(tmp_path_factory):
 
 
 def prelude() -> dict:
-    """Names README blocks take from the prose around them: `base_model` (no adapters) and `loader` (batches)."""
+    """Names README blocks take from the prose around them: `base_model` (no adapters), `loader` (batches)."""
     from widelora.testing.models import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -93,4 +93,4 @@ def test_snippet_runs(workspace, namespaces, monkeypatch, doc, line, code):
     monkeypatch.setenv("WANDB_DISABLED", "true")
     torch.manual_seed(0)
     source = code.replace(PLACEHOLDER, str(workspace / "tiny-model"))
-    exec(compile(source, f"{doc}:{line}", "exec"), namespaces[doc])  # noqa: S102  the docs' own code
+    exec(compile(source, f"{doc}:{line}", "exec"), namespaces[doc])

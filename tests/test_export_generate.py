@@ -1,4 +1,4 @@
-"""After training (issue 14 item 5): `widelora export --merged/--peft` and `widelora generate` on tiny runs."""
+"""After training (issue 14 item 5): `widelora export --merged/--peft` and `widelora generate`, tiny runs."""
 
 from __future__ import annotations
 
@@ -65,13 +65,15 @@ cls = getattr(transformers, sys.argv[2])
 model = cls.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
     logits = model(input_ids=torch.tensor(json.loads(sys.argv[3]))).logits
-assert not [m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("widelora", "peft")]
+assert not [
+    m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("widelora", "peft")
+]
 print(json.dumps(logits.tolist()))
 """
 
 
 def _load_elsewhere(folder, cls: str) -> torch.Tensor:
-    """Logits of the exported folder loaded by plain transformers in a fresh interpreter without widelora/PEFT."""
+    """Logits of the exported folder loaded by plain transformers in a fresh interpreter, no widelora/PEFT."""
     args = [sys.executable, "-c", LOAD_WITHOUT_WIDELORA, str(folder), cls, json.dumps(IDS.tolist())]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
@@ -214,7 +216,7 @@ def test_generate_errors(runs, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_chat_run_exports_and_generates(tmp_path):
-    """The shipped SmolLM2-135M-Instruct: a short chat run, merged export equal to the adapted model, generation."""
+    """The shipped SmolLM2-135M-Instruct: a short chat run, merged export equals adapted model, generation."""
     from transformers import AutoModelForCausalLM
 
     from widelora.export import export_merged
@@ -228,7 +230,8 @@ def test_smollm2_chat_run_exports_and_generates(tmp_path):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     config = {
         "model": "smollm2-135m", "dataset": str(tmp_path / "chat.jsonl"), "targets": ["q_proj", "v_proj"],
-        "rank": 4, "seq_len": 64, "batch_size": 2, "steps": 3, "lr": 1e-3, "eval_examples": 2, "progress": False,
+        "rank": 4, "seq_len": 64, "batch_size": 2, "steps": 3, "lr": 1e-3, "eval_examples": 2,
+        "progress": False,
     }  # fmt: skip
     assert train(config, tmp_path / "run")["status"] == "done"
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]])

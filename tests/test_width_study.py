@@ -13,9 +13,22 @@ from widelora.lora.pairs import lora_pairs
 
 
 def tiny(**kw):
-    base = {"widths": (16, 32), "lrs": ws.lr_grid(-9, -5, 1)[::2], "seeds": (0, 1), "steps": 12, "batch_size": 8,
-                "n_train": 40, "n_test": 10, "teacher_width": 24, "teacher_rank": 3, "rank": 2, "trace_points": 5, "curve_points": 12,
-                "dtype": "float64", "workers": 1}
+    base = {
+        "widths": (16, 32),
+        "lrs": ws.lr_grid(-9, -5, 1)[::2],
+        "seeds": (0, 1),
+        "steps": 12,
+        "batch_size": 8,
+        "n_train": 40,
+        "n_test": 10,
+        "teacher_width": 24,
+        "teacher_rank": 3,
+        "rank": 2,
+        "trace_points": 5,
+        "curve_points": 12,
+        "dtype": "float64",
+        "workers": 1,
+    }
     base.update(kw)
     return ws.WidthStudyConfig(**base)
 
@@ -46,16 +59,21 @@ def test_data_is_deterministic_and_teacher_shaped():
     assert not torch.equal(a.y_train, make_data(n_train=30, n_test=5, seed=2).y_train)
 
 
-@pytest.mark.parametrize("variant", [{}, {"ratios": (4.0,), "weight_decay": 0.1, "schedule": "linear", "alpha": 4.0}])
+@pytest.mark.parametrize(
+    "variant", [{}, {"ratios": (4.0,), "weight_decay": 0.1, "schedule": "linear", "alpha": 4.0}]
+)
 def test_batched_engine_matches_one_run_per_config(variant):
     """Same loss curves as the plain loop (autograd + torch.optim.AdamW) to 1e-10 in float64."""
     cfg = tiny(widths=(24,), curve_points=12, **variant)
-    data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed,
-                     torch.float64)
+    data = make_data(
+        cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed, torch.float64
+    )
     cache = ws.build_cache(cfg, data, 24)
     for init in ("init_a", "init_b"):
-        a0, b0 = zip(*[ws.initial_adapters(cfg, data, cache.frozen[i], init, s)[:2]
-                       for i, s in enumerate(cfg.seeds)], strict=True)
+        a0, b0 = zip(
+            *[ws.initial_adapters(cfg, data, cache.frozen[i], init, s)[:2] for i, s in enumerate(cfg.seeds)],
+            strict=True,
+        )
         chunk = ws.train_chunk(cfg, cache, data, torch.stack(a0), torch.stack(b0), init=init)
         assert chunk.curve.shape == (2, len(cfg.lrs), cfg.steps)  # one window per step
         for si, seed in enumerate(cfg.seeds):
@@ -76,8 +94,14 @@ def test_divergence_is_detected_the_same_way():
     finally:
         torch.set_num_threads(orig)
     chunk = res.chunk(16, "init_a")
-    ref = ws.run_single(cfg, make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test,
-                                       0, torch.float64), 16, "init_a", 30.0, 0)
+    ref = ws.run_single(
+        cfg,
+        make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, 0, torch.float64),
+        16,
+        "init_a",
+        30.0,
+        0,
+    )
     assert chunk.diverged_step[0, 1] == ref.diverged_step > 0
     assert math.isnan(chunk.train_loss[0, 1]) and math.isfinite(chunk.train_loss[0, 0])
 
@@ -108,7 +132,9 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
     assert resumed.rows() == full.rows()
     loaded = ws.load_results(tmp_path / "resumed")
     assert loaded.rows() == full.rows() and loaded.fits.keys() == full.fits.keys()
-    assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "full" / "results.csv").read_text()
+    assert (tmp_path / "resumed" / "results.csv").read_text() == (
+        tmp_path / "full" / "results.csv"
+    ).read_text()
 
 
 def test_resume_ignores_chunks_of_another_config(tmp_path):
@@ -124,20 +150,39 @@ def test_find_optimum_refines_a_parabola():
     log_lr = np.log(lrs)
     true = math.log(2.0**-6.7)
     loss = np.exp((log_lr - true) ** 2)[None]  # exact parabola in (log lr, log loss)
-    chunk = ws.ChunkResult(64, "init_a", list(lrs), [0], loss, loss, np.full((1, len(lrs)), -1),
-                           np.array([1]), np.zeros((1, len(lrs), 1)), np.array([0]), np.zeros((1, len(lrs), 1)),
-                           np.zeros((1, len(lrs), 1)))
+    chunk = ws.ChunkResult(
+        64,
+        "init_a",
+        list(lrs),
+        [0],
+        loss,
+        loss,
+        np.full((1, len(lrs)), -1),
+        np.array([1]),
+        np.zeros((1, len(lrs), 1)),
+        np.array([0]),
+        np.zeros((1, len(lrs), 1)),
+        np.zeros((1, len(lrs), 1)),
+    )
     opt = ws.find_optimum(chunk)
     assert opt.lr == pytest.approx(2.0**-6.7, rel=1e-9)
     assert opt.lr_grid == 2.0**-7 and not opt.at_edge
-    edge = ws.find_optimum(ws.ChunkResult(**{**chunk.__dict__, "train_loss": np.array([list(range(len(lrs)))])}))
+    edge = ws.find_optimum(
+        ws.ChunkResult(**{**chunk.__dict__, "train_loss": np.array([list(range(len(lrs)))])})
+    )
     assert edge.at_edge and edge.lr == lrs[0]
 
 
 @pytest.mark.parametrize(
     ("kw", "name"),
-    [({"widths": ()}, "widths"), ({"lrs": (1e-3, 1e-4)}, "lrs"), ({"steps": 0}, "steps"),
-     ({"schedule": "exp"}, "schedule"), ({"dtype": "float16"}, "dtype"), ({"batch_size": 10_000}, "batch_size")],
+    [
+        ({"widths": ()}, "widths"),
+        ({"lrs": (1e-3, 1e-4)}, "lrs"),
+        ({"steps": 0}, "steps"),
+        ({"schedule": "exp"}, "schedule"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"batch_size": 10_000}, "batch_size"),
+    ],
 )
 def test_config_rejects_bad_values(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -170,13 +215,38 @@ def test_cli_writes_results_report_and_figures(tmp_path):
     from widelora.cli import app
 
     out = tmp_path / "study"
-    args = ["width-study", "--out", str(out), "--widths", "2^4..2^6", "--lrs", "2^-9..2^-5/1", "--seeds", "0",
-            "--steps", "10", "--batch-size", "8", "--dtype", "float64", "--workers", "1", "--no-progress"]
+    args = [
+        "width-study",
+        "--out",
+        str(out),
+        "--widths",
+        "2^4..2^6",
+        "--lrs",
+        "2^-9..2^-5/1",
+        "--seeds",
+        "0",
+        "--steps",
+        "10",
+        "--batch-size",
+        "8",
+        "--dtype",
+        "float64",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "measured slope" in result.output
-    for name in ("results.csv", "optima.csv", "summary.json", "report.md", "figures/optimal_lr.png",
-                 "figures/features.png", "figures/loss_vs_lr.png"):
+    for name in (
+        "results.csv",
+        "optima.csv",
+        "summary.json",
+        "report.md",
+        "figures/optimal_lr.png",
+        "figures/features.png",
+        "figures/loss_vs_lr.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "figures/optimal_lr.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
@@ -197,7 +267,7 @@ def test_run_single_can_carry_the_feature_monitor():
 
 
 def test_config_refuses_widths_that_do_not_fit_in_memory():
-    """2^24 used to start allocating about a petabyte; now the config refuses, naming the key and the limit."""
+    """2^24 used to start allocating about a petabyte; now the config refuses, naming the key and limit."""
     from widelora.errors import UserError
 
     with pytest.raises(UserError, match=r"widths: 16777216 needs about .* PB.*memory_limit_gb"):
@@ -209,20 +279,28 @@ def test_config_refuses_widths_that_do_not_fit_in_memory():
 def test_config_refuses_a_grid_that_does_not_fit_in_memory():
     from widelora.errors import UserError
 
-    kw = {"widths": (256,), "seeds": tuple(range(16)), "ratios": ws.lr_grid(0, 8), "lrs": ws.lr_grid(-20, 0, 2)}
+    kw = {
+        "widths": (256,),
+        "seeds": tuple(range(16)),
+        "ratios": ws.lr_grid(0, 8),
+        "lrs": ws.lr_grid(-20, 0, 2),
+    }
     with pytest.raises(UserError, match=r"seeds × ratios × lrs: 16 × 9 × 41 configurations"):
         ws.WidthStudyConfig(memory_limit_gb=0.2, **kw)
     assert ws.WidthStudyConfig(memory_limit_gb=2.0, **kw).configs == 9 * 41
 
 
 def test_ratio_axis_matches_one_run_per_ratio():
-    """LoRA+ ratios are a grid axis: each (ratio, lr) of the batched pass equals the plain loop at that ratio."""
+    """LoRA+ ratios are a grid axis: each (ratio, lr) of the batched pass equals the plain loop at it."""
     cfg = tiny(widths=(24,), ratios=(1.0, 8.0), lrs=(2.0**-8, 2.0**-6), steps=10, curve_points=10)
-    data = make_data(cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed,
-                     torch.float64)
+    data = make_data(
+        cfg.d, cfg.teacher_width, cfg.teacher_rank, cfg.n_train, cfg.n_test, cfg.data_seed, torch.float64
+    )
     cache = ws.build_cache(cfg, data, 24)
-    a0, b0 = zip(*[ws.initial_adapters(cfg, data, cache.frozen[i], "init_a", s)[:2]
-                   for i, s in enumerate(cfg.seeds)], strict=True)
+    a0, b0 = zip(
+        *[ws.initial_adapters(cfg, data, cache.frozen[i], "init_a", s)[:2] for i, s in enumerate(cfg.seeds)],
+        strict=True,
+    )
     chunk = ws.train_chunk(cfg, cache, data, torch.stack(a0), torch.stack(b0), init="init_a")
     curves = chunk.grid(chunk.curve)  # [seed, ratio, lr, step]
     assert curves.shape == (2, 2, 2, 10)
@@ -281,8 +359,11 @@ def test_exponent_sensitivity_reads_every_budget_and_sub_grid(tmp_path):
     res = ws.run_width_study(cfg, tmp_path, progress=False)
     rows = es.sensitivity(ws.load_results(tmp_path))
     assert {(r["init"], r["budget"], r["grid"]) for r in rows} == {
-        (i, b, g) for i in cfg.inits for b in (5, 10) for g in ("full", "every other point (even)",
-                                                                  "every other point (odd)")}
+        (i, b, g)
+        for i in cfg.inits
+        for b in (5, 10)
+        for g in ("full", "every other point (even)", "every other point (odd)")
+    }
     full = next(r for r in rows if (r["init"], r["budget"], r["grid"]) == ("init_a", 10, "full"))
     assert full["optima"] == {o.width: o.lr for o in res.optima if o.init == "init_a"}
     sub = es.sub_grid(res.chunk(16, "init_a"), slice(0, None, 2))
