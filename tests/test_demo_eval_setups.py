@@ -36,8 +36,8 @@ def test_recommended_tuned_moves_the_head_rate_with_the_base_rate(monkeypatch):
     from widelora.train.setups import SetupChoice
 
     probe = SetupChoice(targets=["query"], init="init_a", method="loraplus", lr=1e-3, ratio=3.9, head_lr=0.2)
-    monkeypatch.setattr(runconfig, "recommended_setup", lambda c, m, b: probe)
-    choice = eval_setups.recommended_tuned(cfg(lr=4e-3), None, [])
+    monkeypatch.setattr(runconfig, "recommended_setup", lambda c, m, b, steps=None: probe)
+    choice = eval_setups.recommended_tuned(cfg(lr=4e-3), None, [], 100)
     assert (choice.init, choice.method, choice.ratio, choice.targets) == (
         "init_a",
         "loraplus",
@@ -46,8 +46,8 @@ def test_recommended_tuned_moves_the_head_rate_with_the_base_rate(monkeypatch):
     )
     assert choice.lr == 4e-3 and choice.head_lr == pytest.approx(0.8)
     no_head = SetupChoice(targets=["q"], init="init_a", method="loraplus", lr=1e-3, ratio=3.9, head_lr=None)
-    monkeypatch.setattr(runconfig, "recommended_setup", lambda c, m, b: no_head)
-    assert eval_setups.recommended_tuned(cfg(), None, []).head_lr is None
+    monkeypatch.setattr(runconfig, "recommended_setup", lambda c, m, b, steps=None: no_head)
+    assert eval_setups.recommended_tuned(cfg(), None, [], 100).head_lr is None
 
 
 def test_lr_finder_suggests_a_rate_and_restores_the_model(monkeypatch):
@@ -65,7 +65,7 @@ def test_lr_finder_suggests_a_rate_and_restores_the_model(monkeypatch):
         }
         for _ in range(3)
     ]
-    choice = eval_setups.lr_finder(cfg(), model, batches)
+    choice = eval_setups.lr_finder(cfg(), model, batches, 100)
     assert 1e-7 / 10 * 0.99 <= choice.lr <= 10 and (choice.init, choice.method) == ("kaiming", "adamw")
     assert set(model.state_dict()) == set(before)  # the temporary adapters are gone
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

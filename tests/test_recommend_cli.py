@@ -105,3 +105,26 @@ def test_finetune_auto_runs_with_the_probed_setup(files, tmp_path) -> None:
     setup = json.loads((out / "result.json").read_text())["setup"]
     assert setup["method"] == "loraplus" and setup["init"] == "init_a" and setup["lr"] != 1e-4
     assert setup["targets"] == ["q_proj", "v_proj"]
+
+
+def test_an_epoch_based_auto_run_budgets_its_probe_by_its_real_length(files, tmp_path, monkeypatch) -> None:
+    """With steps=null the run's length comes from its epochs; the probe must be budgeted by that length, not by
+    an assumed one (the setup seam receives the run's total optimizer steps)."""
+    from widelora.recommend import runconfig
+
+    seen: list[int | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(cfg, model, batches, steps=None, targets_given=True):
+        seen.append(steps)
+        raise Stop
+
+    monkeypatch.setattr(runconfig, "recommend_for_config", spy)
+    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "c.txt"), "--targets",
+            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
+            "--no-progress", "--set", "steps=null", "--epochs", "1", "--out", str(tmp_path / "run"), "--auto"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, Stop), result.output
+    assert len(seen) == 1 and seen[0] is not None and 1 <= seen[0] < runconfig.ASSUMED_STEPS

@@ -23,12 +23,12 @@ FINDER_SUGGESTION = "steep_div10"
 FINDER_STEPS = 100
 
 
-def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict]) -> Any:
+def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:
     """`recommend`'s choices at the config's base learning rate (the head's rate scaled by the same factor)."""
     from widelora.recommend.runconfig import recommended_setup
     from widelora.train.setups import SetupChoice
 
-    rec = recommended_setup(cfg, model, batches)
+    rec = recommended_setup(cfg, model, batches, steps=steps)
     scale = cfg.lr / rec.lr
     head = None if rec.head_lr is None else rec.head_lr * scale
     return SetupChoice(
@@ -36,7 +36,7 @@ def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict]) -> Any:
     )
 
 
-def lr_finder(cfg: Any, model: nn.Module, batches: list[dict]) -> Any:
+def lr_finder(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:
     """The config's own adapter and optimizer with the learning rate a fastai-style LR finder suggests.
 
     The finder runs on the adapters the run will train (attached for the test and removed after, the model

@@ -65,11 +65,11 @@ def _agree_across_processes(rec: Recommendation) -> Recommendation:
     return rec
 
 
-def recommended_setup(cfg: Any, model: nn.Module, batches: list[dict]):
+def recommended_setup(cfg: Any, model: nn.Module, batches: list[dict], steps: int | None = None):
     """The `setup: recommended` of a run's start-up (widelora.train.setups): a SetupChoice from the probe."""
     from widelora.train.setups import SetupChoice
 
-    rec = recommend_for_config(cfg, model, batches)
+    rec = recommend_for_config(cfg, model, batches, steps=steps)
     if int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "progress", False):
         print(rec.table(), flush=True)
     return SetupChoice(targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio,

@@ -113,7 +113,8 @@ def build_run(cfg: RunConfig, procs: Processes, cache: StartupCache | None = Non
     ]
 
     # ---- the setup: the one place a recommendation (setup: recommended) may replace the user's choices ----
-    setup = choose_setup(cfg, model, probe)
+    total = _total_steps(cfg, order)
+    setup = choose_setup(cfg, model, probe, total)
 
     with precision(cfg, procs.device):
         targets = _resolve_targets(setup.targets, model, probe)
@@ -139,7 +140,6 @@ def build_run(cfg: RunConfig, procs: Processes, cache: StartupCache | None = Non
         model, lr=setup.lr, method=setup.method, ratio=setup.ratio, weight_decay=cfg.weight_decay,
         betas=tuple(cfg.betas), eps=cfg.eps, **extra,
     )  # fmt: skip
-    total = _total_steps(cfg, order)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(cfg, total))
     scaler = make_scaler(cfg, procs.device)
     return Run(cfg, procs, data, model, optimizer, scheduler, order, total, setup, targets, scaler)

@@ -31,29 +31,30 @@ class SetupChoice:
         return asdict(self)
 
 
-#: setup(cfg, model, batches) -> SetupChoice; `batches` are the first training micro-batches, on the device.
-SetupFn = Callable[[RunConfig, nn.Module, list[dict]], SetupChoice]
+#: setup(cfg, model, batches, steps) -> SetupChoice; `batches` are the first training micro-batches, on the
+#: device; `steps` is the run's total optimizer steps (epoch-based configs included), what a probe budgets by.
+SetupFn = Callable[[RunConfig, nn.Module, list[dict], int], SetupChoice]
 
 
-def manual(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+def manual(cfg: RunConfig, model: nn.Module, batches: list[dict], steps: int) -> SetupChoice:
     """The config's own choices, unchanged."""
     return SetupChoice(targets=cfg.targets, init=cfg.init, method=cfg.method, lr=cfg.lr, ratio=cfg.ratio)
 
 
-def recommended(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+def recommended(cfg: RunConfig, model: nn.Module, batches: list[dict], steps: int) -> SetupChoice:
     """widelora's choice: init, method, ratio and learning rates from `widelora.recommend` (a short probe)."""
     from widelora.recommend.runconfig import recommended_setup
 
-    return recommended_setup(cfg, model, batches)
+    return recommended_setup(cfg, model, batches, steps=steps)
 
 
 def _evaluation_setup(name: str) -> SetupFn:
     """A setup of the evaluation of `recommend` (widelora.experiments.eval_setups), imported when used."""
 
-    def run(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
+    def run(cfg: RunConfig, model: nn.Module, batches: list[dict], steps: int) -> SetupChoice:
         from widelora.experiments import eval_setups
 
-        return getattr(eval_setups, name)(cfg, model, batches)
+        return getattr(eval_setups, name)(cfg, model, batches, steps)
 
     return run
 
@@ -63,6 +64,6 @@ SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": recommended,
                               "lr_finder": _evaluation_setup("lr_finder")}
 
 
-def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict]) -> SetupChoice:
-    """The setup `cfg.setup` names, applied to this model and these batches."""
-    return SETUPS[cfg.setup](cfg, model, batches)
+def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict], steps: int) -> SetupChoice:
+    """The setup `cfg.setup` names, applied to this model and these batches, for a run of `steps` steps."""
+    return SETUPS[cfg.setup](cfg, model, batches, steps)
