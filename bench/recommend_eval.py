@@ -1,9 +1,9 @@
-"""Issue 12's comparison from evaluation-sweep stores: every setup at its own best learning rate, the untuned
-recommendation against PEFT default's best-of-grid, a fixed 2e-4 and the LR finder, tuned against tuned, and the
-ranking at half against full budget.
+"""Issue 12's comparison from evaluation-sweep stores: every setup at its own best learning rate, the
+untuned recommendation against PEFT default's best-of-grid, a fixed 2e-4 and the LR finder, tuned against
+tuned, and the ranking at half against full budget.
 
-Reads one or more stores (a grid sweep, e.g. examples/sweeps/eval_minilm_topics.yaml, and a sweep of setups that
-choose their own learning rate); setups are matched by their ``setup`` label. Gaps are per-seed paired
+Reads one or more stores (a grid sweep, e.g. examples/sweeps/eval_minilm_topics.yaml, and a sweep of setups
+that choose their own learning rate); setups are matched by their ``setup`` label. Gaps are per-seed paired
 differences (the same seed is the same data split, order and test set for every setup), mean ± standard error.
 
     python bench/recommend_eval.py sweeps/eval-minilm-topics sweeps/eval-minilm-topics-untuned \
@@ -93,7 +93,7 @@ def export(stores: list[str], folder: Path) -> list[Path]:
 
 
 def loss_curves(res: Any) -> dict[str, dict[int, list[tuple[int, float]]]]:
-    """Held-out loss over steps per setup label and seed (step 0 and the last step: test; between: validation)."""
+    """Held-out loss over steps per setup and seed (step 0 and the last step: test; between: validation)."""
     out: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for t in res.trials:
         if t.status != "done":
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     speed = steps_to_target(full, info.pop("final_loss"), info["loss_curves"], goal, args.min_seeds, steps)
     if speed:
         print(
-            "\n| setup | steps to PEFT default's final held-out loss (fraction of the run) | per seed | not reached |"
+            "\n| setup | steps to PEFT default's final held-out loss (fraction of the run) | per seed "
+            "| not reached |"
         )
         print("|---|---|---|---|")
         for r in speed:

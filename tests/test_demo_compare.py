@@ -1,4 +1,4 @@
-"""widelora.experiments.setup_comparison: best-of-grid, paired gaps, half-budget values, the issue-12 target."""
+"""widelora.experiments.setup_comparison: best-of-grid, paired gaps, half-budget values, issue 12's target."""
 
 from __future__ import annotations
 

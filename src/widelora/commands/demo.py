@@ -1,10 +1,12 @@
-"""`widelora demo --out demo-report` (what `make demo` runs): three answers, measured in under 15 minutes on 2 cores.
+"""`widelora demo --out demo-report` (what `make demo` runs): three answers in under 15 minutes on 2 cores.
 
 (a) the width study — all 7 widths, 4 seeds — and whether its optimal-learning-rate exponents agree with the
 theory; (b) Init[A] vs Init[B] on a real model (MiniLM-L6 topic classification), each at its own best learning
-rate, 2 seeds; (c) `widelora.recommend` untuned against PEFT's default tuned on a small grid, 2 seeds. The page
+rate, 2 seeds; (c) `widelora.recommend` untuned against PEFT's default tuned on a small grid, 2 seeds. The
+page
 (``<out>/index.html``, self-contained) leads with the three answers in plain words, whatever their sign; the
-real-model trials use the evaluation protocol's budget (``widelora.experiments.demo_plan``), so they are a subset
+real-model trials use the evaluation protocol's budget (``widelora.experiments.demo_plan``), so they are a
+subset
 of docs/results/recommend_eval.md. Every part is a resumable store under ``<out>``: running the demo again
 resumes (``--fresh`` starts over, and only in a folder that an earlier demo created). A part that fails is
 reported with a note rather than failing the whole demo.
@@ -37,7 +39,7 @@ def run_width_part(out: Path, o: DemoOutcome, plan: DemoPlan, workers: int) -> N
         o.width = run_width_study(config, out / "width-study", progress=True)
         write_figures_and_report(o.width)
         o.answers["width"] = width_answer(o.width.exponent_rows(), len(config.widths), len(config.seeds))
-    except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others
+    except Exception as exc:
         o.notes.append(f"width study failed: {type(exc).__name__}: {exc}")
         traceback.print_exc()
     o.seconds["width study"] = time.time() - t0
@@ -87,7 +89,7 @@ def run_real_parts(out: Path, o: DemoOutcome, plan: DemoPlan, workers: int, only
             o.figures[key] = plot_setups(
                 [(titles[key], setups)], "test accuracy (%)", 100.0, out / "figures" / f"{key}.png"
             )
-        except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others
+        except Exception as exc:
             o.notes.append(f"{titles[key]} failed: {type(exc).__name__}: {exc}")
             traceback.print_exc()
         o.seconds[titles[key]] = time.time() - t0
@@ -135,7 +137,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="Delete an earlier demo's results in --out first (else resume).")
         ] = False,
     ) -> None:
-        """Answer three questions (width study, Init[A] vs Init[B], recommend vs PEFT); write <out>/index.html."""
+        """Answer three questions (width study, Init[A] vs Init[B], recommend vs PEFT); write index.html."""
         from widelora.errors import UserError
 
         for key, value in (

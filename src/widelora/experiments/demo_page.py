@@ -103,8 +103,8 @@ def _width_section(sec: Any, width: Any) -> None:
     sec.paragraphs.append(
         f"The initialization paper's Section 3.7 experiment: widths {', '.join(map(str, cfg.widths))}, "
         f"{len(cfg.lrs)} learning rates a factor 2 apart, seeds {', '.join(map(str, cfg.seeds))}, "
-        f"{cfg.steps} steps. Theory: the optimal learning rate scales like n^-1 for Init[B] and between n^-1 and "
-        "n^-1/2 for Init[A]. A fit whose interval is wider than 0.5 is not reported as a result."
+        f"{cfg.steps} steps. Theory: the optimal learning rate scales like n^-1 for Init[B] and between "
+        "n^-1 and n^-1/2 for Init[A]. A fit whose interval is wider than 0.5 is not reported as a result."
     )
     rows = []
     for r in width.exponent_rows():
@@ -135,13 +135,13 @@ def _method_section() -> Any:
     sec = Section(title="How the real-model numbers were made")
     sec.paragraphs.append(
         html.escape(
-            f"all-MiniLM-L6-v2 (width 384) + a fresh 11-way linear head on the Wikipedia topics; adapters rank "
-            f"{b['rank']}, alpha {b['alpha']} on {', '.join(b['targets'])} (PEFT's defaults) except where recommend "
-            f"chooses; {b['steps']} steps of batch {b['batch_size']} at sequence length {b['seq_len']}, linear warmup "
-            f"and decay, clipping at {b['max_grad_norm']}; accuracy on each seed's whole held-out test split (903 "
-            "documents). Gaps are paired by seed (the same seed is the same split, data order and test set for every "
-            "setup), mean ± standard error. The same protocol with 3 seeds and an 8-point grid for every setup is in "
-            "docs/results/recommend_eval.md."
+            f"all-MiniLM-L6-v2 (width 384) + a fresh 11-way linear head on the Wikipedia topics; adapters "
+            f"rank {b['rank']}, alpha {b['alpha']} on {', '.join(b['targets'])} (PEFT's defaults) except "
+            f"where recommend chooses; {b['steps']} steps of batch {b['batch_size']} at sequence length "
+            f"{b['seq_len']}, linear warmup and decay, clipping at {b['max_grad_norm']}; accuracy on each "
+            "seed's whole held-out test split (903 documents). Gaps are paired by seed (the same seed is the "
+            "same split, data order and test set for every setup), mean ± standard error. The same protocol "
+            "with 3 seeds and an 8-point grid for every setup is in docs/results/recommend_eval.md."
         )
     )
     return sec

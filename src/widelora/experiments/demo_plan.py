@@ -1,7 +1,8 @@
 """What `widelora demo` runs: the width study and two real-model questions as sweep specs, and their answers.
 
 Why specs: each question is a sweep like any other (stored, resumable, reportable with `widelora report`), and
-the real-model trials use exactly the base of the evaluation protocol (examples/sweeps/eval_minilm_topics.yaml),
+the real-model trials use exactly the base of the evaluation protocol
+(examples/sweeps/eval_minilm_topics.yaml),
 so the demo's numbers are a subset of what `docs/results/recommend_eval.md` reports with more seeds and a
 larger grid. The budget (≤ 15 minutes on 2 cores) decides the sizes: 2 seeds and a short grid per setup.
 
@@ -11,7 +12,8 @@ The three questions, answered in plain words whatever their sign:
     4 seeds) — and is the fitted exponent precise enough to say so;
 (b) the initialization paper's real-model claim: is Init[A] better than Init[B], each at its own best
     learning rate;
-(c) does `widelora.recommend` untuned (its probe picks the learning rate) reach PEFT's default tuned on a grid.
+(c) does `widelora.recommend` untuned (its probe picks the learning rate) reach PEFT's default tuned on a
+    grid.
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ PEFT_DEFAULT = {"label": "PEFT default (Kaiming A, AdamW)", "init": "kaiming", "
 INIT_A = {"label": "Init[A] (AdamW)", "init": "init_a", "method": "adamw"}
 INIT_B = {"label": "Init[B] (AdamW)", "init": "init_b", "method": "adamw"}
 RECOMMEND_UNTUNED = {"label": "recommend (untuned)", "setup": "recommended"}
-#: A confidence interval wider than this (in exponent units) says nothing about n^-1 vs n^-1/2: never a result.
+#: A confidence interval wider than this (exponent units) says nothing about n^-1 vs n^-1/2: never a result.
 USEFUL_CI_WIDTH = 0.5
 
 
 @dataclass
 class DemoPlan:
-    """Sizes of the demo. The grids are 4 points of the protocol's grid around the optima it measured (Init[B]
-    6.4e-3, PEFT default 1.28e-2 on seed 0), so each demo trial is one of the protocol's trials (same config)."""
+    """Sizes of the demo. The grids are 4 points of the protocol's grid around the optima it measured
+    (Init[B] 6.4e-3, PEFT default 1.28e-2): each demo trial is one of the protocol's trials."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     init_lrs: list[float] = field(default_factory=lambda: [3.2e-3, 6.4e-3, 1.28e-2, 2.56e-2])

@@ -1,8 +1,8 @@
 """Compare training setups from a sweep's trials: each at its own best learning rate, paired by seed.
 
 Why its own module: the evaluation of widelora's recommended setup (``bench/recommend_eval.py``, issue 12) and
-``widelora demo`` ask the same questions of stored trials — which learning rate is each setup's best (and is it
-bracketed by the grid), how far apart are two setups at their own best (a per-seed paired difference, since
+``widelora demo`` ask the same questions of stored trials — which learning rate is each setup's best (and is
+it bracketed by the grid), how far apart are two setups at their own best (a per-seed paired difference, since
 the same seed means the same data split, order and evaluation set), and does the ranking change between half
 and full budget. A setup without an lr grid (an untuned recommendation whose probe picks the learning rate)
 is one cell whose per-seed learning rates are read from the trials.
@@ -195,8 +195,9 @@ def ranking(setups: Mapping[str, SetupResult], goal: str, min_seeds: int = 1) ->
 
 
 def within_target(gap: Gap, baseline: Cell | None, goal: str, floor: float) -> bool | None:
-    """Issue 12's first target: the setup is no worse than the baseline by more than max(one seed s.e. of the
-    baseline, ``floor``) — ``floor`` in the metric's units (1 accuracy point = 0.01), or in % when relative."""
+    """Issue 12's first target: the setup is no worse than the baseline by more than max(one seed s.e. of
+    the baseline, ``floor``) — ``floor`` in the metric's units (1 accuracy point = 0.01), or in % when
+    relative."""
     if baseline is None or not math.isfinite(gap.mean):
         return None
     se = baseline.se if math.isfinite(baseline.se) else 0.0

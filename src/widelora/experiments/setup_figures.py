@@ -22,7 +22,7 @@ def plot_setups(
 
     colours: dict[str, str] = {}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
-    for ax, (title, setups) in zip(axes[0], panels):
+    for ax, (title, setups) in zip(axes[0], panels, strict=True):
         for label, s in setups.items():
             colour = colours.setdefault(label, f"C{len(colours)}")
             grid = [s.cells[lr] for lr in s.grid if s.cells[lr].n]
