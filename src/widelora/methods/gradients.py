@@ -327,6 +327,8 @@ def _estimate_group(
             leaves = [out for tap in taps.values() for out in tap.leaves]
             if not leaves:
                 leaves = [o for tap in taps.values() for ref in tap.others if (o := ref()) is not None]
+            if not leaves:  # e.g. gradient checkpointing freed every output: any leaf of the graph will do
+                leaves = _graph_leaves(loss)
             torch.autograd.grad(loss, leaves, allow_unused=True)
             del loss
             bar.update(1)
@@ -338,6 +340,24 @@ def _estimate_group(
             h.remove()
         for tap in taps.values():
             tap.clear()
+
+
+def _graph_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors requiring grad that `loss`'s graph starts from (e.g. an input made to require grad for
+    gradient checkpointing): differentiating toward them runs the whole backward, so every tap fires."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if isinstance(variable, torch.Tensor):
+            found[id(variable)] = variable
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(found.values())
 
 
 class _NoBar:
