@@ -341,8 +341,8 @@ def test_setup_seam_decides_before_adapters_and_optimizer(files, tmp_path, monke
 
     seen = {}
 
-    def recommend(cfg, model, batches):
-        seen["adapters"], seen["batches"] = len(lora_pairs(model)), len(batches)
+    def recommend(cfg, model, batches, steps):
+        seen["adapters"], seen["batches"], seen["steps"] = len(lora_pairs(model)), len(batches), steps
         return setups.SetupChoice(targets=["q_proj"], init="init_a", method="adamw", lr=3e-3, ratio=1.0)
 
     monkeypatch.setitem(setups.SETUPS, "recommended", recommend)
@@ -350,7 +350,7 @@ def test_setup_seam_decides_before_adapters_and_optimizer(files, tmp_path, monke
     assert manual["setup"]["lr"] == 1e-2 and manual["setup"]["targets"] == ["q_proj", "v_proj"] and not seen
     result = train(lm_cfg(files, steps=1, setup="recommended"), tmp_path / "rec")
     assert (
-        seen == {"adapters": 0, "batches": 8}
+        seen == {"adapters": 0, "batches": 8, "steps": 1}
         and result["setup"]["lr"] == 3e-3
         and result["targets"] == ["q_proj"]
     )
