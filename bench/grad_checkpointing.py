@@ -44,7 +44,9 @@ def set_mode(model: torch.nn.Module, setup: str) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, setup: str) -> Callable[[], float]:
+def make_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, setup: str
+) -> Callable[[], float]:
     def step() -> float:
         set_mode(model, setup)
         loss = model(**batch).loss
@@ -81,7 +83,9 @@ def main() -> None:
 
     losses = {s: steps[s]() for s in SETUPS}  # also a warmup; the losses differ only by the updates between
     memory = {
-        s: statistics.median(common.peak_memory_bytes(steps[s], args.device) for _ in range(args.memory_repeats))
+        s: statistics.median(
+            common.peak_memory_bytes(steps[s], args.device) for _ in range(args.memory_repeats)
+        )
         for s in SETUPS
     }
     times = common.interleaved_times(steps, args.repeats, args.warmup, args.device)

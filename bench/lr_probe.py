@@ -36,13 +36,24 @@ from widelora.recommend.head import first_step_size
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "recommend_calibration.json"
-TASK = {"model": "minilm-l6", "dataset": "wikipedia", "targets": ["query", "value"], "rank": 8, "steps": 60,
-        "batch": 16, "seq": 128, "warmup": 0.06, "n_eval": 512}
+TASK = {
+    "model": "minilm-l6",
+    "dataset": "wikipedia",
+    "targets": ["query", "value"],
+    "rank": 8,
+    "steps": 60,
+    "batch": 16,
+    "seq": 128,
+    "warmup": 0.06,
+    "n_eval": 512,
+}
 
 
 def load(seed: int):
     tok = load_tokenizer(TASK["model"])
-    data = prepare(TASK["dataset"], tok, task="classification", seq_len=TASK["seq"], seed=seed, max_eval=TASK["n_eval"])
+    data = prepare(
+        TASK["dataset"], tok, task="classification", seq_len=TASK["seq"], seed=seed, max_eval=TASK["n_eval"]
+    )
     model, _ = load_model(TASK["model"], task="classification", num_labels=data.num_labels, seed=seed)
     return data, model
 
@@ -51,7 +62,7 @@ def order(data, seed: int) -> list[dict]:
     """The run's batches, in the run's order (the probe sees the first ones, as a user's loader would give)."""
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
     b = TASK["batch"]
-    return [data.collate([data.train[i] for i in perm[k * b:(k + 1) * b]]) for k in range(TASK["steps"])]
+    return [data.collate([data.train[i] for i in perm[k * b : (k + 1) * b]]) for k in range(TASK["steps"])]
 
 
 _RECS: dict[int, wl.Recommendation] = {}
@@ -66,8 +77,9 @@ def get_rec(model, batches, seed: int) -> wl.Recommendation:
 
 
 def _recommend(model, batches, seed: int) -> wl.Recommendation:
-    return wl.recommend(model, batches[:8], steps=TASK["steps"], targets=TASK["targets"], rank=TASK["rank"],
-                        seed=seed)
+    return wl.recommend(
+        model, batches[:8], steps=TASK["steps"], targets=TASK["targets"], rank=TASK["rank"], seed=seed
+    )
 
 
 def schedule(step: int) -> float:
@@ -121,9 +133,18 @@ def train_run(seed: int, lr: float, head_mode: str) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     acc, eval_loss = accuracy(model, data) if status == "done" else (math.nan, math.nan)
-    return {"kind": "grid" if head_mode == "probe" else "headA", "seed": seed, "lr": lr, "head_lr": head_lr,
-            "ratio": rec.ratio, "status": status, "accuracy": acc, "eval_loss": eval_loss,
-            "train_loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])), "probe_lr": rec.lr}
+    return {
+        "kind": "grid" if head_mode == "probe" else "headA",
+        "seed": seed,
+        "lr": lr,
+        "head_lr": head_lr,
+        "ratio": rec.ratio,
+        "status": status,
+        "accuracy": acc,
+        "eval_loss": eval_loss,
+        "train_loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "probe_lr": rec.lr,
+    }
 
 
 def probe_run(seed: int) -> dict:

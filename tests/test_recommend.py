@@ -66,7 +66,9 @@ def test_rank_alpha_scaling_defaults_and_user_values() -> None:
 def _curve(losses, out=None, za=None, lr0=1e-5, q=2.0):
     out = out or [None] * len(losses)
     za = za or [None] * len(losses)
-    return [Reading(k, lr0 * q**k, loss, o, z) for k, (loss, o, z) in enumerate(zip(losses, out, za, strict=True))]
+    return [
+        Reading(k, lr0 * q**k, loss, o, z) for k, (loss, o, z) in enumerate(zip(losses, out, za, strict=True))
+    ]
 
 
 def test_loss_rise_stops_and_the_edge_is_the_last_update_that_left_a_good_state() -> None:
@@ -128,9 +130,18 @@ def test_stop_rule_rejects_bad_thresholds() -> None:
 
 # ------------------------------------------------------------------------------------------- the object
 def _rec(**kw) -> Recommendation:
-    base = {"targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 8.0, "trainable": ["classifier"], "lr": 1e-3,
-            "ratio": 4.0, "head_lr": 5e-2, "width": 384, "steps": 60,
-            "reasons": {"lr": "probe edge 4e-3 / 4", "ratio": "width rule"}}
+    base = {
+        "targets": ["q_proj", "v_proj"],
+        "rank": 8,
+        "alpha": 8.0,
+        "trainable": ["classifier"],
+        "lr": 1e-3,
+        "ratio": 4.0,
+        "head_lr": 5e-2,
+        "width": 384,
+        "steps": 60,
+        "reasons": {"lr": "probe edge 4e-3 / 4", "ratio": "width rule"},
+    }
     base.update(kw)
     return Recommendation(**base)
 
@@ -143,8 +154,14 @@ def test_recommendation_round_trips_through_json() -> None:
 
 def test_recommendation_hands_out_attach_and_optimizer_kwargs() -> None:
     rec = _rec()
-    assert rec.attach_kwargs() == {"targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 8.0, "init": "init_a",
-                                   "scaling": "standard", "trainable": ["classifier"]}
+    assert rec.attach_kwargs() == {
+        "targets": ["q_proj", "v_proj"],
+        "rank": 8,
+        "alpha": 8.0,
+        "init": "init_a",
+        "scaling": "standard",
+        "trainable": ["classifier"],
+    }
     assert rec.optimizer_kwargs() == {"lr": 1e-3, "method": "loraplus", "ratio": 4.0, "head_lr": 5e-2}
     assert rec.run_config_overrides()["lr"] == 1e-3 and "head_lr" not in rec.run_config_overrides()
 
@@ -156,8 +173,9 @@ def test_table_prints_every_choice_with_its_reason() -> None:
     assert "probe edge 4e-3 / 4" in text and "width n = 384" in text
 
 
-@pytest.mark.parametrize(("key", "value"), [("lr", 0.0), ("lr", math.nan), ("ratio", -1.0), ("rank", 0),
-                                            ("head_lr", -1.0)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("lr", 0.0), ("lr", math.nan), ("ratio", -1.0), ("rank", 0), ("head_lr", -1.0)]
+)
 def test_recommendation_rejects_invalid_values(key, value) -> None:
     with pytest.raises(UserError, match=key):
         _rec(**{key: value})

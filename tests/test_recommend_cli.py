@@ -22,15 +22,47 @@ runner = CliRunner()
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("rec")
     rng = random.Random(1)
-    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind"]
-    (root / "c.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60)))
+    words = [
+        "to",
+        "be",
+        "or",
+        "not",
+        "that",
+        "is",
+        "the",
+        "question",
+        "whether",
+        "tis",
+        "nobler",
+        "in",
+        "mind",
+    ]
+    (root / "c.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60))
+    )
     tiny.save_tiny_folder(root / "llama", "llama")
     return root
 
 
 def _args(root, *extra):
-    return ["recommend", "--model", str(root / "llama"), "--dataset", str(root / "c.txt"), "--task", "causal_lm",
-            "--seq-len", "32", "--batch-size", "4", "--steps", "200", "--rank", "2", *extra]
+    return [
+        "recommend",
+        "--model",
+        str(root / "llama"),
+        "--dataset",
+        str(root / "c.txt"),
+        "--task",
+        "causal_lm",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "200",
+        "--rank",
+        "2",
+        *extra,
+    ]
 
 
 def test_cli_prints_every_choice_with_its_reason_and_the_probe(files) -> None:
@@ -59,8 +91,17 @@ def test_cli_names_a_folder_given_as_out(files, tmp_path) -> None:
 
 def test_attach_kwargs_and_optimizer_kwargs_build_the_recommended_run() -> None:
     model = tiny.tiny_bert_classifier()
-    rec = Recommendation(targets=["query", "value"], rank=4, alpha=4.0, trainable=["classifier"], lr=1e-3,
-                         ratio=3.0, head_lr=0.2, width=32, steps=10)
+    rec = Recommendation(
+        targets=["query", "value"],
+        rank=4,
+        alpha=4.0,
+        trainable=["classifier"],
+        lr=1e-3,
+        ratio=3.0,
+        head_lr=0.2,
+        width=32,
+        steps=10,
+    )
     wl.attach(model, **rec.attach_kwargs(), seed=0)
     assert {p.name.rsplit(".", 1)[-1] for p in lora_pairs(model)} == {"query", "value"}
     assert all(p.requires_grad for p in model.classifier.parameters())
@@ -84,8 +125,17 @@ def test_attach_and_create_optimizer_accept_the_object_itself() -> None:
     if "setup" not in inspect.signature(wl.attach).parameters:
         pytest.skip("widelora.attach does not take setup= yet")
     model = tiny.tiny_bert_classifier()
-    rec = Recommendation(targets=["query"], rank=2, alpha=2.0, trainable=["classifier"], lr=1e-3, ratio=2.0,
-                         head_lr=0.1, width=32, steps=10)
+    rec = Recommendation(
+        targets=["query"],
+        rank=2,
+        alpha=2.0,
+        trainable=["classifier"],
+        lr=1e-3,
+        ratio=2.0,
+        head_lr=0.1,
+        width=32,
+        steps=10,
+    )
     wl.attach(model, setup=rec, seed=0)
     opt = wl.create_optimizer(model, setup=rec)
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
@@ -97,9 +147,31 @@ def test_attach_and_create_optimizer_accept_the_object_itself() -> None:
 def test_finetune_auto_runs_with_the_probed_setup(files, tmp_path) -> None:
     """`widelora finetune --auto` (= setup: recommended) fills the run's setup seam from the probe."""
     out = tmp_path / "run"
-    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "c.txt"), "--targets",
-            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
-            "--no-progress", "--steps", "80", "--lr", "1e-4", "--out", str(out), "--auto"]
+    args = [
+        "finetune",
+        "--model",
+        str(files / "llama"),
+        "--dataset",
+        str(files / "c.txt"),
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "4",
+        "--no-progress",
+        "--steps",
+        "80",
+        "--lr",
+        "1e-4",
+        "--out",
+        str(out),
+        "--auto",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     setup = json.loads((out / "result.json").read_text())["setup"]
@@ -122,9 +194,31 @@ def test_an_epoch_based_auto_run_budgets_its_probe_by_its_real_length(files, tmp
         raise Stop
 
     monkeypatch.setattr(runconfig, "recommend_for_config", spy)
-    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "c.txt"), "--targets",
-            "q_proj,v_proj", "--rank", "2", "--seq-len", "32", "--batch-size", "2", "--eval-examples", "4",
-            "--no-progress", "--set", "steps=null", "--epochs", "1", "--out", str(tmp_path / "run"), "--auto"]
+    args = [
+        "finetune",
+        "--model",
+        str(files / "llama"),
+        "--dataset",
+        str(files / "c.txt"),
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "4",
+        "--no-progress",
+        "--set",
+        "steps=null",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--auto",
+    ]
     result = runner.invoke(app, args)
     assert isinstance(result.exception, Stop), result.output
     assert len(seen) == 1 and seen[0] is not None and 1 <= seen[0] < runconfig.ASSUMED_STEPS

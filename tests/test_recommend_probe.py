@@ -20,9 +20,14 @@ from widelora.testing.models import tiny_bert_classifier, tiny_llama
 
 def _class_batches(n: int = 4, rows: int = 8, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 60, (rows, 10), generator=g),
-             "attention_mask": torch.ones(rows, 10, dtype=torch.long),
-             "labels": torch.randint(0, 3, (rows,), generator=g)} for _ in range(n)]
+    return [
+        {
+            "input_ids": torch.randint(0, 60, (rows, 10), generator=g),
+            "attention_mask": torch.ones(rows, 10, dtype=torch.long),
+            "labels": torch.randint(0, 3, (rows,), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def _lm_batches(n: int = 2, rows: int = 4, seed: int = 0) -> list[dict]:

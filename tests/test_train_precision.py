@@ -131,7 +131,9 @@ def test_gradient_checkpointing_equals_the_fused_path(arch, monkeypatch):
     model = models.tiny_model(arch, task=task)
     targets = ["q_proj", "v_proj"] if arch == "llama" else ["query", "value"]
     wl.attach(model, targets=targets, rank=4, alpha=8, init="gaussian", seed=0)
-    wl.set_shared_input(model, False)  # counts per-layer fused calls; test_shared_input covers the stacked path
+    wl.set_shared_input(
+        model, False
+    )  # counts per-layer fused calls; test_shared_input covers the stacked path
     model.train()
     ids = torch.randint(4, 200, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

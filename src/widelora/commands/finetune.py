@@ -129,7 +129,10 @@ def finetune(
     list_presets: Annotated[bool, typer.Option("--list-presets", help="Print the presets and exit.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     auto: Annotated[
-        bool, typer.Option("--auto", help="widelora chooses init, ratio and learning rates (= --setup recommended).")
+        bool,
+        typer.Option(
+            "--auto", help="widelora chooses init, ratio and learning rates (= --setup recommended)."
+        ),
     ] = False,
     **flags: Any,
 ) -> None:

@@ -56,7 +56,9 @@ def recommend(
     `alpha`, `ratio`: the user's choice when given (the probe then measures the lr for that adapter).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise UserError(f"steps={steps!r} is not valid; pass the number of optimizer steps of the run to configure")
+        raise UserError(
+            f"steps={steps!r} is not valid; pass the number of optimizer steps of the run to configure"
+        )
     if not 0 < budget <= 0.5:
         raise UserError(f"budget={budget!r} is not valid; the probe's share of the run must be in (0, 0.5]")
     task = task or _infer_task(model)
@@ -70,20 +72,28 @@ def recommend(
         targets_out = sorted(set(targets_out))
         rank_out, alpha_out, scaling = existing[0].rank, existing[0].scale * existing[0].rank, "standard"
         widths = [p.fan_in for p in existing]
-        reasons.update({k: "already attached: probed as they are" for k in ("targets", "rank", "alpha", "scaling")})
+        reasons.update(
+            dict.fromkeys(("targets", "rank", "alpha", "scaling"), "already attached: probed as they are")
+        )
         reasons["init"] = "already attached (widelora recommends Init[A]: B = 0, A ~ N(0, 1/n))"
     else:
         from widelora.lora.attach import match_targets
 
         targets_out = targets if targets is not None else "all-linear"
-        reasons["targets"] = ("as given" if targets is not None else "every linear layer but the output head: "
-                              "the per-layer analysis holds for each; set targets, or use wl.place (PLoP) under a "
-                              "parameter budget")
+        reasons["targets"] = (
+            "as given"
+            if targets is not None
+            else "every linear layer but the output head: "
+            "the per-layer analysis holds for each; set targets, or use wl.place (PLoP) under a "
+            "parameter budget"
+        )
         rank_out, alpha_out, scaling, rank_reasons = rules.rank_alpha_scaling(rank, alpha)
         reasons.update(rank_reasons)
         widths = [linear_shape(model.get_submodule(n))[1] for n in match_targets(model, targets_out)]
-        reasons["init"] = ("Init[A] (B = 0, A ~ N(0, 1/n)): stable up to lr ~ n^-1/2 with efficient feature "
-                           "learning, where Init[B] is stable only to n^-1 and undertrains B (seed 001, Thm 1-2)")
+        reasons["init"] = (
+            "Init[A] (B = 0, A ~ N(0, 1/n)): stable up to lr ~ n^-1/2 with efficient feature "
+            "learning, where Init[B] is stable only to n^-1 and undertrains B (seed 001, Thm 1-2)"
+        )
     width = Counter(widths).most_common(1)[0][0]
     if ratio is None:
         ratio, reasons["ratio"] = rules.loraplus_ratio(width)
@@ -93,8 +103,19 @@ def recommend(
         ratio, reasons["ratio"] = float(ratio), "as given (the probe measures the edge with B at this ratio)"
     reasons["method"] = "LoRA+ (AdamW, lr_B = ratio · lr_A): one lr for A and B is inefficient at large width"
     heads = list(trainable) if trainable is not None else _heads(model, task)
-    rec = Recommendation(init="init_a", targets=targets_out, rank=rank_out, alpha=float(alpha_out), scaling=scaling,
-                         trainable=heads, method="loraplus", ratio=ratio, width=width, steps=steps, reasons=reasons)
+    rec = Recommendation(
+        init="init_a",
+        targets=targets_out,
+        rank=rank_out,
+        alpha=float(alpha_out),
+        scaling=scaling,
+        trainable=heads,
+        method="loraplus",
+        ratio=ratio,
+        width=width,
+        steps=steps,
+        reasons=reasons,
+    )
     if heads:
         reasons["trainable"] = "the fresh head is trained too (saved as modules_to_save)"
 
@@ -113,30 +134,59 @@ def recommend(
     head_module = _single_head(model, heads)
     # outer: flags, modes, RNG and the module surgery; inner: every trainable tensor the probe may move
     with preserved(model, tensors=False):
-        adapters = nullcontext() if existing else temporary_adapters(
-            model, targets=targets_out, rank=rank_out, alpha=alpha_out, init="init_a", scaling=scaling, seed=seed)
+        adapters = (
+            nullcontext()
+            if existing
+            else temporary_adapters(
+                model,
+                targets=targets_out,
+                rank=rank_out,
+                alpha=alpha_out,
+                init="init_a",
+                scaling=scaling,
+                seed=seed,
+            )
+        )
         with adapters, preserved(model):
-            result = range_test(model, batches, plan, ratio, loss_fn=loss_fn, rule=rule, head=head_module,
-                                capture_steps=max(2, plan.steps // 3) if head_module is not None else 0)
+            result = range_test(
+                model,
+                batches,
+                plan,
+                ratio,
+                loss_fn=loss_fn,
+                rule=rule,
+                head=head_module,
+                capture_steps=max(2, plan.steps // 3) if head_module is not None else 0,
+            )
     verdict = result.verdict
     factor, why = rules.edge_factor(width)
     rec.lr = verdict.edge_lr / factor
     summary = result.summary()
     summary["factor"] = factor
-    reasons["lr"] = (f"probe edge {verdict.edge_lr:.3g} ({verdict.reason}); {why}. Probe cost: "
-                     f"{summary['cost_steps']:.3g} training steps ({100 * summary['cost_fraction']:.1f} % of the run)")
+    reasons["lr"] = (
+        f"probe edge {verdict.edge_lr:.3g} ({verdict.reason}); {why}. Probe cost: "
+        f"{summary['cost_steps']:.3g} training steps ({100 * summary['cost_fraction']:.1f} % of the run)"
+    )
     if heads:
         if head_module is not None and result.head_inputs:
             eta, line = first_step_size(head_module, result.head_inputs)
             rec.head_lr = eta * rules.HEAD_STEP_MULTIPLIER
-            reasons["head_lr"] = (f"{rules.HEAD_STEP_MULTIPLIER:g} × {eta:.3g}, the best size of the head's first "
-                                  "Adam step on its cached input features: a fresh head learns a linear model from "
-                                  "scratch, it is not a small perturbation like the adapters")
-            summary["head"] = {"first_step": eta, "multiplier": rules.HEAD_STEP_MULTIPLIER, "line": line,
-                               "examples": sum(len(y) for _, y in result.head_inputs)}
+            reasons["head_lr"] = (
+                f"{rules.HEAD_STEP_MULTIPLIER:g} × {eta:.3g}, the best size of the head's first "
+                "Adam step on its cached input features: a fresh head learns a linear model from "
+                "scratch, it is not a small perturbation like the adapters"
+            )
+            summary["head"] = {
+                "first_step": eta,
+                "multiplier": rules.HEAD_STEP_MULTIPLIER,
+                "line": line,
+                "examples": sum(len(y) for _, y in result.head_inputs),
+            }
         else:
             rec.head_lr = rec.lr * ratio
-            reasons["head_lr"] = "B's rate (the head is an output-side matrix, like B); its input could not be cached"
+            reasons["head_lr"] = (
+                "B's rate (the head is an output-side matrix, like B); its input could not be cached"
+            )
     rec.probe = summary
     return rec
 

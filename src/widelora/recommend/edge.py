@@ -98,21 +98,34 @@ class StopRule:
             smoothed.append(s)
             why = self.bad(r, s, running_min, i)
             if why is not None:
-                if i <= 1:  # the start (or the first, smallest update) is already bad: the edge is below the range
-                    return Verdict(readings[0].lr, f"below range ({why})", r.step, min_lr, internal_lr, smoothed)
+                if (
+                    i <= 1
+                ):  # the start (or the first, smallest update) is already bad: the edge is below the range
+                    return Verdict(
+                        readings[0].lr, f"below range ({why})", r.step, min_lr, internal_lr, smoothed
+                    )
                 edge = readings[i - 2].lr
                 if why == "output instability":
-                    edge = self._crossing(readings[i - 2].lr, readings[i - 1].lr, readings[i - 1].out_ratio,
-                                          r.out_ratio, edge)
+                    edge = self._crossing(
+                        readings[i - 2].lr, readings[i - 1].lr, readings[i - 1].out_ratio, r.out_ratio, edge
+                    )
                 return Verdict(edge, why, r.step, min_lr, internal_lr, smoothed)
             if s < running_min:
                 running_min, min_lr = s, (readings[i - 1].lr if i else r.lr)
             if internal_lr is None and i and r.za_growth is not None and r.za_growth > self.internal_growth:
                 internal_lr = readings[i - 1].lr
-        return Verdict(readings[-2].lr if len(readings) > 1 else readings[0].lr, "not reached", None, min_lr,
-                       internal_lr, smoothed)
+        return Verdict(
+            readings[-2].lr if len(readings) > 1 else readings[0].lr,
+            "not reached",
+            None,
+            min_lr,
+            internal_lr,
+            smoothed,
+        )
 
-    def _crossing(self, lr_good: float, lr_bad: float, out_good: float | None, out_bad: float, default: float) -> float:
+    def _crossing(
+        self, lr_good: float, lr_bad: float, out_good: float | None, out_bad: float, default: float
+    ) -> float:
         """The lr at which |Z_B| / |W x|₀ crosses `output_ratio`, interpolated in log-log between the last good
         and the first bad reading (|Z_B| grows smoothly, about ∝ lr, so this beats the probe's grid resolution)."""
         if out_good is None or not out_good > 0 or not math.isfinite(out_bad) or out_bad <= out_good:

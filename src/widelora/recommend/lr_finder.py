@@ -65,7 +65,9 @@ def lr_finder(
     examples, avg, best = 0, 0.0, math.inf
     with preserved(model):
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = (make_optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)))(params, lrs[0])
+        opt = (make_optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)))(
+            params, lrs[0]
+        )
         stream = batch_stream(batches, size)
         model.train()
         for k, lr in enumerate(lrs):
@@ -97,7 +99,12 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
     if not points:
         raise ValueError("the LR finder recorded no finite loss")
     lr_min = min(points, key=lambda p: p[1])[0]
-    slopes = [((points[i + 1][1] - points[i][1]) / (math.log(points[i + 1][0]) - math.log(points[i][0])), points[i][0])
-              for i in range(len(points) - 1)]
+    slopes = [
+        (
+            (points[i + 1][1] - points[i][1]) / (math.log(points[i + 1][0]) - math.log(points[i][0])),
+            points[i][0],
+        )
+        for i in range(len(points) - 1)
+    ]
     lr_steep = min(slopes)[1] if slopes else lr_min
     return {"minimum": lr_min / 10, "steep": lr_steep, "steep_div10": lr_steep / 10}

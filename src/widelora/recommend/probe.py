@@ -60,8 +60,10 @@ class ProbePlan:
         return self.cost_steps / self.run_steps
 
     def describe(self) -> str:
-        return (f"{self.steps} probe steps × {self.batch_size} examples = {self.cost_steps:.3g} training steps "
-                f"({100 * self.cost_fraction:.1f} % of the {self.run_steps}-step run)")
+        return (
+            f"{self.steps} probe steps × {self.batch_size} examples = {self.cost_steps:.3g} training steps "
+            f"({100 * self.cost_fraction:.1f} % of the {self.run_steps}-step run)"
+        )
 
 
 def plan_probe(
@@ -158,13 +160,16 @@ def range_test(
             p.requires_grad_(False)
     for p in a_params + b_params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": a_params}, {"params": b_params}], lr=plan.lrs[0], betas=betas, eps=eps,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [{"params": a_params}, {"params": b_params}], lr=plan.lrs[0], betas=betas, eps=eps, weight_decay=0.0
+    )
     base_out: dict[str, float] = {}
     hooks = [p.module.register_forward_hook(_base_output_hook(p, base_out)) for p in pairs]
     captured: list[torch.Tensor] = []
     if head is not None and capture_steps > 0:
-        hooks.append(head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach().clone())))
+        hooks.append(
+            head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach().clone()))
+        )
     monitor = FeatureMonitor(model, every=1).attach()
     z_a0: dict[str, float] = {}
     readings: list[Reading] = []

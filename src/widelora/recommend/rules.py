@@ -77,8 +77,10 @@ def edge_factor(width: int) -> tuple[float, str]:
     optimum. So the factor is a constant, calibrated on the real task (MiniLM) against a learning-rate grid.
     """
     _check_width(width)
-    reason = (f"edge / {EDGE_FACTOR:g}: the optimum sits a width-independent factor below the edge (width study: "
-              "edge/optimum flat in n); the factor is calibrated on MiniLM topics against a learning-rate grid")
+    reason = (
+        f"edge / {EDGE_FACTOR:g}: the optimum sits a width-independent factor below the edge (width study: "
+        "edge/optimum flat in n); the factor is calibrated on MiniLM topics against a learning-rate grid"
+    )
     return EDGE_FACTOR, reason
 
 
@@ -100,12 +102,22 @@ def rank_alpha_scaling(rank: int | None, alpha: float | None) -> tuple[int, floa
         raise ValueError(f"rank={rank!r} is not valid; rank must be a positive integer")
     a = float(r) if alpha is None else float(alpha)
     reasons = {
-        "rank": ("as given" if rank is not None else f"{DEFAULT_RANK}: the papers' and PEFT's default; the theory "
-                 "holds r fixed as n grows, so rank is a capacity choice, not a stability one"),
-        "alpha": ("as given" if alpha is not None else "alpha = rank (scale s = 1): the probe measures the "
-                  "learning rate, so s would only rescale it"),
-        "scaling": ("standard s = alpha/r: with Adam's sign-like steps δ2 = s·ΔB·Z_A sums r aligned terms, so "
-                    "alpha/r keeps the per-step output change, and the stability edge, independent of rank"),
+        "rank": (
+            "as given"
+            if rank is not None
+            else f"{DEFAULT_RANK}: the papers' and PEFT's default; the theory "
+            "holds r fixed as n grows, so rank is a capacity choice, not a stability one"
+        ),
+        "alpha": (
+            "as given"
+            if alpha is not None
+            else "alpha = rank (scale s = 1): the probe measures the "
+            "learning rate, so s would only rescale it"
+        ),
+        "scaling": (
+            "standard s = alpha/r: with Adam's sign-like steps δ2 = s·ΔB·Z_A sums r aligned terms, so "
+            "alpha/r keeps the per-step output change, and the stability edge, independent of rank"
+        ),
     }
     return r, a, "standard", reasons
 

@@ -44,8 +44,18 @@ def recommend_for_config(
         from widelora.methods.plop import place
 
         targets = list(place(model, batches, progress=False).targets)
-    rec = recommend(model, batches, steps=total, task=cfg.task, batch_size=run_batch(cfg), targets=targets,
-                    rank=cfg.rank, alpha=cfg.alpha, trainable=list(cfg.trainable) or None, seed=cfg.seed)
+    rec = recommend(
+        model,
+        batches,
+        steps=total,
+        task=cfg.task,
+        batch_size=run_batch(cfg),
+        targets=targets,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        trainable=list(cfg.trainable) or None,
+        seed=cfg.seed,
+    )
     if not (steps or cfg.steps):
         rec.reasons["lr"] += f" (run length unknown: assumed {ASSUMED_STEPS} steps for the probe's budget)"
     return _agree_across_processes(rec)
@@ -72,5 +82,6 @@ def recommended_setup(cfg: Any, model: nn.Module, batches: list[dict], steps: in
     rec = recommend_for_config(cfg, model, batches, steps=steps)
     if int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "progress", False):
         print(rec.table(), flush=True)
-    return SetupChoice(targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio,
-                       head_lr=rec.head_lr)
+    return SetupChoice(
+        targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio, head_lr=rec.head_lr
+    )

@@ -20,7 +20,18 @@ from widelora.errors import UserError
 ATTACH_KEYS = ("targets", "rank", "alpha", "init", "scaling", "trainable")
 OPTIMIZER_KEYS = ("lr", "method", "ratio", "head_lr")
 #: Order of the rows of `table()`.
-_TABLE_ORDER = ("init", "targets", "rank", "alpha", "scaling", "method", "ratio", "lr", "head_lr", "trainable")
+_TABLE_ORDER = (
+    "init",
+    "targets",
+    "rank",
+    "alpha",
+    "scaling",
+    "method",
+    "ratio",
+    "lr",
+    "head_lr",
+    "trainable",
+)
 
 
 @dataclass
@@ -51,10 +62,19 @@ class Recommendation:
     def __post_init__(self) -> None:
         for name in ("lr", "ratio", "alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise UserError(f"Recommendation.{name}={value!r} is not valid; it must be a positive finite number")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise UserError(
+                    f"Recommendation.{name}={value!r} is not valid; it must be a positive finite number"
+                )
         if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and self.head_lr > 0):
-            raise UserError(f"Recommendation.head_lr={self.head_lr!r} is not valid; a positive number or None")
+            raise UserError(
+                f"Recommendation.head_lr={self.head_lr!r} is not valid; a positive number or None"
+            )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise UserError(f"Recommendation.rank={self.rank!r} is not valid; it must be a positive integer")
 
@@ -120,4 +140,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) if value else "-"
     return "-" if value is None else str(value)
-

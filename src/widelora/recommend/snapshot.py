@@ -30,7 +30,9 @@ class ModelSnapshot:
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad] if tensors else []
         self.params = {id(p): (p, p.detach().clone()) for p in trainable}
-        self.grads = {id(p): (p, None if p.grad is None else p.grad.detach().clone()) for p, _ in self.params.values()}
+        self.grads = {
+            id(p): (p, None if p.grad is None else p.grad.detach().clone()) for p, _ in self.params.values()
+        }
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.modes = [(m, m.training) for m in model.modules()]

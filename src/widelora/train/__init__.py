@@ -82,7 +82,7 @@ def run_trial(
         return train(config, run_dir, on_metrics=on_metrics, resume=True, keep_loaded=True)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # noqa: BLE001  a sweep must see a status, not a traceback
+    except Exception as exc:
         result = {
             "status": "failed",
             "final": {},

@@ -156,7 +156,9 @@ class RunConfig:
     text_field: str = option("text", "Text column/field of a user file ('a,b' joins fields).", text)
     label_field: str = option("label", "Label column/field of a user file.", text)
     packing: bool = option(
-        False, "Chat data (.jsonl with messages or prompt/completion): pack conversations into full blocks.", flag
+        False,
+        "Chat data (.jsonl with messages or prompt/completion): pack conversations into full blocks.",
+        flag,
     )
     # the adapter
     targets: list[str] | str = field(

@@ -59,9 +59,12 @@ def _evaluation_setup(name: str) -> SetupFn:
     return run
 
 
-SETUPS: dict[str, SetupFn] = {"manual": manual, "recommended": recommended,
-                              "recommended_tuned": _evaluation_setup("recommended_tuned"),
-                              "lr_finder": _evaluation_setup("lr_finder")}
+SETUPS: dict[str, SetupFn] = {
+    "manual": manual,
+    "recommended": recommended,
+    "recommended_tuned": _evaluation_setup("recommended_tuned"),
+    "lr_finder": _evaluation_setup("lr_finder"),
+}
 
 
 def choose_setup(cfg: RunConfig, model: nn.Module, batches: list[dict], steps: int) -> SetupChoice:
