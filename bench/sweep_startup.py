@@ -70,7 +70,7 @@ def startup_seconds(spec_dict: dict, repeats: int) -> dict[str, list[float]]:
     from widelora.train.distributed import Processes
     from widelora.train.run import build_run
 
-    config = {k: v for k, v in spec_dict["base"].items()} | {"init": "init_a", "lr": 3.2e-3, "seed": 0}
+    config = dict(spec_dict["base"]) | {"init": "init_a", "lr": 3.2e-3, "seed": 0}
     cfg: RunConfig = build_config(overrides=config)
     procs = Processes.start("cpu")
     kept = startup.StartupCache()

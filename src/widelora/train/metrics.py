@@ -34,7 +34,7 @@ def read_rows(path: Path) -> list[dict]:
                 break
             raise FileProblem(
                 path, f"line {number} is not a metrics row ({exc})", "repair or delete the line"
-            )
+            ) from exc
         rows.append(row)
     return rows
 
