@@ -89,7 +89,8 @@ def test_output_instability_stops_before_the_loss_moves() -> None:
     readings = _curve([2.4, 2.3, 2.2, 2.1, 2.0, 1.9], out=[0.0, 0.01, 0.1, 0.5, 1.5, 3.0])
     v = StopRule().scan(readings)
     assert (v.reason, v.stop_step) == ("output instability", 4)
-    # |Z_B|/|Wx| went 0.5 -> 1.5 between the updates at lr[2] and lr[3] (a factor 2 apart): crossing at 2^(ln2/ln3)
+    # |Z_B|/|Wx| went 0.5 -> 1.5 between the updates at lr[2] and lr[3] (a factor 2 apart): crossing at
+    # 2^(ln2/ln3)
     assert v.edge_lr == pytest.approx(readings[2].lr * 2 ** (math.log(2) / math.log(3)))
 
 
@@ -186,7 +187,8 @@ def test_from_dict_names_unknown_keys() -> None:
         Recommendation.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
 
 
-# ------------------------------------------------------------------------------------- the fastai-style baseline
+# ------------------------------------------------------------------------------------- the fastai-style
+# baseline
 def test_fastai_suggestions_on_a_synthetic_curve() -> None:
     from widelora.recommend.lr_finder import suggest
 

@@ -35,12 +35,14 @@ WIDTH_ANCHOR = 4096
 #: Bounds: below 1 LoRA+ would slow B below A (never what the theory asks); above 64 nobody has measured.
 RATIO_BOUNDS = (1.0, 64.0)
 #: lr = edge / this; width-independent (see `edge_factor`). MiniLM-L6 topics, 60 steps: probe edge 1.46e-2 /
-#: grid-best lr 4e-3 = 3.65 (grid 1e-3..1.6e-2: 84.6 / 85.2 / 85.7 / 79.5 / 20.3 %; docs/results/recommend.md).
+#: grid-best lr 4e-3 = 3.65 (grid 1e-3..1.6e-2: 84.6 / 85.2 / 85.7 / 79.5 / 20.3 %;
+#: docs/results/recommend.md).
 EDGE_FACTOR = 4.0
 #: The width of the calibration task (MiniLM-L6 hidden size).
 CALIBRATION_WIDTH = 384
 #: head lr = this × η₁, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached
-#: features (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM topics
+#: features (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM
+#: topics
 #: (best head lr / η₁ = 1.9 and 7.9 on two seeds, flat top between: 2 is its conservative end; +18.9 points
 #: over the head at lr_A in the full run).
 HEAD_STEP_MULTIPLIER = 2.0
