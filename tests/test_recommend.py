@@ -187,8 +187,7 @@ def test_from_dict_names_unknown_keys() -> None:
         Recommendation.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
 
 
-# ------------------------------------------------------------------------------------- the fastai-style
-# baseline
+# --------------------------------------------------------------------------------- the fastai-style baseline
 def test_fastai_suggestions_on_a_synthetic_curve() -> None:
     from widelora.recommend.lr_finder import suggest
 

@@ -453,8 +453,7 @@ def test_run_config_is_json_round_trippable():
     assert not math.isnan(cfg.lr)
 
 
-# ------------------------------------------------------------------------------------------------- real
-# models
+# ----------------------------------------------------------------------------------------------- real models
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "cfg",

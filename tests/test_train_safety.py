@@ -265,8 +265,7 @@ def test_a_damaged_middle_metrics_line_is_named(files, tmp_path):
         train(cfg(files), run_dir)
 
 
-# ------------------------------------------------------------------------------------------------- file
-# errors
+# ----------------------------------------------------------------------------------------------- file errors
 @pytest.mark.parametrize("error,words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")])
 def test_file_errors_during_a_run_name_the_path(files, tmp_path, error, words):
     run_dir = tmp_path / "run"
