@@ -42,8 +42,8 @@ EDGE_FACTOR = 4.0
 CALIBRATION_WIDTH = 384
 #: head lr = this × η₁, η₁ = the loss-minimizing size of the head's first (sign-like) Adam step on cached
 #: features (widelora.recommend.head); calibrated by head-only training over the run's schedule on MiniLM
-#: topics (best head lr / η₁ = 1.9 and 7.9 on two seeds, flat top between: 2 is its conservative end; +18.9 points
-#: over the head at lr_A in the full run).
+#: topics (best head lr / η₁ = 1.9 and 7.9 on two seeds, flat top between: 2 is its conservative end;
+#: +18.9 points over the head at lr_A in the full run).
 HEAD_STEP_MULTIPLIER = 2.0
 #: Used only when no probe can run: the base lr at the calibration width (MiniLM topics, grid-best Init[A] lr
 #: 1.16e-2 with one lr for A and B, halved as LoRA+ advises), scaled with the measured exponent.
