@@ -196,3 +196,39 @@ def test_fastai_suggestions_on_a_synthetic_curve() -> None:
     s = suggest(lrs, smoothed)
     assert s["minimum"] == pytest.approx(1e-3) and s["steep"] == pytest.approx(1e-4)
     assert s["steep_div10"] == pytest.approx(1e-5)
+
+
+# ------------------------------------------------------------------------------- the reference-loss (function) edge
+def _ref_curve(losses, refs, lr0=1e-5, q=2.0):
+    return [
+        Reading(k, lr0 * q**k, loss, None, None, ref)
+        for k, (loss, ref) in enumerate(zip(losses, refs, strict=True))
+    ]
+
+
+def test_reference_loss_rise_stops_where_a_step_first_made_the_fixed_batch_worse() -> None:
+    """A noisy training loss says nothing here; the reference curve falls, then turns up by more than 1 %."""
+    losses = [3.6, 2.8, 4.1, 3.2, 3.9, 2.7, 3.5, 3.3, 3.4]
+    refs = [3.44, 3.43, 3.40, 3.33, 3.21, 3.16, 3.39, 3.84, 11.4]
+    v = StopRule().scan(_ref_curve(losses, refs))
+    assert (v.reason, v.stop_step) == ("reference-loss rise", 6)
+    assert v.edge_lr == pytest.approx(
+        1e-5 * 2**4
+    )  # reading 6 came from the update at lr[5]: lr[4] was the last good
+    assert rules.edge_factor(64, v.reason)[0] == rules.LOSS_EDGE_FACTOR == 2.0
+    assert rules.edge_factor(64, "output instability")[0] == rules.EDGE_FACTOR
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 0.5), min_size=3, max_size=15), st.floats(1.0, 10.0))
+def test_a_falling_reference_curve_never_stops_the_probe(drops: list[float], start: float) -> None:
+    refs = [start]
+    for d in drops:
+        refs.append(refs[-1] * (1.0 - 0.1 * d))  # never rises
+    v = StopRule().scan(_ref_curve([2.0] * len(refs), refs))
+    assert v.reason == "not reached"
+
+
+def test_a_rise_within_the_tolerance_is_not_an_edge() -> None:
+    v = StopRule().scan(_ref_curve([2.0] * 5, [3.0, 2.9, 2.8, 2.82, 2.7]))  # +0.7 % < 1 %
+    assert v.reason == "not reached"

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import widelora as wl
 from widelora.lora.layer import LoRALinear
-from widelora.recommend import recommend
+from widelora.recommend import recommend, rules
 from widelora.recommend.head import first_step_size
-from widelora.recommend.probe import plan_probe, range_test
+from widelora.recommend.probe import plan_probe, range_test, split_reference
 from widelora.recommend.snapshot import ModelSnapshot, preserved
 from widelora.testing.models import tiny_bert_classifier, tiny_llama
 
@@ -158,10 +158,8 @@ def test_a_non_finite_loss_stops_the_probe_at_that_step() -> None:
 
 
 def test_recommend_learning_rate_is_the_edge_over_the_width_factor() -> None:
-    from widelora.recommend import rules
-
     rec = recommend(tiny_llama(), _lm_batches(), steps=200, targets=["q_proj", "v_proj"])
-    factor = rules.edge_factor(rec.width)[0]
+    factor = rules.edge_factor(rec.width, rec.probe["reason"])[0]
     assert rec.lr == pytest.approx(rec.probe["edge_lr"] / factor)
     assert rec.ratio == rules.loraplus_ratio(32)[0] and rec.width == 32
 
@@ -215,3 +213,61 @@ def test_lr_finder_stops_on_divergence_and_restores_the_model() -> None:
     assert len(result.lrs) == 30 and result.examples == 30 * 4
     assert result.suggestions["minimum"] < result.lrs[-1]
     assert _same(before, _state(model))
+
+
+# ------------------------------------------------------------------------------------ the reference batch (v2)
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 256), st.floats(0.01, 0.5), st.integers(0, 8))
+def test_the_probe_with_a_reference_batch_stays_within_its_budget(
+    run_steps: int, run_batch: int, budget: float, ref: int
+) -> None:
+    plan = plan_probe(run_steps, run_batch, budget=budget, reference_rows=ref)
+    if plan is not None:
+        assert plan.cost_steps <= budget * run_steps + 1e-9
+        assert plan.steps >= 6 and 1 <= plan.batch_size <= run_batch and plan.reference_rows == ref
+
+
+def test_the_smollm2_protocol_buys_16_steps_of_1_row_plus_a_4_row_reference() -> None:
+    plan = plan_probe(48, 8, reference_rows=4)
+    assert (plan.steps, plan.batch_size) == (16, 1)
+    assert plan.cost_fraction == pytest.approx(16 * (1 + 4 / 3) / (48 * 8)) and plan.cost_fraction <= 0.10
+
+
+def test_split_reference_takes_the_first_rows_out_of_the_range_test() -> None:
+    batches = _lm_batches(n=2, rows=4)
+    ref, rest = split_reference(batches, 3)
+    assert torch.equal(ref["input_ids"], batches[0]["input_ids"][:3])
+    assert [b["input_ids"].shape[0] for b in rest] == [1, 4]
+    assert split_reference(batches, 9) == (None, batches)  # too few rows to spare: no reference
+
+
+def test_without_a_fresh_head_the_probe_reads_the_reference_loss_and_records_its_version() -> None:
+    rec = recommend(tiny_llama(), _lm_batches(n=4, rows=8), steps=400, targets=["q_proj", "v_proj"])
+    refs = [r["ref_loss"] for r in rec.probe["curve"]]
+    assert all(r is not None and math.isfinite(r) for r in refs)
+    assert rec.probe["version"].startswith("v2") and rec.probe["cost_fraction"] <= 0.10 + 1e-9
+    factor = rules.edge_factor(rec.width, rec.probe["reason"])[0]
+    assert rec.lr == pytest.approx(rec.probe["edge_lr"] / factor)
+    cls = recommend(tiny_bert_classifier(), _class_batches(), steps=100)
+    assert all(
+        r["ref_loss"] is None for r in cls.probe["curve"]
+    )  # a fresh head: the loss is a random classifier's
+
+
+def test_a_rising_reference_loss_sets_the_lr_to_half_its_edge() -> None:
+    """Deterministic: the reference loss (eval mode) falls for 5 readings, then jumps; training is untouched."""
+    model = tiny_llama()
+    calls = {"ref": 0}
+
+    def loss_fn(m, batch):
+        loss = m(**batch).loss
+        if m.training:
+            return loss
+        calls["ref"] += 1
+        return loss * 0.0 + (3.0 - 0.1 * calls["ref"] if calls["ref"] <= 5 else 9.0)
+
+    rec = recommend(model, _lm_batches(n=4, rows=8), steps=400, targets=["q_proj", "v_proj"], loss_fn=loss_fn)
+    lrs = [r["lr"] for r in rec.probe["curve"]]
+    assert rec.probe["reason"] == "reference-loss rise" and rec.probe["stop_step"] == 5
+    assert rec.probe["edge_lr"] == pytest.approx(lrs[3])
+    assert rec.lr == pytest.approx(lrs[3] / 2.0)

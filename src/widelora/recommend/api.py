@@ -20,7 +20,15 @@ from widelora.lora.pairs import lora_pairs
 from widelora.recommend import rules
 from widelora.recommend.edge import StopRule
 from widelora.recommend.head import first_step_size
-from widelora.recommend.probe import LossFn, hf_loss, plan_probe, range_test
+from widelora.recommend.probe import (
+    PROBE_VERSION,
+    REFERENCE_ROWS,
+    LossFn,
+    hf_loss,
+    plan_probe,
+    range_test,
+    split_reference,
+)
 from widelora.recommend.setup import Recommendation
 from widelora.recommend.snapshot import preserved, temporary_adapters
 
@@ -120,10 +128,21 @@ def recommend(
         reasons["trainable"] = "the fresh head is trained too (saved as modules_to_save)"
 
     plan = None
+    reference = None
     if probe and batches:
         first = next((v for v in batches[0].values() if hasattr(v, "shape")), None)
         run_batch = batch_size or (int(first.shape[0]) if first is not None else 1)
-        plan = plan_probe(steps, run_batch, budget=budget)
+        if not heads:  # the loss is the model's own objective: read it on a fixed reference batch too
+            reference, rest = split_reference(batches, REFERENCE_ROWS)
+            plan = (
+                plan_probe(steps, run_batch, budget=budget, reference_rows=REFERENCE_ROWS) if rest else None
+            )
+            if reference is not None and plan is not None:
+                batches = rest
+            else:
+                reference = None
+        if plan is None:
+            plan = plan_probe(steps, run_batch, budget=budget)
     if plan is None:
         rec.lr, reasons["lr"] = rules.fallback_lr(width)
         if heads:
@@ -157,12 +176,14 @@ def recommend(
                 rule=rule,
                 head=head_module,
                 capture_steps=max(2, plan.steps // 3) if head_module is not None else 0,
+                reference=reference,
             )
     verdict = result.verdict
-    factor, why = rules.edge_factor(width)
+    factor, why = rules.edge_factor(width, verdict.reason)
     rec.lr = verdict.edge_lr / factor
     summary = result.summary()
     summary["factor"] = factor
+    summary["version"] = PROBE_VERSION
     reasons["lr"] = (
         f"probe edge {verdict.edge_lr:.3g} ({verdict.reason}); {why}. Probe cost: "
         f"{summary['cost_steps']:.3g} training steps ({100 * summary['cost_fraction']:.1f} % of the run)"

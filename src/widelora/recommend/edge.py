@@ -10,6 +10,10 @@ A state is bad when any of these holds (the first one found names the reason):
 - **output instability** (seed 001, Definition 3: Z_B must stay O(1)): some adapter's output |Z_B| exceeds
   `output_ratio` × the norm of the pretrained layer's own output |W x| at the probe's start. At ratio 1 the
   adapter no longer perturbs the layer, it replaces it — the finite-width form of Z_B blowing up;
+- **reference-loss rise** (the function edge): the loss on the probe's fixed reference batch (read only when the
+  loss is the model's own objective, widelora.recommend.probe) exceeds (1 + `ref_rise`) × its running minimum.
+  Its curve has no batch noise: it falls while each update helps and turns up once a step overshoots — for a
+  quadratic with curvature λ, past a step of 2/λ, where the best constant step is 1/λ (hence lr = edge / 2);
 - **loss rise**: the exponentially smoothed loss exceeds (1 + `rise`) × its running minimum, after
   `warmup_readings` readings (so a noisy first batch cannot stop the probe).
 
@@ -28,7 +32,7 @@ class Reading:
     """One probe step: the lr of the update that *follows* it, the loss of its forward, and monitor values.
 
     `out_ratio`: max over layers of |Z_B| / |W x|₀ (None when no monitor); `za_growth`: mean over layers of
-    |Z_A| / |Z_A|₀ (None when no monitor).
+    |Z_A| / |Z_A|₀ (None when no monitor); `ref_loss`: the reference batch's loss (None when not read).
     """
 
     step: int
@@ -36,6 +40,7 @@ class Reading:
     loss: float
     out_ratio: float | None = None
     za_growth: float | None = None
+    ref_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class Verdict:
     """What the rule found: the edge, why the probe stopped, and the curve's landmarks."""
 
     edge_lr: float
-    reason: str  # non-finite | output instability | loss rise | not reached | below range (...)
+    reason: (
+        str  # non-finite | output instability | reference-loss rise | loss rise | not reached | below range
+    )
     stop_step: int | None
     min_loss_lr: float
     internal_lr: float | None
@@ -62,6 +69,7 @@ class StopRule:
     warmup_readings: int = 3
     output_ratio: float = 1.0
     internal_growth: float = 2.0
+    ref_rise: float = 0.01
 
     def __post_init__(self) -> None:
         if not (self.rise > 0 and math.isfinite(self.rise)):
@@ -72,14 +80,20 @@ class StopRule:
             raise ValueError(f"warmup_readings={self.warmup_readings!r} must be an int >= 1")
         if not self.output_ratio > 0 or not self.internal_growth > 1:
             raise ValueError("output_ratio must be > 0 and internal_growth > 1")
+        if not (self.ref_rise > 0 and math.isfinite(self.ref_rise)):
+            raise ValueError(f"ref_rise={self.ref_rise!r} must be a positive number")
 
-    def bad(self, reading: Reading, smoothed: float, running_min: float, index: int) -> str | None:
+    def bad(
+        self, reading: Reading, smoothed: float, running_min: float, index: int, ref_min: float = math.inf
+    ) -> str | None:
         """Why the state of `reading` is past the edge, or None when it is fine."""
-        values = [reading.loss, reading.out_ratio, reading.za_growth]
+        values = [reading.loss, reading.out_ratio, reading.za_growth, reading.ref_loss]
         if any(v is not None and not math.isfinite(v) for v in values):
             return "non-finite"
         if reading.out_ratio is not None and reading.out_ratio > self.output_ratio:
             return "output instability"
+        if reading.ref_loss is not None and reading.ref_loss > (1.0 + self.ref_rise) * ref_min:
+            return "reference-loss rise"
         if index >= self.warmup_readings and smoothed > (1.0 + self.rise) * running_min:
             return "loss rise"
         return None
@@ -89,14 +103,14 @@ class StopRule:
         if not readings:
             raise ValueError("the probe produced no readings")
         smoothed: list[float] = []
-        running_min = math.inf
+        running_min = ref_min = math.inf
         min_lr = readings[0].lr
         internal_lr = None
         for i, r in enumerate(readings):
             prev = smoothed[-1] if smoothed else r.loss
             s = self.smoothing * prev + (1.0 - self.smoothing) * r.loss if math.isfinite(r.loss) else r.loss
             smoothed.append(s)
-            why = self.bad(r, s, running_min, i)
+            why = self.bad(r, s, running_min, i, ref_min)
             if why is not None:
                 if (
                     i <= 1
@@ -112,6 +126,8 @@ class StopRule:
                 return Verdict(edge, why, r.step, min_lr, internal_lr, smoothed)
             if s < running_min:
                 running_min, min_lr = s, (readings[i - 1].lr if i else r.lr)
+            if r.ref_loss is not None:
+                ref_min = min(ref_min, r.ref_loss)
             if internal_lr is None and i and r.za_growth is not None and r.za_growth > self.internal_growth:
                 internal_lr = readings[i - 1].lr
         return Verdict(

@@ -15,6 +15,12 @@ probe batches see the same edge at the price of a noisier loss (smoothed by the 
 A fresh head (a trainable module that is not an adapter) is frozen during the range test: its edge is found
 separately (widelora.recommend.head) on its input features, cached from the first probe steps, where the
 adapters have barely moved (B = 0 at step 0 exactly).
+
+Without a fresh head the loss *is* the pretrained model's own objective, and the probe also reads it on a small
+reference batch held out of the range test (the same rows at every step, in eval mode): a curve free of batch
+noise whose first rise marks the step size past which an update makes the model worse (the function edge). A
+forward-only reference row costs about a third of a training row, and that is counted in the budget. With a
+fresh head the loss measures a random classifier, not the features, so only the feature edge is read.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ from widelora.recommend.rules import geometric_lrs
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 PROBE_STEPS = 16
 LR_RANGE = (1e-5, 1e-1)  # Adam on LoRA: every edge measured so far (widths 128-8192) lies well inside
+#: Rows of the reference batch (when the loss is the model's own objective): 1 row was too noisy on SmolLM2
+#: (edges 2.5e-3 ... 1.6e-2 over 3 seeds), 4 rows gave the same edge on all 3 seeds (docs/results/recommend.md).
+REFERENCE_ROWS = 4
+#: Cost of a forward-only row relative to a training row (forward + backward ≈ 3 forwards).
+FORWARD_COST = 1.0 / 3.0
+#: Recorded with every recommendation, so results of different probes are never pooled.
+PROBE_VERSION = "v2 (feature edge / 8; reference-loss edge / 2)"
 
 
 def hf_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -50,19 +63,21 @@ class ProbePlan:
     run_steps: int
     run_batch: int
     lrs: list[float] = field(default_factory=list)
+    reference_rows: int = 0
 
     @property
     def cost_steps(self) -> float:
-        return self.steps * self.batch_size / self.run_batch
+        return self.steps * (self.batch_size + self.reference_rows * FORWARD_COST) / self.run_batch
 
     @property
     def cost_fraction(self) -> float:
         return self.cost_steps / self.run_steps
 
     def describe(self) -> str:
+        ref = f" (+ a {self.reference_rows}-row reference forward each)" if self.reference_rows else ""
         return (
-            f"{self.steps} probe steps × {self.batch_size} examples = {self.cost_steps:.3g} training steps "
-            f"({100 * self.cost_fraction:.1f} % of the {self.run_steps}-step run)"
+            f"{self.steps} probe steps × {self.batch_size} examples{ref} = {self.cost_steps:.3g} training "
+            f"steps ({100 * self.cost_fraction:.1f} % of the {self.run_steps}-step run)"
         )
 
 
@@ -74,25 +89,35 @@ def plan_probe(
     min_steps: int = 6,
     min_batch: int = 2,
     lr_range: tuple[float, float] = LR_RANGE,
+    reference_rows: int = 0,
 ) -> ProbePlan | None:
     """The probe that fits in `budget` × the run (in examples), or None when not even `min_steps` fit.
 
-    Fixed step count first (batch shrinks to fit); below `min_batch` examples per step, fewer steps.
+    Fixed step count first (batch shrinks to fit); below `min_batch` examples per step, fewer steps. A
+    reference batch of `reference_rows` rows, read at every step, is paid for first (at FORWARD_COST per row);
+    it may take the training batch down to 1 row, since the reference curve, not the training loss, is then
+    what the rule reads for the loss.
     """
     for name, v in (("run_steps", run_steps), ("run_batch", run_batch), ("steps", steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}={v!r} must be a positive integer")
+    if isinstance(reference_rows, bool) or not isinstance(reference_rows, int) or reference_rows < 0:
+        raise ValueError(f"reference_rows={reference_rows!r} must be an integer >= 0")
     if not 0 < budget <= 1:
         raise ValueError(f"budget={budget!r} must be a fraction in (0, 1]")
-    examples = math.floor(budget * run_steps * run_batch + 1e-9)
-    batch = min(run_batch, examples // steps)
+    examples = budget * run_steps * run_batch + 1e-9
+    ref = reference_rows * FORWARD_COST
+    if reference_rows:
+        min_batch = 1
+    batch = min(run_batch, math.floor(examples / steps - ref))
     count = steps
     if batch < min_batch:
         batch = min(min_batch, run_batch)
-        count = min(steps, examples // batch)
+        count = min(steps, math.floor(examples / (batch + ref)))
     if count < min_steps:
         return None
-    return ProbePlan(count, batch, run_steps, run_batch, geometric_lrs(lr_range[0], lr_range[1], count))
+    lrs = geometric_lrs(lr_range[0], lr_range[1], count)
+    return ProbePlan(count, batch, run_steps, run_batch, lrs, reference_rows)
 
 
 def batch_stream(batches: Iterable[dict], size: int) -> Iterator[dict]:
@@ -148,8 +173,12 @@ def range_test(
     capture_steps: int = 0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    reference: dict | None = None,
 ) -> ProbeResult:
-    """Run the range test *in place* (callers wrap it in `widelora.recommend.snapshot.preserved`)."""
+    """Run the range test *in place* (callers wrap it in `widelora.recommend.snapshot.preserved`).
+
+    `reference`: a batch kept out of the range test whose loss is read before every step (module docstring).
+    """
     rule = rule or StopRule()
     pairs = require_pairs(model)
     a_params = [p.A for p in pairs]
@@ -175,10 +204,14 @@ def range_test(
     readings: list[Reading] = []
     head_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     stream = batch_stream(batches, plan.batch_size)
-    examples = 0
+    examples = 0.0
     model.train()
     try:
         for k, lr in enumerate(plan.lrs):
+            ref_loss = None
+            if reference is not None:
+                ref_loss = _reference_loss(model, reference, loss_fn)
+                examples += _rows(reference) * FORWARD_COST
             batch = next(stream)
             examples += _rows(batch)
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr, lr * ratio
@@ -193,7 +226,9 @@ def range_test(
                 opt.step()
             opt.zero_grad(set_to_none=True)
             records = monitor.step(k)
-            readings.append(Reading(k, lr, value, *_monitor_values(records, base_out, z_a0)))
+            readings.append(
+                Reading(k, lr, value, *_monitor_values(records, base_out, z_a0), ref_loss=ref_loss)
+            )
             if rule.scan(readings).stop_step is not None:
                 break
     finally:
@@ -201,6 +236,30 @@ def range_test(
         for h in hooks:
             h.remove()
     return ProbeResult(plan, readings, rule.scan(readings), examples, head_inputs)
+
+
+def _reference_loss(model: nn.Module, batch: dict, loss_fn: LossFn) -> float:
+    """The loss on the reference batch in eval mode (no dropout noise), the model left in train mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(loss_fn(model, batch).detach())
+    finally:
+        model.train()
+
+
+def split_reference(batches: list[dict], rows: int) -> tuple[dict | None, list[dict]]:
+    """The first `rows` rows of the batches as the reference batch, and the rest for the range test; (None,
+    batches) when they hold too few rows to spare any."""
+    total = sum(_rows(b) for b in batches)
+    if rows <= 0 or total <= rows:
+        return None, batches
+    first = batches[0]
+    if _rows(first) < rows:
+        return None, batches
+    ref = {k: v[:rows] if torch.is_tensor(v) else v for k, v in first.items()}
+    rest = {k: v[rows:] if torch.is_tensor(v) else v for k, v in first.items()}
+    return ref, ([rest] if _rows(first) > rows else []) + list(batches[1:])
 
 
 def _base_output_hook(pair, store: dict[str, float]):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from widelora.recommend.api import recommend
-from widelora.recommend.probe import PROBE_STEPS, plan_probe
+from widelora.recommend.probe import PROBE_STEPS, REFERENCE_ROWS, plan_probe
 from widelora.recommend.setup import Recommendation
 
 #: Run length assumed when a config gives epochs instead of steps and the caller cannot count them.
@@ -31,7 +31,11 @@ def run_batch(cfg: Any) -> int:
 def batches_needed(steps: int, batch: int) -> int:
     """How many run batches the probe will read (it cycles through them if given fewer)."""
     plan = plan_probe(steps, batch)
-    return 1 if plan is None else min(PROBE_STEPS, math.ceil(plan.steps * plan.batch_size / batch))
+    if plan is None:
+        return 1
+    return min(PROBE_STEPS, math.ceil(plan.steps * plan.batch_size / batch)) + math.ceil(
+        REFERENCE_ROWS / batch
+    )
 
 
 def recommend_for_config(
