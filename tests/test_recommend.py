@@ -232,3 +232,9 @@ def test_a_falling_reference_curve_never_stops_the_probe(drops: list[float], sta
 def test_a_rise_within_the_tolerance_is_not_an_edge() -> None:
     v = StopRule().scan(_ref_curve([2.0] * 5, [3.0, 2.9, 2.8, 2.82, 2.7]))  # +0.7 % < 1 %
     assert v.reason == "not reached"
+
+
+def test_with_a_reference_curve_the_noisy_training_loss_cannot_stop_the_probe() -> None:
+    """The training loss jumps ×3 (a 1-row batch can), the reference curve keeps falling: no stop."""
+    v = StopRule().scan(_ref_curve([2.0, 1.0, 6.0, 1.0, 7.0], [3.0, 2.9, 2.8, 2.7, 2.6]))
+    assert v.reason == "not reached"

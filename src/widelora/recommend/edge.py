@@ -15,7 +15,8 @@ A state is bad when any of these holds (the first one found names the reason):
   Its curve has no batch noise: it falls while each update helps and turns up once a step overshoots — for a
   quadratic with curvature λ, past a step of 2/λ, where the best constant step is 1/λ (hence lr = edge / 2);
 - **loss rise**: the exponentially smoothed loss exceeds (1 + `rise`) × its running minimum, after
-  `warmup_readings` readings (so a noisy first batch cannot stop the probe).
+  `warmup_readings` readings (so a noisy first batch cannot stop the probe); not read when the reference loss
+  is, which measures the same thing without the batch noise.
 
 Internal instability (Z_A growing while Z_B stays bounded) is *not* a stop: under Init[A] it is the price of
 efficient feature learning (Theorem 1). Its onset (|Z_A| grown by `internal_growth`×) is reported.
@@ -92,8 +93,8 @@ class StopRule:
             return "non-finite"
         if reading.out_ratio is not None and reading.out_ratio > self.output_ratio:
             return "output instability"
-        if reading.ref_loss is not None and reading.ref_loss > (1.0 + self.ref_rise) * ref_min:
-            return "reference-loss rise"
+        if reading.ref_loss is not None:  # the noise-free curve replaces the training loss's noisy one
+            return "reference-loss rise" if reading.ref_loss > (1.0 + self.ref_rise) * ref_min else None
         if index >= self.warmup_readings and smoothed > (1.0 + self.rise) * running_min:
             return "loss rise"
         return None
