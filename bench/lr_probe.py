@@ -14,7 +14,8 @@ calibrated:
 Results are appended to docs/results/recommend_calibration.json (one record per run, keyed by kind/seed/lr).
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py probe --seeds 0,1
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py grid --seeds 0,1 --lrs 5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py grid --seeds 0,1 \
+        --lrs 5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def load(seed: int):
 
 
 def order(data, seed: int) -> list[dict]:
-    """The run's batches, in the run's order (the probe sees the first ones, as a user's loader would give)."""
+    """The run's batches, in the run's order (the probe sees the first ones, as a user's loader gives)."""
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
     b = TASK["batch"]
     return [data.collate([data.train[i] for i in perm[k * b : (k + 1) * b]]) for k in range(TASK["steps"])]
@@ -172,7 +173,7 @@ def features(model, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def head_run(seed: int, lrs: list[float]) -> list[dict]:
-    """Head-only training on cached features over the run's schedule, and the head's probed edge on 5 batches."""
+    """Head-only training on cached features over the run's schedule; the head's probed edge on 5 batches."""
     data, model = load(seed)
     batches = order(data, seed)
     feats = features(model, batches)

@@ -1,4 +1,5 @@
-"""widelora.recommend: the width-aware rules, the stopping rule on synthetic curves, and the Recommendation object."""
+"""widelora.recommend: the width-aware rules, the stopping rule on synthetic curves, and the Recommendation
+object."""
 
 from __future__ import annotations
 
@@ -198,7 +199,8 @@ def test_fastai_suggestions_on_a_synthetic_curve() -> None:
     assert s["steep_div10"] == pytest.approx(1e-5)
 
 
-# ------------------------------------------------------------------------------- the reference-loss (function) edge
+# ------------------------------------------------------------------------------- the reference-loss
+# (function) edge
 def _ref_curve(losses, refs, lr0=1e-5, q=2.0):
     return [
         Reading(k, lr0 * q**k, loss, None, None, ref)

@@ -180,8 +180,8 @@ def test_finetune_auto_runs_with_the_probed_setup(files, tmp_path) -> None:
 
 
 def test_an_epoch_based_auto_run_budgets_its_probe_by_its_real_length(files, tmp_path, monkeypatch) -> None:
-    """With steps=null the run's length comes from its epochs; the probe must be budgeted by that length, not by
-    an assumed one (the setup seam receives the run's total optimizer steps)."""
+    """With steps=null the run's length comes from its epochs; the probe must be budgeted by that length, not
+    by an assumed one (the setup seam receives the run's total optimizer steps)."""
     from widelora.recommend import runconfig
 
     seen: list[int | None] = []

@@ -1,4 +1,5 @@
-"""The learning-rate probe on tiny models: exact restore, the cost cap, the stopping rule on a real curve, the head."""
+"""The learning-rate probe on tiny models: exact restore, the cost cap, the stopping rule on a real curve, the
+head."""
 
 from __future__ import annotations
 
@@ -215,7 +216,8 @@ def test_lr_finder_stops_on_divergence_and_restores_the_model() -> None:
     assert _same(before, _state(model))
 
 
-# ------------------------------------------------------------------------------------ the reference batch (v2)
+# ------------------------------------------------------------------------------------ the reference batch
+# (v2)
 @settings(max_examples=80, deadline=None)
 @given(st.integers(1, 5000), st.integers(1, 256), st.floats(0.01, 0.5), st.integers(0, 8))
 def test_the_probe_with_a_reference_batch_stays_within_its_budget(
@@ -255,7 +257,8 @@ def test_without_a_fresh_head_the_probe_reads_the_reference_loss_and_records_its
 
 
 def test_a_rising_reference_loss_sets_the_lr_to_half_its_edge() -> None:
-    """Deterministic: the reference loss (eval mode) falls for 5 readings, then jumps; training is untouched."""
+    """Deterministic: the reference loss (eval mode) falls for 5 readings, then jumps; training is
+    untouched."""
     model = tiny_llama()
     calls = {"ref": 0}
 

@@ -1,9 +1,10 @@
-"""`widelora.recommend(model, batches, steps=...)`: the whole setup, decided from the theory and a short probe.
+"""`widelora.recommend(model, batches, steps=...)`: the whole setup, decided from the theory and a short
+probe.
 
-Order of decisions: the adapter (init, targets, rank, alpha, scaling) and the LoRA+ ratio come from rules of the
-width alone (widelora.recommend.rules); the base learning rate comes from the probe's stability edge on the
-user's own model and data divided by a width-aware factor; the fresh head's learning rate from its own edge on
-cached features. Everything the probe touches is restored bit for bit (widelora.recommend.snapshot).
+Order of decisions: the adapter (init, targets, rank, alpha, scaling) and the LoRA+ ratio come from rules of
+the width alone (widelora.recommend.rules); the base learning rate comes from the probe's stability edge on
+the user's own model and data divided by a width-aware factor; the fresh head's learning rate from its own
+edge on cached features. Everything the probe touches is restored bit for bit (widelora.recommend.snapshot).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A pure function of the probe's readings (learning rate, loss, and the feature monitor's Z_A / Z_B), so it is
 tested on synthetic curves without any model. Reading `k` describes the model after the updates made with the
-learning rates of readings 0..k-1; the *edge* is the largest learning rate whose update still left a good state.
+learning rates of readings 0..k-1; the *edge* is the largest learning rate whose update still left a good
+state.
 
 A state is bad when any of these holds (the first one found names the reason):
 
@@ -10,10 +11,11 @@ A state is bad when any of these holds (the first one found names the reason):
 - **output instability** (seed 001, Definition 3: Z_B must stay O(1)): some adapter's output |Z_B| exceeds
   `output_ratio` × the norm of the pretrained layer's own output |W x| at the probe's start. At ratio 1 the
   adapter no longer perturbs the layer, it replaces it — the finite-width form of Z_B blowing up;
-- **reference-loss rise** (the function edge): the loss on the probe's fixed reference batch (read only when the
-  loss is the model's own objective, widelora.recommend.probe) exceeds (1 + `ref_rise`) × its running minimum.
-  Its curve has no batch noise: it falls while each update helps and turns up once a step overshoots — for a
-  quadratic with curvature λ, past a step of 2/λ, where the best constant step is 1/λ (hence lr = edge / 2);
+- **reference-loss rise** (the function edge): the loss on the probe's fixed reference batch (read only when
+  the loss is the model's own objective, widelora.recommend.probe) exceeds (1 + `ref_rise`) × its running
+  minimum. Its curve has no batch noise: it falls while each update helps and turns up once a step overshoots
+  — for a quadratic with curvature λ, past a step of 2/λ, where the best constant step is 1/λ
+  (hence lr = edge / 2);
 - **loss rise**: the exponentially smoothed loss exceeds (1 + `rise`) × its running minimum, after
   `warmup_readings` readings (so a noisy first batch cannot stop the probe); not read when the reference loss
   is, which measures the same thing without the batch noise.
@@ -63,7 +65,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class StopRule:
-    """Thresholds of the stopping rule (module docstring). Defaults are justified in docs/results/recommend.md."""
+    """Thresholds of the stopping rule (module docstring). Defaults are justified in
+    docs/results/recommend.md."""
 
     rise: float = 0.5
     smoothing: float = 0.5
@@ -143,8 +146,9 @@ class StopRule:
     def _crossing(
         self, lr_good: float, lr_bad: float, out_good: float | None, out_bad: float, default: float
     ) -> float:
-        """The lr at which |Z_B| / |W x|₀ crosses `output_ratio`, interpolated in log-log between the last good
-        and the first bad reading (|Z_B| grows smoothly, about ∝ lr, so this beats the probe's grid resolution)."""
+        """The lr at which |Z_B| / |W x|₀ crosses `output_ratio`, interpolated in log-log between the last
+        good and the first bad reading (|Z_B| grows smoothly, about ∝ lr, so this beats the probe's grid
+        resolution)."""
         if out_good is None or not out_good > 0 or not math.isfinite(out_bad) or out_bad <= out_good:
             return default
         t = math.log(self.output_ratio / out_good) / math.log(out_bad / out_good)

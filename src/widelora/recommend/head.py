@@ -1,20 +1,21 @@
 """The learning rate of a fresh head: the step its first Adam update can take, found on cached features.
 
 Why the head needs its own rate. The adapters are small perturbations of a pretrained map; their learning rate
-is bounded by how fast the *body's* output may move (seed 001's stability analysis). A fresh classification head
-is the opposite: it starts from noise and must learn a whole linear model on the body's features, and its
-learning rate has nothing to do with the adapters' edge. Training it at the adapters' lr (LoRA+'s reference puts
-2-D non-adapter parameters in A's group) undertrains it: that is what made the recommended setup lose the first
-`make demo`.
+is bounded by how fast the *body's* output may move (seed 001's stability analysis). A fresh classification
+head is the opposite: it starts from noise and must learn a whole linear model on the body's features, and its
+learning rate has nothing to do with the adapters' edge. Training it at the adapters' lr (LoRA+'s reference
+puts 2-D non-adapter parameters in A's group) undertrains it: that is what made the recommended setup lose the
+first `make demo`.
 
 Why not a range test. On the probe's few dozen cached examples the head's problem (softmax regression on ~n
 features) is separable: its loss falls to zero at every large learning rate and never turns up, so an LR range
 test finds no edge (measured: "not reached" up to lr 10 on MiniLM). What does have a scale is the *per-step
 output change*: Adam's first step (bias-corrected) moves every weight by exactly lr · sign(g), so the logits
-move by lr · Σ_j |h_j|-sized amounts. The line search below finds the step size η₁ that minimizes the loss along
-that first update direction — the largest per-step change the head can usefully make — on the cached features
-(no forward or backward through the body; a few hundred tiny matmuls). The head's learning rate is then
-HEAD_STEP_MULTIPLIER × η₁ (widelora.recommend.rules), calibrated on head-only training in docs/results/recommend.md.
+move by lr · Σ_j |h_j|-sized amounts. The line search below finds the step size η₁ that minimizes the loss
+along that first update direction — the largest per-step change the head can usefully make — on the cached
+features (no forward or backward through the body; a few hundred tiny matmuls). The head's learning rate is
+then HEAD_STEP_MULTIPLIER × η₁ (widelora.recommend.rules), calibrated on head-only training in
+docs/results/recommend.md.
 """
 
 from __future__ import annotations

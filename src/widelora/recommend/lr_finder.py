@@ -1,12 +1,13 @@
 """The baseline users have today: a fastai-style LR finder (Smith's range test, as `learn.lr_find()` runs it).
 
 The learning rate grows geometrically from `start_lr` to `end_lr` over `num_it` steps of the user's optimizer
-(plain AdamW over every trainable parameter unless another is given); the loss is smoothed with a bias-corrected
-exponential moving average (β = 0.98) and the test stops once the smoothed loss exceeds 4 × its minimum. As in
-fastai, the result offers several suggestions, and we say which one a comparison uses:
+(plain AdamW over every trainable parameter unless another is given); the loss is smoothed with a
+bias-corrected exponential moving average (β = 0.98) and the test stops once the smoothed loss exceeds 4 × its
+minimum. As in fastai, the result offers several suggestions, and we say which one a comparison uses:
 
 - ``minimum``: the lr at the smoothed loss's minimum ÷ 10 (fastai's ``SuggestionMethod.Minimum``);
-- ``steep``: the lr where the smoothed loss falls fastest per unit of log-lr (fastai's ``Steep``, not divided);
+- ``steep``: the lr where the smoothed loss falls fastest per unit of log-lr (fastai's ``Steep``, not
+  divided);
 - ``steep_div10``: the same ÷ 10 (the issue's wording: "steepest loss descent ÷ 10").
 
 Unlike widelora's probe it reads only the loss, keeps fastai's 100 steps whatever the run length (its cost is

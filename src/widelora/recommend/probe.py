@@ -1,9 +1,10 @@
-"""The learning-rate probe: a short LR range test on the user's own model and data that finds the stability edge.
+"""The learning-rate probe: a short LR range test on the user's own model and data that finds the stability
+edge.
 
-The learning rate grows geometrically over the probe's steps (A at lr, B at ratio · lr, as in the run); after each
-step the feature monitor (widelora.features.FeatureMonitor) reports |Z_A| and |Z_B| per adapted layer, and the
-stopping rule (widelora.recommend.edge) reads them with the loss. The probe stops at the first bad state, which
-also keeps it cheap.
+The learning rate grows geometrically over the probe's steps (A at lr, B at ratio · lr, as in the run); after
+each step the feature monitor (widelora.features.FeatureMonitor) reports |Z_A| and |Z_B| per adapted layer,
+and the stopping rule (widelora.recommend.edge) reads them with the loss. The probe stops at the first bad
+state, which also keeps it cheap.
 
 Cost. Its budget is a fraction (10 % by default) of the run it configures, counted in training examples — one
 probe step on b examples costs b / run_batch training steps. The probe always takes the same number of steps
@@ -16,11 +17,11 @@ A fresh head (a trainable module that is not an adapter) is frozen during the ra
 separately (widelora.recommend.head) on its input features, cached from the first probe steps, where the
 adapters have barely moved (B = 0 at step 0 exactly).
 
-Without a fresh head the loss *is* the pretrained model's own objective, and the probe also reads it on a small
-reference batch held out of the range test (the same rows at every step, in eval mode): a curve free of batch
-noise whose first rise marks the step size past which an update makes the model worse (the function edge). A
-forward-only reference row costs about a third of a training row, and that is counted in the budget. With a
-fresh head the loss measures a random classifier, not the features, so only the feature edge is read.
+Without a fresh head the loss *is* the pretrained model's own objective, and the probe also reads it on a
+small reference batch held out of the range test (the same rows at every step, in eval mode): a curve free of
+batch noise whose first rise marks the step size past which an update makes the model worse (the function
+edge). A forward-only reference row costs about a third of a training row, and that is counted in the budget.
+With a fresh head the loss measures a random classifier, not the features, so only the feature edge is read.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ LossFn = Callable[[nn.Module, dict], torch.Tensor]
 PROBE_STEPS = 16
 LR_RANGE = (1e-5, 1e-1)  # Adam on LoRA: every edge measured so far (widths 128-8192) lies well inside
 #: Rows of the reference batch (when the loss is the model's own objective): 1 row was too noisy on SmolLM2
-#: (edges 2.5e-3 ... 1.6e-2 over 3 seeds), 4 rows gave the same edge on all 3 seeds (docs/results/recommend.md).
+#: (edges 2.5e-3 ... 1.6e-2 over 3 seeds), 4 rows gave the same edge on all 3 seeds
+#: (docs/results/recommend.md).
 REFERENCE_ROWS = 4
 #: Cost of a forward-only row relative to a training row (forward + backward ≈ 3 forwards).
 FORWARD_COST = 1.0 / 3.0
@@ -141,7 +143,8 @@ def _rows(batch: dict) -> int:
 
 @dataclass
 class ProbeResult:
-    """The range test's curve and its verdict; `head_inputs` are the cached (features, labels) for the head."""
+    """The range test's curve and its verdict; `head_inputs` are the cached (features, labels) for the
+    head."""
 
     plan: ProbePlan
     readings: list[Reading]

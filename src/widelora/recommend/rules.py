@@ -1,24 +1,26 @@
 """The width-aware rules: LoRA+ ratio, the probe's safety factor, the head's factor, rank / alpha / scaling.
 
-Each rule is a small pure function of the width `n` (the fan-in of the adapted layers) and returns its value with
-a one-line reason. The constants below are the only numbers in the recommendation; each names what calibrated it
-(docs/results/recommend.md has the measurements).
+Each rule is a small pure function of the width `n` (the fan-in of the adapted layers) and returns its value
+with a one-line reason. The constants below are the only numbers in the recommendation; each names what
+calibrated it (docs/results/recommend.md has the measurements).
 
 The theory (seed 001 §3, LoRA+). With Adam the processed gradient has Θ(1) entries, so one step moves every
 entry of A by ~η_A and of B by ~η_B. Under Init[A] (B = 0, A ~ N(0, 1/n)) the LoRA features obey
-`Z_A ~ max(1, η_A·n)` (an aligned update of A sums n input coordinates) and the output step `δ2 = ΔB·Z_A ~ η_B·Z_A`.
-If the base learning rate sits at `η_A = n^-a`, A's features grow like `n^(1-a)` (internal instability, allowed
-for a < 1) and B is at its own output-stability edge when `η_B·Z_A = Θ(1)`, i.e. `η_B = n^(a-1)`. Hence
+`Z_A ~ max(1, η_A·n)` (an aligned update of A sums n input coordinates) and the output step
+`δ2 = ΔB·Z_A ~ η_B·Z_A`. If the base learning rate sits at `η_A = n^-a`, A's features grow like `n^(1-a)`
+(internal instability, allowed for a < 1) and B is at its own output-stability edge when `η_B·Z_A = Θ(1)`,
+i.e. `η_B = n^(a-1)`. Hence
 
     ratio = η_B / η_A = n^(2a - 1).
 
 a = 1 (no internal instability, LoRA+'s asymptotic regime) gives ratio ∝ n; a = 1/2 (vanilla LoRA at its edge)
 gives ratio = 1. Seed 001 argues, and the width study measures, that the optimum of Init[A] sits in between:
-a = 0.80 [0.65, 0.94] (docs/results/width_study.md), so the ratio grows like n^0.6. The constant is pinned where
-the papers' experience is: ratio 2^4 at n = 4096 (Llama-7B, LoRA+'s recommended setting). The toy's ratio sweep
-(widths 128-8192, ratios 1-256) has a noisy best ratio growing like n^0.39 — same sign. The same argument
-would put the output-stability edge (η ~ n^-1/2) a factor n^(a - 1/2) above the optimum, but the width study
-measures that factor flat in width (see `edge_factor`), so the probe's safety factor is a constant.
+a = 0.80 [0.65, 0.94] (docs/results/width_study.md), so the ratio grows like n^0.6. The constant is pinned
+where the papers' experience is: ratio 2^4 at n = 4096 (Llama-7B, LoRA+'s recommended setting). The toy's
+ratio sweep (widths 128-8192, ratios 1-256) has a noisy best ratio growing like n^0.39 — same sign. The same
+argument would put the output-stability edge (η ~ n^-1/2) a factor n^(a - 1/2) above the optimum, but the
+width study measures that factor flat in width (see `edge_factor`), so the probe's safety factor is a
+constant.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ WIDTH_ANCHOR = 4096
 RATIO_BOUNDS = (1.0, 64.0)
 #: lr = feature edge / this; width-independent (see `edge_factor`). Calibrated on MiniLM-L6 topics, the
 #: evaluation protocol (120 steps): the probe's edges 1.24e-2 / 2.84e-2 / 1.96e-2 (seeds 0-2) against the
-#: recommended setup's grid-best lr 1.6e-3 / 3.2e-3 / 1.6e-3 (edge / best = 7.8 / 8.9 / 12.3); accuracy is flat
-#: below the optimum and collapses above it, so the factor errs low (docs/results/recommend.md). v1 used 4
-#: (one seed of a 60-step run), which put seed 1 at 7.1e-3 and cost it 3.7 points.
+#: recommended setup's grid-best lr 1.6e-3 / 3.2e-3 / 1.6e-3 (edge / best = 7.8 / 8.9 / 12.3); accuracy is
+#: flat below the optimum and collapses above it, so the factor errs low (docs/results/recommend.md). v1 used
+#: 4 (one seed of a 60-step run), which put seed 1 at 7.1e-3 and cost it 3.7 points.
 EDGE_FACTOR = 8.0
-#: lr = reference-loss edge / this: the loss on a fixed batch turns up once a step overshoots, at about 2/λ for
-#: curvature λ, and the best constant step is 1/λ — a classical factor, not a fitted one.
+#: lr = reference-loss edge / this: the loss on a fixed batch turns up once a step overshoots, at about 2/λ
+#: for curvature λ, and the best constant step is 1/λ — a classical factor, not a fitted one.
 LOSS_EDGE_FACTOR = 2.0
 #: The width of the calibration task (MiniLM-L6 hidden size).
 CALIBRATION_WIDTH = 384
@@ -78,18 +80,20 @@ def edge_factor(width: int, reason: str = "output instability") -> tuple[float, 
     """How far below the probed edge the learning rate goes: a constant, the same at every width.
 
     The function edge (`reason` "reference-loss rise": the model's own loss on a fixed batch turned up) sits a
-    classical factor 2 above the best step (LOSS_EDGE_FACTOR). Every other edge is the feature edge, for which:
+    classical factor 2 above the best step (LOSS_EDGE_FACTOR). Every other edge is the feature edge, for
+    which:
 
-    The theory's edge (η ~ n^-1/2) and optimum (η ~ n^-a) would put them a factor n^(a-1/2) apart, but that is a
-    statement about fixed t as n → ∞; the width study measures edge/optimum flat in width over 500 steps (log-log
-    slope 0.01 / -0.04 / 0.10 at ratios 1 / 4 / 16, widths 128-8192): the edge a finite run meets moves with the
-    optimum. So the factor is a constant, calibrated on the real task (MiniLM) against a learning-rate grid.
+    The theory's edge (η ~ n^-1/2) and optimum (η ~ n^-a) would put them a factor n^(a-1/2) apart, but that is
+    a statement about fixed t as n → ∞; the width study measures edge/optimum flat in width over 500 steps
+    (log-log slope 0.01 / -0.04 / 0.10 at ratios 1 / 4 / 16, widths 128-8192): the edge a finite run meets
+    moves with the optimum. So the factor is a constant, calibrated on the real task (MiniLM) against a
+    learning-rate grid.
     """
     _check_width(width)
     if reason == "reference-loss rise":
         return LOSS_EDGE_FACTOR, (
-            f"edge / {LOSS_EDGE_FACTOR:g}: the model's own loss on a fixed batch turned up there, the mark of a "
-            "step that overshoots (~2/curvature); the best constant step is half of it"
+            f"edge / {LOSS_EDGE_FACTOR:g}: the model's own loss on a fixed batch turned up there, the mark "
+            "of a step that overshoots (~2/curvature); the best constant step is half of it"
         )
     why = (
         f"edge / {EDGE_FACTOR:g}: the optimum sits a width-independent factor below the edge (width study: "

@@ -1,4 +1,5 @@
-"""A recommendation for a `RunConfig`: what `widelora recommend`, `finetune --auto` and `setup: recommended` share.
+"""A recommendation for a `RunConfig`: what `widelora recommend`, `finetune --auto` and `setup: recommended`
+share.
 
 The run's own adapter choices that are the user's to make (targets, rank, alpha) are kept — the probe measures
 the learning rate *for that adapter* — and everything the theory decides (init, method, ratio, learning rates)

@@ -1,10 +1,10 @@
 """The Recommendation: every choice of a LoRA setup together with the reason it was made.
 
 One object travels through every entry point — `widelora.attach(model, setup=rec)`,
-`widelora.create_optimizer(model, setup=rec)`, `widelora finetune --auto`, `setup: recommended` in sweep specs — so
-the choices are made once (by `widelora.recommend`) and applied the same way everywhere. It is plain data: it
-round-trips through `to_dict` / `from_dict` (JSON), and `table()` prints each choice next to its reason, because a
-default nobody can question is a default nobody should trust.
+`widelora.create_optimizer(model, setup=rec)`, `widelora finetune --auto`, `setup: recommended` in sweep specs
+— so the choices are made once (by `widelora.recommend`) and applied the same way everywhere. It is plain
+data: it round-trips through `to_dict` / `from_dict` (JSON), and `table()` prints each choice next to its
+reason, because a default nobody can question is a default nobody should trust.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class Recommendation:
 
     `lr` is the base learning rate (of A); B runs at `ratio · lr` (LoRA+); `head_lr` is the learning rate of
     trainable parameters that are not adapters (a fresh classification head), None when there are none.
-    `width` is the fan-in the width-aware rules used; `probe` is the learning-rate probe's summary (curve, edge,
-    cost), None when no probe ran.
+    `width` is the fan-in the width-aware rules used; `probe` is the learning-rate probe's summary (curve,
+    edge, cost), None when no probe ran.
     """
 
     init: str = "init_a"
@@ -118,7 +118,8 @@ class Recommendation:
 
     # -- for people
     def table(self) -> str:
-        """Each choice, its value and the reason for it, as aligned text (what `widelora recommend` prints)."""
+        """Each choice, its value and the reason for it, as aligned text (what `widelora recommend`
+        prints)."""
         rows = [(key, _fmt(getattr(self, key)), self.reasons.get(key, "")) for key in _TABLE_ORDER]
         if self.head_lr is None and not self.trainable:
             rows = [r for r in rows if r[0] not in ("head_lr", "trainable")]
