@@ -32,7 +32,8 @@ from widelora.report.export import export_results, open_results
 
 BASELINE = "PEFT default (Kaiming A, AdamW)"
 TUNED = "recommend (tuned)"
-UNTUNED = "recommend (untuned)"
+UNTUNED = "recommend v2 (untuned)"  # probe v2 (examples/sweeps/eval_*_untuned.yaml)
+UNTUNED_V1 = "recommend (untuned)"  # probe v1, kept for the record (the own-lr stores)
 FINDER = "LR finder (fastai)"
 
 
@@ -188,6 +189,7 @@ def comparisons(
     fixed = full[BASELINE].cells.get(fixed_lr) if BASELINE in full else None
     pairs = [
         ("untuned recommend vs PEFT default best-of-grid", only(UNTUNED), best(BASELINE), True),
+        ("untuned recommend, probe v1, vs PEFT default best-of-grid", only(UNTUNED_V1), best(BASELINE), True),
         (f"untuned recommend vs PEFT default at {fixed_lr:g}", only(UNTUNED), fixed, False),
         ("untuned recommend vs LR finder", only(UNTUNED), only(FINDER), False),
         ("LR finder vs PEFT default best-of-grid", only(FINDER), best(BASELINE), False),

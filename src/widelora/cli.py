@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from widelora.commands import (
     claims,
     demo,
+    evaluate,
     export,
     failures,
     finetune,
@@ -49,7 +50,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # a bug shows Python's plain traceback, never local variables
 )
 
-for _module in (width_study, finetune, sweep, place, report, demo, recommend, claims, export, generate):
+for _module in (
+    width_study,
+    finetune,
+    sweep,
+    place,
+    report,
+    demo,
+    recommend,
+    claims,
+    export,
+    generate,
+    evaluate,
+):
     _module.register(app)
 
 
