@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -55,7 +56,7 @@ def test_cli_prints_json_and_refuses_bad_input(classifier_run, tmp_path) -> None
     run, _ = classifier_run
     ok = runner.invoke(app, ["evaluate", str(run), "--split", "val", "--json"])
     assert ok.exit_code == 0, ok.output
-    line = next(x for x in ok.output.splitlines() if x.startswith("{"))  # stderr lines are mixed in
+    line = re.search(r'\{"run".*\}', ok.output).group(0)  # progress bars and stderr lines are mixed in
     assert json.loads(line)["split"] == "val"
     bad = runner.invoke(app, ["evaluate", str(run), "--split", "train"])
     assert bad.exit_code == 2 and "split='train' is not valid" in bad.output and "val+test" in bad.output
