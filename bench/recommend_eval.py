@@ -37,10 +37,29 @@ UNTUNED_V1 = "recommend (untuned)"  # probe v1, kept for the record (the own-lr 
 FINDER = "LR finder (fastai)"
 
 
+HELDOUT_METRIC = "heldout_accuracy"  # validation ∪ test, from bench/heldout_eval.py's heldout.json files
+
+
+def pooled_heldout(res: Any) -> int:
+    """Put each trial's pooled validation ∪ test accuracy (its run folder's heldout.json) into its final
+    metrics as `heldout_accuracy`; returns how many trials lack one (they then have no value)."""
+    missing = 0
+    for t in res.trials:
+        path = Path(t.run_dir or "") / "heldout.json"
+        if t.run_dir and path.is_file():
+            numbers = json.loads(path.read_text())
+            t.final[HELDOUT_METRIC] = numbers["accuracy"]
+            t.final["heldout_examples"] = numbers["examples"]
+        elif t.status == "done":
+            missing += 1
+    return missing
+
+
 def load(
-    stores: list[str],
+    stores: list[str], heldout: bool = False
 ) -> tuple[str, str, dict[str, SetupResult], dict[str, SetupResult], dict[str, Any]]:
-    """Setups from every store at full budget and at half budget (the validation evaluation at steps / 2)."""
+    """Setups from every store at full budget and at half budget (the validation evaluation at steps / 2);
+    `heldout`: judge on the pooled validation ∪ test accuracy instead of the test accuracy."""
     full: dict[str, SetupResult] = {}
     half: dict[str, SetupResult] = {}
     metric = goal = ""
@@ -48,11 +67,15 @@ def load(
     for path in stores:
         res = open_results(path)
         metric, goal = res.metric, res.goal
+        if heldout and not str(path).endswith(".json"):  # an export already carries heldout_accuracy
+            info["trials_without_heldout"] = info.get("trials_without_heldout", 0) + pooled_heldout(res)
+        if heldout:
+            metric = HELDOUT_METRIC
         base = res.spec.get("base", {})
         steps, every = base.get("steps"), base.get("eval_every")
         full.update(collect(res.trials, metric))
         if steps and every and steps % 2 == 0 and (steps // 2) % every == 0:
-            half.update(collect(res.trials, metric, curves=res.curves, at_step=steps // 2))
+            half.update(collect(res.trials, res.metric, curves=res.curves, at_step=steps // 2))  # validation
         info.setdefault("loss_curves", {}).update(loss_curves(res))
         info.setdefault("final_loss", {}).update(collect(res.trials, "eval_loss"))
         secs = [t.seconds for t in res.trials if t.seconds is not None]
@@ -75,7 +98,8 @@ def load(
 
 def export(stores: list[str], folder: Path) -> list[Path]:
     """Each live store as a small JSON (widelora.report.export) that this script reads back like the store;
-    the learning rate a self-tuning run chose (in its run folder) is copied into its final metrics first."""
+    the learning rate a self-tuning run chose (in its run folder) and the pooled held-out accuracy
+    (heldout.json, when bench/heldout_eval.py made one) are copied into its final metrics first."""
     from widelora.experiments.setup_comparison import _lr_from_run_dir
     from widelora.files import atomic_write_text
     from widelora.report.summary import load_results
@@ -83,6 +107,7 @@ def export(stores: list[str], folder: Path) -> list[Path]:
     out = []
     for path in stores:
         res = load_results(path)
+        pooled_heldout(res)
         for t in res.trials:
             if "lr" not in t.labels and "chosen_lr" not in t.final:
                 lr = _lr_from_run_dir(t.run_dir)
@@ -262,10 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-lr", type=float, default=2e-4, help="the 'everyone uses it' learning rate")
     ap.add_argument("--export", type=Path, help="also write each store as <folder>/<sweep name>.json")
     ap.add_argument("--min-seeds", type=int, default=1, help="cells with fewer seeds cannot be a best")
+    ap.add_argument(
+        "--heldout",
+        action="store_true",
+        help="judge on validation ∪ test pooled (bench/heldout_eval.py must have run on the stores)",
+    )
     args = ap.parse_args(argv)
     if args.export:
         print("exported:", ", ".join(str(p) for p in export(args.stores, args.export)))
-    metric, goal, full, half, info = load(args.stores)
+    metric, goal, full, half, info = load(args.stores, heldout=args.heldout)
     relative = goal == "min"  # perplexity-like: gaps in % of the baseline
     scale = 100.0 if metric.endswith("accuracy") else 1.0
     floor = 2.0 if relative else 0.01  # issue 12: 1 accuracy point or 2 % of perplexity
