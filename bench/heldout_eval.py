@@ -20,10 +20,14 @@ from pathlib import Path
 from widelora.files import atomic_write_json
 from widelora.report.summary import find_store
 from widelora.sweep import ResultStore
+from widelora.train.cache import StartupCache
 from widelora.train.reevaluate import evaluate_run
 
 HELDOUT = "heldout.json"
 SPLIT = "val+test"
+
+
+CACHE = StartupCache(models=0, datasets=3)  # the seeds' splits, tokenized once
 
 
 def pool(store: str) -> tuple[int, int]:
@@ -37,7 +41,7 @@ def pool(store: str) -> tuple[int, int]:
             skipped += 1
             continue
         t0 = time.process_time()
-        numbers = evaluate_run(t.run_dir, SPLIT)
+        numbers = evaluate_run(t.run_dir, SPLIT, cache=CACHE)
         numbers["cpu_s"] = time.process_time() - t0
         atomic_write_json(out, {"split": SPLIT, "trial": t.id, "labels": t.labels, **numbers})
         done += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,8 +20,11 @@ from widelora.errors import UserError
 SPLITS = ("test", "val", "val+test")
 
 
-def evaluate_run(run_dir: str | os.PathLike, split: str = "test") -> dict[str, float]:
-    """Held-out loss and accuracy / perplexity of the run in `run_dir` on `split` (one of SPLITS)."""
+def evaluate_run(run_dir: str | os.PathLike, split: str = "test", cache: Any = None) -> dict[str, float]:
+    """Held-out loss and accuracy / perplexity of the run in `run_dir` on `split` (one of SPLITS).
+
+    `cache`: a `widelora.train.cache.StartupCache` to share tokenized data between calls (many runs of one
+    sweep share a few splits)."""
     if split not in SPLITS:
         raise UserError(f"split={split!r} is not valid; valid: {list(SPLITS)}")
     from torch.utils.data import ConcatDataset
@@ -31,18 +35,21 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test") -> dict[str, f
 
     run = load_run(Path(run_dir))
     cfg = run.config
-    data = prepare(
-        cfg.dataset,
-        run.tokenizer,
-        task=cfg.task,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        max_train=cfg.max_train_examples,
-        max_eval=cfg.eval_examples,
-        text_field=cfg.text_field,
-        label_field=cfg.label_field,
-        packing=cfg.packing,
-    )
+    if cache is not None:
+        data = cache.data(cfg, cache.tokenizer(cfg.model))
+    else:
+        data = prepare(
+            cfg.dataset,
+            run.tokenizer,
+            task=cfg.task,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            max_train=cfg.max_train_examples,
+            max_eval=cfg.eval_examples,
+            text_field=cfg.text_field,
+            label_field=cfg.label_field,
+            packing=cfg.packing,
+        )
     parts = [getattr(data, name) for name in split.split("+")]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     loader = make_loader(dataset, cfg.eval_batch_size or cfg.batch_size, data.collate)
