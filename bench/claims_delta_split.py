@@ -1,6 +1,6 @@
-"""Claims ledger (issue 13, claim 3): the δ1/δ2 split of the LoRA feature update at each init's optimal learning
-rate, per width, on the width study's teacher-student model (seed 001, Theorem 2: under Init[B], B is undertrained
-and δ2's share vanishes with width; under Init[A] both terms carry the update).
+"""Claims ledger (issue 13, claim 3): the δ1/δ2 split of the LoRA feature update at each init's optimal
+learning rate, per width, on the width study's teacher-student model (seed 001, Theorem 2: under Init[B], B is
+undertrained and δ2's share vanishes with width; under Init[A] both terms carry the update).
 
 Reads a width study folder (its config and, per (width, init), the optimal grid learning rate at ``--budget``
 steps), retrains those configurations the plain way with the feature monitor (`width_reference.run_single`,
@@ -48,13 +48,31 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 run = run_single(run_config, data, width, init, lr, seed, monitor_every=10)
                 layer = next(iter(run.monitor_summary.values()))
-                rows.append({"init": init, "width": width, "lr": lr, "seed": seed, "train_loss": run.train_loss,
-                             "delta1_mean": layer["delta1_mean"], "delta2_mean": layer["delta2_mean"],
-                             "delta2_share": layer["delta2_share"], "seconds": run.seconds})
+                rows.append(
+                    {
+                        "init": init,
+                        "width": width,
+                        "lr": lr,
+                        "seed": seed,
+                        "train_loss": run.train_loss,
+                        "delta1_mean": layer["delta1_mean"],
+                        "delta2_mean": layer["delta2_mean"],
+                        "delta2_share": layer["delta2_share"],
+                        "seconds": run.seconds,
+                    }
+                )
                 print(rows[-1], flush=True)
-    atomic_write_json(args.out, {"study": str(args.study), "budget": args.budget, "config": config.to_dict(),
-                                 "rows": rows, "cpu_seconds": time.process_time() - cpu0,
-                                 "wall_seconds": time.time() - t0})
+    atomic_write_json(
+        args.out,
+        {
+            "study": str(args.study),
+            "budget": args.budget,
+            "config": config.to_dict(),
+            "rows": rows,
+            "cpu_seconds": time.process_time() - cpu0,
+            "wall_seconds": time.time() - t0,
+        },
+    )
 
 
 if __name__ == "__main__":

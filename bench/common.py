@@ -1,9 +1,8 @@
 """Shared helpers for the benchmark scripts: interleaved timing, CPU/CUDA memory, models, tables, JSON.
 
-Timing rule: every setup being compared runs in the same process, and repeats are interleaved (A B C A B C ...)
-so that noise from other processes on the machine hits all setups alike; only ratios within one run are reported
-as results, with the median and the min-max over repeats.
-"""
+Timing rule: every setup being compared runs in the same process, and repeats are interleaved (A B C A B C
+...) so that noise from other processes on the machine hits all setups alike; only ratios within one run are
+reported as results, with the median and the min-max over repeats."""
 
 from __future__ import annotations
 
@@ -39,9 +38,9 @@ def interleaved_times(
     """Run each step `warmup` times, then `repeats` rounds of one call of each, in a rotating order.
 
     The order rotates every round (A B C, B C A, ...) so no setup always runs right after the same other one.
-    Returns, per step, wall-clock seconds ("wall") and this process's CPU seconds over all its threads ("cpu").
-    On a machine shared with other jobs, CPU seconds at one thread are far less noisy than wall time (a
-    descheduled process accrues no CPU time); with several threads they also count spin-waits at barriers.
+    Returns, per step, wall-clock seconds ("wall") and this process's CPU seconds over all its threads
+    ("cpu"). On a machine shared with other jobs, CPU seconds at one thread are far less noisy than wall time
+    (a descheduled process accrues no CPU time); with several threads they also count spin-waits at barriers.
     """
     names = list(steps)
     for _ in range(warmup):
@@ -75,8 +74,8 @@ def _param_ptrs(model: torch.nn.Module) -> set[int]:
 def saved_activation_bytes(model: torch.nn.Module):
     """Sum the bytes of distinct non-parameter storages autograd saves for backward inside the block.
 
-    Yields a dict whose "bytes" entry is filled when the block exits. Parameters and buffers are excluded (saving
-    them costs nothing); a storage saved by several ops (the input x of base and lora_A) counts once.
+    Yields a dict whose "bytes" entry is filled when the block exits. Parameters and buffers are excluded
+    (saving them costs nothing); a storage saved by several ops (the input x of base and lora_A) counts once.
     """
     params = _param_ptrs(model)
     seen: dict[int, int] = {}
@@ -160,7 +159,9 @@ def load_minilm(num_labels: int = 11, seed: int = 0) -> tuple[torch.nn.Module, A
     return load_model("minilm-l6", task="classification", num_labels=num_labels, seed=seed)
 
 
-def linear_names(model: torch.nn.Module, exclude: Sequence[str] = ("lm_head", "classifier", "score")) -> list[str]:
+def linear_names(
+    model: torch.nn.Module, exclude: Sequence[str] = ("lm_head", "classifier", "score")
+) -> list[str]:
     """Full names of every nn.Linear except output heads: the 'all-linear' target set, spelled out."""
     return [
         n
@@ -204,10 +205,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     text = "\n".join(lines)
     print(text, flush=True)
     return text

@@ -2,13 +2,14 @@
 
 For each model, the same frozen base, batch, rank and targets (every linear layer except the head):
 
-- ``train_step``   one widelora training step (attach init_a, fused path, LoRA+ AdamW): forward + backward + step;
+- ``train_step``   one widelora training step (attach init_a, fused path, LoRA+ AdamW): forward + backward +
+  step;
 - ``lora_one``     ``wl.initialize(model, "lora_one", batches=[batch])`` on an attached model (one batch);
 - ``lora_ga``      the same with ``"lora_ga"``; both start each repeat from the user's W (an untimed
                    ``init_a`` re-initialization before the timed call), as a first initialization does;
 - ``peft_lora_ga`` PEFT's own LoRA-GA (peft >= 0.18: ``preprocess_loraga`` with one forward + backward on the
-                   batch, then ``get_peft_model`` with ``init_lora_weights="lora_ga"``), on a fresh deep copy of the
-                   base made outside the timed region (its init rewrites W).
+                   batch, then ``get_peft_model`` with ``init_lora_weights="lora_ga"``), on a fresh deep copy
+                   of the base made outside the timed region (its init rewrites W).
 
 Time: wall and this process's CPU seconds, repeats interleaved in a rotating order, median and min-max; ratios
 per round. Peak memory: bytes allocated above the level at the call during one run (torch profiler on CPU), in
@@ -39,8 +40,15 @@ def _peft_lora_ga(base: torch.nn.Module, names: list[str], batch: dict, rank: in
     from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, modules_to_save=save,
-                     init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=names,
+        modules_to_save=save,
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
 
     def run(model: torch.nn.Module) -> torch.nn.Module:
         preprocess_loraga(model, cfg, lambda: model(**batch).loss.backward())
@@ -59,8 +67,15 @@ def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict, args)
     trainable = tuple(head) if kind == "classification" else ()
     adapted = {}
     for k in ("train_step", "lora_one", "lora_ga"):
-        adapted[k] = wl.attach(copy.deepcopy(base), targets=names, rank=args.rank, alpha=args.rank, init="init_a",
-                               seed=args.seed, trainable=trainable).train()
+        adapted[k] = wl.attach(
+            copy.deepcopy(base),
+            targets=names,
+            rank=args.rank,
+            alpha=args.rank,
+            init="init_a",
+            seed=args.seed,
+            trainable=trainable,
+        ).train()
     opt = wl.create_optimizer(adapted["train_step"], lr=1e-4, method="loraplus")
 
     def train_step() -> None:
@@ -97,24 +112,34 @@ def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict, args)
         copies.extend(copy.deepcopy(base).train() for _ in range(args.warmup + args.repeats + 1))
     times = common.interleaved_times(steps, args.repeats, args.warmup)
     for k, recorded in self_timed.items():  # the inits' own timings, without the untimed reset
-        times[k] = {"wall": [w for w, _ in recorded[-args.repeats :]], "cpu": [c for _, c in recorded[-args.repeats :]]}
+        times[k] = {
+            "wall": [w for w, _ in recorded[-args.repeats :]],
+            "cpu": [c for _, c in recorded[-args.repeats :]],
+        }
     peaks = {}
     for k, fn in steps.items():
         if k in self_timed:
             reset(k)
-            fn = (lambda k=k: wl.initialize(adapted[k], k, batches=[batch], progress=False))
+
+            def fn(k=k):
+                return wl.initialize(adapted[k], k, batches=[batch], progress=False)
+
         peaks[k] = common.peak_memory_bytes(fn)
     result = {"targets": len(names), "batch": list(batch["input_ids"].shape), "setups": {}}
     for k in steps:
         result["setups"][k] = {
-            "wall_s": common.summary(times[k]["wall"]), "cpu_s": common.summary(times[k]["cpu"]),
+            "wall_s": common.summary(times[k]["wall"]),
+            "cpu_s": common.summary(times[k]["cpu"]),
             "peak_bytes": peaks[k],
-            "steps_equivalent": common.summary([a / b for a, b in zip(times[k]["cpu"], times["train_step"]["cpu"])]),
+            "steps_equivalent": common.summary(
+                [a / b for a, b in zip(times[k]["cpu"], times["train_step"]["cpu"], strict=True)]
+            ),
             "peak_vs_step": peaks[k] / peaks["train_step"],
         }
         if args.peft:
             result["setups"][k]["cpu_ratio_vs_peft"] = common.summary(
-                [a / b for a, b in zip(times[k]["cpu"], times["peft_lora_ga"]["cpu"])])
+                [a / b for a, b in zip(times[k]["cpu"], times["peft_lora_ga"]["cpu"], strict=True)]
+            )
     return result
 
 
@@ -142,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     for label in args.models.split(","):
         if label == "minilm":
             base, _ = common.load_minilm()
-            batch = _batch("classification", base.config.vocab_size, args.minilm_batch, args.seq, 11, args.seed)
+            batch = _batch(
+                "classification", base.config.vocab_size, args.minilm_batch, args.seq, 11, args.seed
+            )
             kind = "classification"
         elif label == "smollm2":
             base, _ = common.load_smollm2()
@@ -157,12 +184,21 @@ def main(argv: list[str] | None = None) -> None:
         res = bench_model(label, base, kind, batch, args)
         out["models"][label] = res
         for k, e in res["setups"].items():
-            rows.append([label, k, _fmt(e["cpu_s"]), _fmt(e["steps_equivalent"]),
-                         _fmt(e["cpu_ratio_vs_peft"]) if "cpu_ratio_vs_peft" in e else "—",
-                         f"{e['peak_bytes'] / 2**20:.0f}", f"{e['peak_vs_step']:.2f}"])
+            rows.append(
+                [
+                    label,
+                    k,
+                    _fmt(e["cpu_s"]),
+                    _fmt(e["steps_equivalent"]),
+                    _fmt(e["cpu_ratio_vs_peft"]) if "cpu_ratio_vs_peft" in e else "—",
+                    f"{e['peak_bytes'] / 2**20:.0f}",
+                    f"{e['peak_vs_step']:.2f}",
+                ]
+            )
         common.write_json(args.name, out)
-    common.print_table(["model", "setup", "CPU s", "× train step", "× PEFT LoRA-GA", "peak MiB", "peak × step"],
-                       rows)
+    common.print_table(
+        ["model", "setup", "CPU s", "× train step", "× PEFT LoRA-GA", "peak MiB", "peak × step"], rows
+    )
 
 
 if __name__ == "__main__":

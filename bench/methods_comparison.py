@@ -4,8 +4,8 @@ Part 1 (methods, adapters on q_proj,v_proj, r=8, alpha=16): held-out perplexity 
   PEFT-default LoRA (kaiming A, B=0, AdamW) · Init[A] + LoRA+ (lr_A = lr/2, ratio 16, the LoRA+ guidance) ·
   LoRA-GA (+AdamW) · LoRA-One (+AdamW) · LoRA-One + its preconditioned AdamW.
 Part 2 (placement, Init[A] + LoRA+): PLoP's NFN ranking of q,k,v,o,gate,up,down on training text (and on a
-  second data sample, to show its stability), then perplexity for PLoP's k=3 choice vs attention-only (q,k,v,o)
-  vs MLP-only (gate,up,down).
+  second data sample, to show its stability), then perplexity for PLoP's k=3 choice vs attention-only
+  (q,k,v,o) vs MLP-only (gate,up,down).
 
 Each run trains a deep copy of one loaded base model on the same batches, with the library's public API
 (`attach`, `initialize`, `create_optimizer`, `place`) and `widelora.train.evaluation.evaluate` for held-out
@@ -71,8 +71,14 @@ def _perplexity(model, batches: list[dict]) -> float:
     return evaluate(model, batches, "causal_lm", torch.device("cpu"))["perplexity"]
 
 
-def _run(name: str, setup: dict, base_model, train_batches: list[dict], eval_batches: list[dict],
-         args: argparse.Namespace) -> dict:
+def _run(
+    name: str,
+    setup: dict,
+    base_model,
+    train_batches: list[dict],
+    eval_batches: list[dict],
+    args: argparse.Namespace,
+) -> dict:
     """One finetuning run on a copy of the base model: attach, initialize, train, held-out perplexity."""
     import widelora as wl
 
@@ -83,13 +89,14 @@ def _run(name: str, setup: dict, base_model, train_batches: list[dict], eval_bat
     needs_data = init in ("lora_one", "lora_ga")
     wl.attach(model, targets, rank=8, alpha=16, init="init_a" if needs_data else init, seed=args.seed)
     if needs_data:
-        wl.initialize(model, init, seed=args.seed, batches=train_batches[:args.init_batches], progress=False)
+        wl.initialize(model, init, seed=args.seed, batches=train_batches[: args.init_batches], progress=False)
     ppl_init = _perplexity(model, eval_batches) if needs_data else None
     lr = setup.get("lr", args.lr)
     opt = wl.create_optimizer(model, lr=lr, method=setup["method"], ratio=setup.get("ratio", 16.0))
     warm = max(1, round(0.1 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (args.steps - k) / max(1, args.steps - warm)))
+        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (args.steps - k) / max(1, args.steps - warm))
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = []
@@ -103,11 +110,25 @@ def _run(name: str, setup: dict, base_model, train_batches: list[dict], eval_bat
         sched.step()
         losses.append(loss.item())
     ppl = _perplexity(model, eval_batches)
-    row = {"setup": name, "targets": list(targets), "init": init, "method": setup["method"], "lr": lr,
-           "trainable_params": sum(p.numel() for p in params), "ppl_after_init": ppl_init, "ppl_after": ppl,
-           "train_loss_first": losses[0], "train_loss_last": losses[-1], "wall_s": time.time() - t0}
-    print(f"  {name:<30} ppl {ppl:8.3f}" + (f"  (after init only: {ppl_init:.3f})" if ppl_init else "")
-          + f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}  ({row['wall_s']:.0f} s)", flush=True)
+    row = {
+        "setup": name,
+        "targets": list(targets),
+        "init": init,
+        "method": setup["method"],
+        "lr": lr,
+        "trainable_params": sum(p.numel() for p in params),
+        "ppl_after_init": ppl_init,
+        "ppl_after": ppl,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[-1],
+        "wall_s": time.time() - t0,
+    }
+    print(
+        f"  {name:<30} ppl {ppl:8.3f}"
+        + (f"  (after init only: {ppl_init:.3f})" if ppl_init else "")
+        + f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}  ({row['wall_s']:.0f} s)",
+        flush=True,
+    )
     del model, opt
     return row
 
@@ -120,12 +141,21 @@ def _plop(model, tok, args: argparse.Namespace) -> list[dict]:
     texts = split_corpus(load_corpus("wikipedia"), seed=args.seed)["train"].texts
     out = []
     for data_seed in (args.seed, args.seed + 1):
-        batches = sample_batches(tok, texts, args.plop_batches * args.batch, args.batch, args.plop_seq_len,
-                                 data_seed)
+        batches = sample_batches(
+            tok, texts, args.plop_batches * args.batch, args.batch, args.plop_seq_len, data_seed
+        )
         t0 = time.time()
         res = place(model, batches, k=3, types=TYPES, seed=data_seed, progress=False)
-        out.append({"data_seed": data_seed, "targets": res.targets, "ranking": res.ranking(),
-                    "tokens": res.num_tokens, "wall_s": time.time() - t0, "result": res})
+        out.append(
+            {
+                "data_seed": data_seed,
+                "targets": res.targets,
+                "ranking": res.ranking(),
+                "tokens": res.num_tokens,
+                "wall_s": time.time() - t0,
+                "result": res,
+            }
+        )
     return out
 
 
@@ -150,15 +180,27 @@ def main() -> None:
     console = Console()
     t_all = time.time()
     base_model, tok = load_model(args.model)
-    data = prepare("wikipedia", tok, seq_len=args.seq_len, seed=args.seed, max_train=args.steps * args.batch,
-                   max_eval=args.eval_blocks)
+    data = prepare(
+        "wikipedia",
+        tok,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        max_train=args.steps * args.batch,
+        max_eval=args.eval_blocks,
+    )
     train_batches = _lm_batches(data.train, args.batch, data.collate)
     eval_batches = _lm_batches(data.test, args.batch, data.collate)
-    out: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                 "torch_threads": torch.get_num_threads(), "methods": [], "placement": {}}
+    out: dict = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "torch_threads": torch.get_num_threads(),
+        "methods": [],
+        "placement": {},
+    }
     out["ppl_base"] = _perplexity(base_model, eval_batches)
-    console.print(f"base model held-out perplexity: {out['ppl_base']:.3f} "
-                  f"({len(eval_batches)} batches of {args.batch}x{args.seq_len} test tokens)")
+    console.print(
+        f"base model held-out perplexity: {out['ppl_base']:.3f} "
+        f"({len(eval_batches)} batches of {args.batch}x{args.seq_len} test tokens)"
+    )
     lr2 = args.lr / 2
     methods = [
         ("PEFT-default LoRA", {"init": "kaiming", "method": "adamw"}),
@@ -168,8 +210,10 @@ def main() -> None:
         ("LoRA-One + precond", {"init": "lora_one", "method": "lora_one"}),
     ]
     if args.part in ("all", "methods"):
-        console.print(f"[bold]methods[/] (q_proj,v_proj, r=8, alpha=16, {args.steps} steps of "
-                      f"{args.batch}x{args.seq_len} tokens, lr {args.lr:g})")
+        console.print(
+            f"[bold]methods[/] (q_proj,v_proj, r=8, alpha=16, {args.steps} steps of "
+            f"{args.batch}x{args.seq_len} tokens, lr {args.lr:g})"
+        )
         wanted = None if args.only is None else {n.strip() for n in args.only.split(",")}
         for name, setup in methods:
             if wanted is not None and name not in wanted:
@@ -195,13 +239,22 @@ def main() -> None:
             _write(out, args.out)
     out["wall_s"] = time.time() - t_all
 
-    table = Table(title=f"held-out perplexity (Wikipedia test, base {out['ppl_base']:.3f}) after {args.steps} steps")
+    table = Table(
+        title=f"held-out perplexity (Wikipedia test, base {out['ppl_base']:.3f}) after {args.steps} steps"
+    )
     for col in ("setup", "init", "optimizer", "lr (A)", "params", "ppl after init", "ppl after", "wall s"):
         table.add_column(col)
     for row in out["methods"] + out["placement"].get("runs", []):
-        table.add_row(row["setup"], row["init"], row["method"], f"{row['lr']:g}", str(row["trainable_params"]),
-                      "" if row["ppl_after_init"] is None else f"{row['ppl_after_init']:.3f}",
-                      f"{row['ppl_after']:.3f}", f"{row['wall_s']:.0f}")
+        table.add_row(
+            row["setup"],
+            row["init"],
+            row["method"],
+            f"{row['lr']:g}",
+            str(row["trainable_params"]),
+            "" if row["ppl_after_init"] is None else f"{row['ppl_after_init']:.3f}",
+            f"{row['ppl_after']:.3f}",
+            f"{row['wall_s']:.0f}",
+        )
     console.print(table)
     console.print(f"total {out['wall_s']:.0f} s on {torch.get_num_threads()} threads")
     _write(out, args.out)

@@ -45,11 +45,13 @@ def main() -> None:
             opt.zero_grad()
             trial(**batches[k]).loss.backward()
             opt.step()
-        moved = [(p.delta().detach() - b).norm().item() for p, b in zip(pairs, before)]
+        moved = [(p.delta().detach() - b).norm().item() for p, b in zip(pairs, before, strict=True)]
         with torch.no_grad():
             loss1 = trial(**held).loss.item()
-        print(f"{name:34s} held loss {loss0:.4f} -> {loss1:.4f}   mean |d(BA)| {sum(moved) / len(moved):.4g}",
-              flush=True)
+        print(
+            f"{name:34s} held loss {loss0:.4f} -> {loss1:.4f}   mean |d(BA)| {sum(moved) / len(moved):.4g}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

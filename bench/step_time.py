@@ -1,21 +1,23 @@
 """Training-step time and memory: widelora vs PEFT vs the frozen-model bound, in one process.
 
-For each model, the same base weights (shared, frozen), the same batch, rank, alpha, targets (every linear layer
-except the output head, spelled out as one explicit list and passed to both libraries) and seed:
+For each model, the same base weights (shared, frozen), the same batch, rank, alpha, targets (every linear
+layer except the output head, spelled out as one explicit list and passed to both libraries) and seed:
 
 - ``peft``            PEFT LoraConfig(r, alpha, dropout 0) + torch AdamW;
-- ``widelora``        wl.attach(init="init_a") + wl.create_optimizer(method="loraplus"): fused path on, siblings
+- ``widelora``        wl.attach(init="init_a") + wl.create_optimizer(method="loraplus"): fused path on,
+  siblings
                       reading one input (q/k/v, gate/up) with their A products stacked (lora/shared_input.py);
-- ``widelora-separate`` the same with the stacking off (wl.set_shared_input(model, False)): one fused layer each;
+- ``widelora-separate`` the same with the stacking off (wl.set_shared_input(model, False)): one fused layer
+  each;
 - ``widelora-plain``  the same model class with the fused path switched off (wl.set_fused(model, False));
 - ``bound``           no adapters, every weight frozen, but the input-embedding output requires grad so the
                       backward pass still runs through every layer: what any LoRA step must at least cost.
 
-A step is forward + loss + backward + optimizer.step + zero_grad. Repeats are interleaved with a rotating order;
-ratios are taken per round (same round, same machine state) and summarized by median and min-max.
-Memory (separate, untimed runs): bytes autograd saves for backward (distinct non-parameter storages) and the peak
-bytes allocated during a whole step above the level at its start (CPU: torch-profiler allocation events; CUDA:
-max_memory_allocated).
+A step is forward + loss + backward + optimizer.step + zero_grad. Repeats are interleaved with a rotating
+order; ratios are taken per round (same round, same machine state) and summarized by median and min-max.
+Memory (separate, untimed runs): bytes autograd saves for backward (distinct non-parameter storages) and the
+peak bytes allocated during a whole step above the level at its start (CPU: torch-profiler allocation events;
+CUDA: max_memory_allocated).
 
     .venv/bin/python bench/step_time.py --models tiny,minilm,smollm2 --repeats 7
 """
@@ -42,7 +44,8 @@ HEADS = ("lm_head", "classifier", "score")
 
 
 def _shared_copy(base: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy that shares the frozen base parameters (not the heads) with `base`: no extra weight memory."""
+    """A deep copy that shares the frozen base parameters (not the heads) with `base`: no extra weight
+    memory."""
     memo: dict[int, Any] = {}
     for name, p in base.named_parameters():
         if not any(h in name.split(".") for h in HEADS):
@@ -50,14 +53,19 @@ def _shared_copy(base: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(base, memo)
 
 
-def _batch(kind: str, vocab: int, batch: int, seq: int, num_labels: int, seed: int) -> dict[str, torch.Tensor]:
+def _batch(
+    kind: str, vocab: int, batch: int, seq: int, num_labels: int, seed: int
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     if kind == "classification":
         # random token ids keep the cost identical across setups; the task content is irrelevant for timing
         ids[:, 0] = 101  # BERT [CLS]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.randint(0, num_labels, (batch,), generator=g)}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, num_labels, (batch,), generator=g),
+        }
     return {"input_ids": ids, "labels": ids}
 
 
@@ -65,8 +73,9 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return model(**batch).loss
 
 
-def build_setups(base: torch.nn.Module, kind: str, rank: int, seed: int, lr: float = 1e-4
-                 ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer | None], list[str]]:
+def build_setups(
+    base: torch.nn.Module, kind: str, rank: int, seed: int, lr: float = 1e-4
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer | None], list[str]]:
     """The setups of the module docstring, all sharing `base`'s frozen weights."""
     from peft import LoraConfig, get_peft_model
 
@@ -76,21 +85,37 @@ def build_setups(base: torch.nn.Module, kind: str, rank: int, seed: int, lr: flo
     save = head if kind == "classification" else None
 
     torch.manual_seed(seed)
-    pm = get_peft_model(_shared_copy(base), LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                       target_modules=names, modules_to_save=save))
+    pm = get_peft_model(
+        _shared_copy(base),
+        LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, modules_to_save=save),
+    )
     pm.train()
-    peft_adapted = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
-                          if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0)
+    peft_adapted = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in pm.named_modules()
+        if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0
+    )
     if peft_adapted != sorted(names):
         raise RuntimeError(f"PEFT adapted {len(peft_adapted)} modules, widelora {len(names)}: targets differ")
 
     models: dict[str, torch.nn.Module] = {"peft": pm}
     opts: dict[str, torch.optim.Optimizer | None] = {
-        "peft": torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)}
-    for name, fused, shared in (("widelora", True, True), ("widelora-separate", True, False),
-                                ("widelora-plain", False, False)):
-        m = wl.attach(_shared_copy(base), targets=names, rank=rank, alpha=rank, init="init_a", seed=seed,
-                      trainable=tuple(head) if kind == "classification" else ())
+        "peft": torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    }
+    for name, fused, shared in (
+        ("widelora", True, True),
+        ("widelora-separate", True, False),
+        ("widelora-plain", False, False),
+    ):
+        m = wl.attach(
+            _shared_copy(base),
+            targets=names,
+            rank=rank,
+            alpha=rank,
+            init="init_a",
+            seed=seed,
+            trainable=tuple(head) if kind == "classification" else (),
+        )
         wl.set_fused(m, fused)
         wl.set_shared_input(m, shared)
         m.train()
@@ -110,8 +135,9 @@ def build_setups(base: torch.nn.Module, kind: str, rank: int, seed: int, lr: flo
     return models, opts, names
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor]
-              ) -> Callable[[], float]:
+def make_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor]
+) -> Callable[[], float]:
     def step() -> float:
         loss = _loss(model, batch)
         loss.backward()
@@ -123,16 +149,19 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, batch: 
     return step
 
 
-def memory_of(model: torch.nn.Module, step: Callable[[], float], batch: dict[str, torch.Tensor],
-              device: str) -> dict[str, int]:
+def memory_of(
+    model: torch.nn.Module, step: Callable[[], float], batch: dict[str, torch.Tensor], device: str
+) -> dict[str, int]:
     with common.saved_activation_bytes(model) as saved:
         loss = _loss(model, batch)
     del loss
     return {"saved_bytes": saved["bytes"], "peak_bytes": common.peak_memory_bytes(step, device)}
 
 
-def _ratios(times: dict[str, dict[str, list[float]]], num: str, den: str, key: str = "wall") -> dict[str, float]:
-    return common.summary([a / b for a, b in zip(times[num][key], times[den][key])])
+def _ratios(
+    times: dict[str, dict[str, list[float]]], num: str, den: str, key: str = "wall"
+) -> dict[str, float]:
+    return common.summary([a / b for a, b in zip(times[num][key], times[den][key], strict=True)])
 
 
 def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor], args) -> dict:
@@ -147,19 +176,31 @@ def bench_model(label: str, base: torch.nn.Module, kind: str, batch: dict[str, t
     mem = {k: memory_of(models[k], steps[k], batch, args.device) for k in models}
     rows, result = [], {"targets": len(names), "batch": list(batch["input_ids"].shape), "setups": {}}
     for k in models:
-        entry = {"wall_s": common.summary(times[k]["wall"]), "cpu_s": common.summary(times[k]["cpu"]), **mem[k],
-                 "ratio_vs_peft": _ratios(times, k, "peft"), "ratio_vs_bound": _ratios(times, k, "bound"),
-                 "cpu_ratio_vs_peft": _ratios(times, k, "peft", "cpu"),
-                 "cpu_ratio_vs_bound": _ratios(times, k, "bound", "cpu")}
+        entry = {
+            "wall_s": common.summary(times[k]["wall"]),
+            "cpu_s": common.summary(times[k]["cpu"]),
+            **mem[k],
+            "ratio_vs_peft": _ratios(times, k, "peft"),
+            "ratio_vs_bound": _ratios(times, k, "bound"),
+            "cpu_ratio_vs_peft": _ratios(times, k, "peft", "cpu"),
+            "cpu_ratio_vs_bound": _ratios(times, k, "bound", "cpu"),
+        }
         result["setups"][k] = entry
         cpu = entry["cpu_s"]
-        rows.append([
-            label, k, f"{cpu['median']:.3f} ({cpu['min']:.3f}-{cpu['max']:.3f})",
-            _fmt_ratio(entry["cpu_ratio_vs_peft"]), _fmt_ratio(entry["cpu_ratio_vs_bound"]),
-            f"{entry['ratio_vs_peft']['median']:.3f}", f"{entry['ratio_vs_bound']['median']:.3f}",
-            f"{mem[k]['saved_bytes'] / 2**20:.1f}", f"{mem[k]['peak_bytes'] / 2**20:.1f}",
-            f"{mem[k]['peak_bytes'] / mem['peft']['peak_bytes']:.3f}",
-        ])
+        rows.append(
+            [
+                label,
+                k,
+                f"{cpu['median']:.3f} ({cpu['min']:.3f}-{cpu['max']:.3f})",
+                _fmt_ratio(entry["cpu_ratio_vs_peft"]),
+                _fmt_ratio(entry["cpu_ratio_vs_bound"]),
+                f"{entry['ratio_vs_peft']['median']:.3f}",
+                f"{entry['ratio_vs_bound']['median']:.3f}",
+                f"{mem[k]['saved_bytes'] / 2**20:.1f}",
+                f"{mem[k]['peak_bytes'] / 2**20:.1f}",
+                f"{mem[k]['peak_bytes'] / mem['peft']['peak_bytes']:.3f}",
+            ]
+        )
     result["rows"] = rows
     return result
 
@@ -168,7 +209,8 @@ def _fmt_ratio(s: dict[str, float]) -> str:
     return f"{s['median']:.3f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
-# ------------------------------------------------------------------------------------- layer-level micro bench
+# ------------------------------------------------------------------------------------- layer-level micro
+# bench
 def bench_layer(args) -> dict:
     """One adapted linear at SmolLM2 shapes: plain vs fused (xAᵀ saved / recomputed) vs frozen bound."""
     import torch.nn.functional as F
@@ -198,13 +240,30 @@ def bench_layer(args) -> dict:
         t = common.interleaved_times({k: (lambda k=k: run(k)) for k in kinds}, args.layer_repeats, 3)
         peaks = {k: common.peak_memory_bytes(lambda k=k: run(k)) for k in kinds}
         key = f"{fin}x{fout}"
-        out[key] = {k: {"cpu_s": common.summary(t[k]["cpu"]), "wall_s": common.summary(t[k]["wall"]),
-                        "peak_bytes": peaks[k]} for k in kinds}
+        out[key] = {
+            k: {
+                "cpu_s": common.summary(t[k]["cpu"]),
+                "wall_s": common.summary(t[k]["wall"]),
+                "peak_bytes": peaks[k],
+            }
+            for k in kinds
+        }
         for k in kinds:
             med = statistics.median(t[k]["cpu"])
-            rows.append([key, k, f"{med * 1e3:.2f}", f"{med / statistics.median(t['plain']['cpu']):.3f}",
-                         f"{med / statistics.median(t['bound']['cpu']):.3f}", f"{peaks[k] / 2**20:.2f}"])
-    print(f"\nlayer-level (N={args.layer_tokens} tokens, r={args.rank}, CPU time, median of {args.layer_repeats})")
+            rows.append(
+                [
+                    key,
+                    k,
+                    f"{med * 1e3:.2f}",
+                    f"{med / statistics.median(t['plain']['cpu']):.3f}",
+                    f"{med / statistics.median(t['bound']['cpu']):.3f}",
+                    f"{peaks[k] / 2**20:.2f}",
+                ]
+            )
+    print(
+        f"\nlayer-level (N={args.layer_tokens} tokens, r={args.rank}, CPU time, median of "
+        f"{args.layer_repeats})"
+    )
     out["table"] = common.print_table(["in x out", "path", "ms", "/plain", "/bound", "peak MiB"], rows)
     return out
 
@@ -212,10 +271,10 @@ def bench_layer(args) -> dict:
 def bench_qkv(args) -> dict:
     """Prototype for 'merged QKV': q, k, v adapted on one input x (SmolLM2 shapes 576 -> 576, 192, 192).
 
-    Separate: three fused_lora_linear calls (as widelora runs today). Merged: one GEMM against the stacked frozen
-    weight [Wq; Wk; Wv] and one rank-3r GEMM against [Aq; Ak; Av] in forward, and the mirror image in backward
-    (hand-written here, not an autograd Function: it measures what a merged path could save, not a shipped one).
-    """
+    Separate: three fused_lora_linear calls (as widelora runs today). Merged: one GEMM against the stacked
+    frozen weight [Wq; Wk; Wv] and one rank-3r GEMM against [Aq; Ak; Av] in forward, and the mirror image in
+    backward (hand-written here, not an autograd Function: it measures what a merged path could save, not a
+    shipped one)."""
     g = torch.Generator().manual_seed(args.seed)
     n, r, fin, outs = args.layer_tokens, args.rank, 576, (576, 192, 192)
     x0 = torch.randn(n, fin, generator=g)
@@ -230,7 +289,7 @@ def bench_qkv(args) -> dict:
 
     def separate() -> None:
         x = x0.clone().requires_grad_()
-        ys = [fused_lora_linear(x, w, None, a, b, 1.0) for w, a, b in zip(ws, a_leaf, b_leaf)]
+        ys = [fused_lora_linear(x, w, None, a, b, 1.0) for w, a, b in zip(ws, a_leaf, b_leaf, strict=True)]
         torch.autograd.backward(ys, gys)
 
     def merged() -> None:
@@ -239,26 +298,30 @@ def bench_qkv(args) -> dict:
         xa = torch.mm(x, a_cat.t())  # forward thin GEMM, one pass over x
         y = torch.mm(x, w_cat.t())
         for i, b in enumerate(b_s):
-            y[:, cols[i]:cols[i + 1]].addmm_(xa[:, i * r:(i + 1) * r], b.t())
+            y[:, cols[i] : cols[i + 1]].addmm_(xa[:, i * r : (i + 1) * r], b.t())
         gy = torch.cat(gys, dim=1)  # in a real merged op the three grads would arrive as one tensor
         gb = torch.empty(n, 3 * r)
         for i, b in enumerate(b_s):
-            torch.mm(gy[:, cols[i]:cols[i + 1]], b, out=gb[:, i * r:(i + 1) * r])
+            torch.mm(gy[:, cols[i] : cols[i + 1]], b, out=gb[:, i * r : (i + 1) * r])
         gx = torch.mm(gy, w_cat)
         gx.addmm_(gb, a_cat)
         torch.mm(gb.t(), x)  # grad of the stacked A
         for i in range(3):
-            torch.mm(gy[:, cols[i]:cols[i + 1]].t(), xa[:, i * r:(i + 1) * r])  # grad of each B
+            torch.mm(gy[:, cols[i] : cols[i + 1]].t(), xa[:, i * r : (i + 1) * r])  # grad of each B
 
     def bound() -> None:
         x = x0.clone().requires_grad_()
         ys = [torch.nn.functional.linear(x, w) for w in ws]
         torch.autograd.backward(ys, gys)
 
-    t = common.interleaved_times({"separate": separate, "merged": merged, "bound": bound}, args.layer_repeats, 3)
+    t = common.interleaved_times(
+        {"separate": separate, "merged": merged, "bound": bound}, args.layer_repeats, 3
+    )
     med = {k: statistics.median(v["cpu"]) for k, v in t.items()}
-    rows = [[k, f"{med[k] * 1e3:.2f}", f"{med[k] / med['separate']:.3f}", f"{med[k] / med['bound']:.3f}"]
-            for k in med]
+    rows = [
+        [k, f"{med[k] * 1e3:.2f}", f"{med[k] / med['separate']:.3f}", f"{med[k] / med['bound']:.3f}"]
+        for k in med
+    ]
     print(f"\nmerged-QKV prototype (N={n}, r={r}, CPU time, median of {args.layer_repeats})")
     table = common.print_table(["q,k,v path", "ms", "/separate", "/bound"], rows)
     return {k: {"cpu_s": common.summary(v["cpu"])} for k, v in t.items()} | {"table": table}
@@ -271,12 +334,18 @@ def load(label: str, args) -> tuple[torch.nn.Module, str, dict[str, torch.Tensor
         return model, "causal_lm", _batch("causal_lm", model.config.vocab_size, 4, args.seq, 0, args.seed)
     if label == "smollm2":
         model, _ = common.load_smollm2()
-        return model, "causal_lm", _batch("causal_lm", model.config.vocab_size, args.smol_batch, args.seq, 0,
-                                          args.seed)
+        return (
+            model,
+            "causal_lm",
+            _batch("causal_lm", model.config.vocab_size, args.smol_batch, args.seq, 0, args.seed),
+        )
     if label == "minilm":
         model, _ = common.load_minilm(num_labels=11)
-        return model, "classification", _batch("classification", model.config.vocab_size, args.minilm_batch,
-                                                args.seq, 11, args.seed)
+        return (
+            model,
+            "classification",
+            _batch("classification", model.config.vocab_size, args.minilm_batch, args.seq, 11, args.seed),
+        )
     raise ValueError(f"model {label!r} is unknown; valid: tiny, minilm, smollm2")
 
 
@@ -290,8 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: CPU time is then a low-noise measure on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: CPU time is then a low-noise measure on a shared machine)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--layer", action="store_true", help="also run the layer-level micro benchmark")
     p.add_argument("--layer-only", action="store_true")
@@ -316,11 +389,26 @@ def main(argv: list[str] | None = None) -> None:
             rows += res["rows"]
             print(f"[{label}] done: {res['targets']} adapted linears, batch {res['batch']}", flush=True)
             del base
-        print(f"\nstep time: process CPU seconds, median (min-max) of {args.repeats} interleaved rounds; ratios "
-              f"per round; rank {args.rank}, all linear layers, torch threads {torch.get_num_threads()}")
+        print(
+            f"\nstep time: process CPU seconds, median (min-max) of {args.repeats} interleaved rounds; "
+            "ratios "
+            f"per round; rank {args.rank}, all linear layers, torch threads {torch.get_num_threads()}"
+        )
         payload["table"] = common.print_table(
-            ["model", "setup", "cpu s/step", "/peft", "/bound", "wall /peft", "wall /bound", "saved MiB",
-             "peak MiB", "peak /peft"], rows)
+            [
+                "model",
+                "setup",
+                "cpu s/step",
+                "/peft",
+                "/bound",
+                "wall /peft",
+                "wall /bound",
+                "saved MiB",
+                "peak MiB",
+                "peak /peft",
+            ],
+            rows,
+        )
     path = common.write_json(args.name, payload)
     print(f"wrote {path}")
 

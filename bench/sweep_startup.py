@@ -10,8 +10,8 @@ one thread, exactly as `widelora demo` drives it. Two trial functions:
 
 The two sweeps alternate (`--rounds` each) so machine load hits both alike. Reported: trials per hour from the
 sweep's wall time, and from the trials' own CPU seconds (less noisy on a shared machine); and, measured
-separately in this process, the start-up of one trial (`build_run`: tokenizer, data, model, adapters, optimizer)
-fresh vs kept, median of `--startup-repeats`.
+separately in this process, the start-up of one trial (`build_run`: tokenizer, data, model, adapters,
+optimizer) fresh vs kept, median of `--startup-repeats`.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/sweep_startup.py
 """

@@ -1,4 +1,5 @@
-"""Claims ledger: the verdict rules on hand-made cells, and the ledger generated from a tiny toy-trial store."""
+"""Claims ledger: the verdict rules on hand-made cells, and the ledger generated from a tiny toy-trial
+store."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def test_exponent_part_says_when_the_interval_excludes_the_prediction() -> None:
     )
 
 
-# -- the ledger from a toy store ------------------------------------------------------------------------------
+# -- the ledger from a toy store
+# ------------------------------------------------------------------------------
 TOY_SPEC = """\
 name: toy-claims
 trial_fn: toy

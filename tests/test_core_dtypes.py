@@ -82,7 +82,7 @@ def test_fused_and_plain_paths_agree_in_half_precision(dtype):
     model.zero_grad()
     wl.set_fused(model, False)
     plain = _run(model, x)
-    for a, b in zip(fused, plain):
+    for a, b in zip(fused, plain, strict=True):
         _close(a, b, dtype)
 
 

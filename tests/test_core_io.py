@@ -135,7 +135,7 @@ def test_corrupt_config_and_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         wl.load_adapter(tiny_llama(), tmp_path)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         wl.load_adapter(tiny_llama(), tmp_path / "nowhere")
 
 

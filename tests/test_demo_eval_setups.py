@@ -1,5 +1,5 @@
-"""The evaluation's extra setups: recommend tuned on a grid (one knob moves adapter and head rates together) and
-the fastai-style LR finder (a suggestion from a range test; the model comes back exactly as it was)."""
+"""The evaluation's extra setups: recommend tuned on a grid (one knob moves adapter and head rates together)
+and the fastai-style LR finder (a suggestion from a range test; the model comes back exactly as it was)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Training under `torchrun` on CPU: two processes (gloo DDP) end with the same adapter; only rank 0 writes."""
+"""Training under `torchrun` on CPU: two processes (gloo DDP) end with the same adapter; only rank 0
+writes."""
 
 from __future__ import annotations
 

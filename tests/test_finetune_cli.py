@@ -155,8 +155,9 @@ def test_every_run_config_field_is_a_flag():
     ),
 )
 def test_flags_reach_the_config(lr, rank, beta, decay, monitor, targets):
-    args = ["finetune", "--lr", repr(lr), "--rank", str(rank), "--betas", f"{beta!r},0.999", "--decay", decay,
-            "--monitor" if monitor else "--no-monitor", "--targets", ",".join(targets), "--dry-run"]  # fmt: skip
+    args = ["finetune", "--lr", repr(lr), "--rank", str(rank), "--betas", f"{beta!r},0.999",
+            "--decay", decay, "--monitor" if monitor else "--no-monitor", "--targets", ",".join(targets),
+            "--dry-run"]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     resolved = json.loads(res.output)

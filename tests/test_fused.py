@@ -62,7 +62,7 @@ def test_fused_matches_plain(dtype, shape, out_f, r, bias, transposed):
     ref = _grads(_plain, x, w, b, A, B, scale, transposed, gy)
     got = _grads(fused_lora_linear, x, w, b, A, B, scale, transposed, gy)
     atol, rtol = TOL[dtype]
-    for name, a, e in zip(("y", "grad_x", "grad_A", "grad_B"), got, ref):
+    for name, a, e in zip(("y", "grad_x", "grad_A", "grad_B"), got, ref, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=name)
 
@@ -108,7 +108,7 @@ def test_fused_matches_plain_property(lead, in_f, out_f, r, scale):
     gy = torch.randn(*lead, out_f, dtype=torch.float64)
     ref = _grads(_plain, x, w, b, A, B, scale, False, gy)
     got = _grads(fused_lora_linear, x, w, b, A, B, scale, False, gy)
-    for a, e in zip(got, ref):
+    for a, e in zip(got, ref, strict=True):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10)
 
 
@@ -198,7 +198,7 @@ def test_lora_linear_uses_fused_path_and_matches_plain():
         assert ("_FusedLoRALinear" in type(y.grad_fn).__name__) is fused
         y.pow(2).sum().backward()
         results[fused] = [t.detach().clone() for t in (y, x.grad, layer.lora_A.grad, layer.lora_B.grad)]
-    for a, e in zip(results[True], results[False]):
+    for a, e in zip(results[True], results[False], strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
     drop = LoRALinear(torch.nn.Linear(6, 5), rank=3, alpha=6.0, dropout=0.5).train()
     assert "_FusedLoRALinear" not in type(drop(x).grad_fn).__name__  # dropout active: plain path

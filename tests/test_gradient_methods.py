@@ -66,7 +66,7 @@ def test_hook_gradients_equal_autograd_and_leave_the_model_alone():
     flags = [p.requires_grad for p in model.parameters()]
     # a budget of two q/v-sized matrices forces several groups (each a pass over the data)
     got = estimate_gradients(model, mods, batches, memory_budget=2 * 32 * 32 * 4, progress=False)
-    assert len(group_by_budget({n: (1, 1) for n in mods}, 8)) == len(mods) // 2
+    assert len(group_by_budget(dict.fromkeys(mods, (1, 1)), 8)) == len(mods) // 2
     ref = _autograd_gradients(model, batches, TARGETS)
     assert set(got) == set(ref)
     for name in ref:
@@ -270,7 +270,7 @@ def test_gradient_is_taken_on_the_base_function_even_after_a_previous_init():
     for p in wl.lora_pairs(fresh):
         torch.testing.assert_close(first[p.name], p.delta(), rtol=1e-5, atol=1e-8)
     # leaving LoRA-GA put the original W back
-    for p, q in zip(wl.lora_pairs(model), wl.lora_pairs(fresh)):
+    for p, q in zip(wl.lora_pairs(model), wl.lora_pairs(fresh), strict=True):
         torch.testing.assert_close(p.weight, q.weight, rtol=1e-6, atol=1e-6)
 
 
@@ -322,7 +322,7 @@ def test_preconditioned_adamw_first_step_equals_the_closed_form(bias_correction,
     _loss(model).backward()
     grads = [(p.A.grad.clone(), p.B.grad.clone()) for p in pairs]
     opt.step()
-    for p, (a, b), (ga, gb) in zip(pairs, before, grads):
+    for p, (a, b), (ga, gb) in zip(pairs, before, grads, strict=True):
         # closed form, written out: preconditioners from the pre-step factors, then one Adam step
         pa = (
             torch.linalg.inv(b.double().T @ b.double() + lam * torch.eye(2, dtype=torch.float64))
@@ -348,7 +348,7 @@ def test_plain_scaled_gd_step_and_the_sequential_reference_variant():
     _loss(model).backward()
     grads = [(p.A.grad.clone(), p.B.grad.clone()) for p in pairs]
     opt.step()
-    for p, (a, b), (ga, gb) in zip(pairs, before, grads):
+    for p, (a, b), (ga, gb) in zip(pairs, before, grads, strict=True):
         pa, _ = precondition_gradients(a, b, ga, gb, lam)
         new_a = a - lr * pa
         torch.testing.assert_close(p.A.detach(), new_a, rtol=1e-5, atol=1e-7)
@@ -365,7 +365,7 @@ def test_pairs_come_from_the_pair_view_not_parameter_order():
         wl.create_optimizer(model, lr=1e-3, method="lora_one_precond", lamda=1.0)
     with pytest.raises(ValueError, match="lam"):
         wl.create_optimizer(model, lr=1e-3, method="lora_one_precond", lam=-1.0)
-    with pytest.raises(ValueError, match="no LoRA pairs|has none|trainable"):
+    with pytest.raises(ValueError, match=r"no LoRA pairs|has none|trainable"):
         wl.create_optimizer(TinyMLP(), lr=1e-3, method="lora_one_precond")
 
 
@@ -408,7 +408,8 @@ def test_lora_one_on_gpt2_conv1d_and_with_a_memory_budget():
         )
 
 
-# --- cheap gradient-informed inits: randomized SVD policy and layer-by-layer gradients -----------------------
+# --- cheap gradient-informed inits: randomized SVD policy and layer-by-layer gradients
+# -----------------------
 
 
 def _gapped(m: int, n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared-input adapters: siblings reading one tensor give the same outputs and gradients as separate layers."""
+"""Shared-input adapters: siblings reading one tensor give the same outputs and gradients as separate
+layers."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def test_gradient_checkpointing_recomputes_the_shared_path_exactly():
     loss, grads = _loss_and_grads(model, batch)
     layers = model.model.layers
     originals = [layer.forward for layer in layers]
-    for layer, fwd in zip(layers, originals):
+    for layer, fwd in zip(layers, originals, strict=True):
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
     ckpt_loss, ckpt_grads = _loss_and_grads(model, batch)
     assert torch.equal(loss, ckpt_loss)

@@ -98,7 +98,7 @@ def test_trial_id_ignores_key_order(config: dict) -> None:
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=3))
 def test_expand_size_is_the_product(sizes: list[int]) -> None:
     names = ["lr", "rank", "seed"][: len(sizes)]
-    axes = {n: [i + 1 for i in range(k)] for n, k in zip(names, sizes)}
+    axes = {n: [i + 1 for i in range(k)] for n, k in zip(names, sizes, strict=True)}
     trials = expand({"init": "init_a"}, axes)
     expected = 1
     for k in sizes:
@@ -239,7 +239,7 @@ def test_run_sweep_checks_arguments(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="workers: -1"):
             run_sweep(spec, store, workers=-1)
         with pytest.raises(
-            UserError, match="'no_such_module:f' is not a registered trial function; valid: .*toy"
+            UserError, match=r"'no_such_module:f' is not a registered trial function; valid: .*toy"
         ):
             run_sweep(spec, store, trial_fn="no_such_module:f")
         assert store.trials() == []  # nothing registered when a call fails

@@ -226,7 +226,8 @@ def test_divergence_keeps_last_good_checkpoint(files, tmp_path, monkeypatch):
 
 
 def test_exploding_loss_ends_diverged_and_rewinds(files, tmp_path, monkeypatch):
-    """A finite loss far above its start is divergence too (a tiny BERT went from 0.69 to 1821 and ended done)."""
+    """A finite loss far above its start is divergence too (a tiny BERT went from 0.69 to 1821 and ended
+    done)."""
     blow_up_loss(monkeypatch, lambda k: 1000.0 if k >= 5 else 1.0)
     run = tmp_path / "run"
     result = run_trial(cls_cfg(files, steps=10, checkpoint_every=1), run)

@@ -1,5 +1,5 @@
-"""Sweeps that keep what they loaded (issue 15 item 3): a process reuses the base model, tokenizer and data of an
-earlier run, and every run still starts from weights equal, bit for bit, to a fresh load."""
+"""Sweeps that keep what they loaded (issue 15 item 3): a process reuses the base model, tokenizer and data of
+an earlier run, and every run still starts from weights equal, bit for bit, to a fresh load."""
 
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ def test_changed_data_file_is_read_again(files, tmp_path):
 
 @pytest.mark.parametrize("kind", ["lm", "cls"])
 def test_trials_in_one_process_equal_fresh_runs(files, tmp_path, fresh_shared, kind):
-    """A pissa trial first (it moves W), then an init_a trial that reuses model and data: the second equals the
-    same trial run fresh, to the last bit of its adapter and its numbers."""
+    """A pissa trial first (it moves W), then an init_a trial that reuses model and data: the second equals
+    the same trial run fresh, to the last bit of its adapter and its numbers."""
     make = lm_cfg if kind == "lm" else cls_cfg
     first = run_trial(make(files, init="pissa"), tmp_path / "t1")
     second = run_trial(make(files, lr=5e-3), tmp_path / "t2")

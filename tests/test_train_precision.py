@@ -62,7 +62,8 @@ def lm_cfg(files, **kw):
 
 
 def _overflow_first_backward(monkeypatch):
-    """The first backward of the run puts an inf into one adapter gradient (an fp16 overflow, made certain)."""
+    """The first backward of the run puts an inf into one adapter gradient (an fp16 overflow, made
+    certain)."""
     real = loop.build_run
 
     def build(cfg, procs, **kw):

@@ -1,4 +1,5 @@
-"""A training run never loses a user's work: checked inputs, safe run folders, robust resume, named file errors."""
+"""A training run never loses a user's work: checked inputs, safe run folders, robust resume, named file
+errors."""
 
 from __future__ import annotations
 

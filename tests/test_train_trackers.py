@@ -1,5 +1,6 @@
-"""Experiment trackers (issue 14 item 3): widelora's loop and HF Trainer write real TensorBoard event files with
-the loss, every parameter group's learning rate and the monitor's numbers; read back with EventAccumulator."""
+"""Experiment trackers (issue 14 item 3): widelora's loop and HF Trainer write real TensorBoard event files
+with the loss, every parameter group's learning rate and the monitor's numbers; read back with
+EventAccumulator."""
 
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def test_finetune_cli_report_to_tensorboard(files, tmp_path):
     from widelora.cli import app
 
     out = tmp_path / "cli"
-    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "corpus.txt"), "--steps", "2",
-            "--rank", "2", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "4", "--no-progress",
+    args = ["finetune", "--model", str(files / "llama"), "--dataset", str(files / "corpus.txt"),
+            "--steps", "2", "--rank", "2", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "4",
+            "--no-progress",
             "--report-to", "tensorboard", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -128,6 +128,9 @@ def test_widelora_train_hf_is_reachable_after_import_widelora():
     import subprocess
     import sys
 
-    code = "import widelora, sys; assert 'widelora.train' not in sys.modules; print(widelora.train.hf.optimizers)"
+    code = (
+        "import widelora, sys; assert 'widelora.train' not in sys.modules; "
+        "print(widelora.train.hf.optimizers)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "function optimizers" in out.stdout, out.stderr[-2000:]

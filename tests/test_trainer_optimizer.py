@@ -49,8 +49,8 @@ def test_hf_trainer_builds_the_groups_from_the_training_arguments(tmp_path, lr, 
 
 
 def test_factory_reads_the_arguments_when_training_starts(tmp_path):
-    """`optimizer_cls_and_kwargs` on a plain Trainer: changing args afterwards (as a hyperparameter search or a
-    command-line override does) changes the groups."""
+    """`optimizer_cls_and_kwargs` on a plain Trainer: changing args afterwards (as a hyperparameter search or
+    a command-line override does) changes the groups."""
     args = _args(tmp_path, learning_rate=1e-3, weight_decay=0.0)
     ds, collate = _data()
     model = _lm()

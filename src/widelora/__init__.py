@@ -48,7 +48,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """`widelora.train` (with `widelora.train.hf`) loads on first use, so that `import widelora` stays light."""
+    """`widelora.train` (with `widelora.train.hf`) loads on first use, so that `import widelora` stays
+    light."""
     if name == "train":
         import importlib
 

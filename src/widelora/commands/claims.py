@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
     ) -> None:
-        """Evaluate each claim by its stated rule on the result files and write the ledger, one row per claim."""
+        """Evaluate each claim by its stated rule on the result files and write the ledger, one row per
+        claim."""
         from widelora.report.claims import evaluate
         from widelora.report.claims import refresh as refresh_sources
         from widelora.report.claims_render import write_ledger

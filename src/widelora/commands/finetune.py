@@ -1,9 +1,9 @@
 """`widelora finetune`: finetune a real model with LoRA from flags, a YAML config, or a preset.
 
 Precedence: defaults ← `--preset` ← `--config file.yaml` ← flags ← `--set key=value`. `--resume RUN_DIR`
-continues an interrupted run with the config stored in RUN_DIR. One flag per RunConfig field, generated from the
-field's metadata (help, choices), so a new field needs no edit here. Expected failures (a bad key or value, a
-folder that is not a run) raise a UserError; the app turns it into one `error:` line and exit code 2.
+continues an interrupted run with the config stored in RUN_DIR. One flag per RunConfig field, generated from
+the field's metadata (help, choices), so a new field needs no edit here. Expected failures (a bad key or
+value, a folder that is not a run) raise a UserError; the app turns it into one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ _FLAG_NAMES = {"out_dir": ("--out", "-o", "--out-dir")}
 
 
 def _flag_type(f: dataclasses.Field) -> type:
-    """The type a flag parses: bool / int / float from the field's annotation, text otherwise (lists, tuples and
-    choices are parsed and checked by RunConfig)."""
+    """The type a flag parses: bool / int / float from the field's annotation, text otherwise (lists, tuples
+    and choices are parsed and checked by RunConfig)."""
     first = str(f.type).split("|")[0].strip()
     return {"bool": bool, "int": int, "float": float}.get(first, str)
 
@@ -75,7 +75,8 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _resolve(
     preset: str | None, config: str | None, resume: str | None, flags: dict[str, Any], set_: list[str]
 ) -> RunConfig:
-    """The run's config: from RUN_DIR's config.json when resuming, else defaults ← preset ← file; then flags."""
+    """The run's config: from RUN_DIR's config.json when resuming, else defaults ← preset ← file; then
+    flags."""
     given = {k: v for k, v in flags.items() if v is not None}  # a flag left out is "not given"
     given.update(_parse_set(set_))  # `--set key=null` is a real null (no clipping, no step cap)
     if "epochs" in given and "steps" not in given:  # --epochs alone means "train by epochs"

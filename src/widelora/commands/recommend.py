@@ -22,19 +22,20 @@ def _curve_lines(probe: dict) -> list[str]:
         za = "-" if row["za_growth"] is None else f"{row['za_growth']:.3g}"
         lines.append(f"{row['lr']:>9.3g}  {row['loss']:>7.4g}  {out:>10}  {za:>12}")
     lines.append(
-        f"edge {probe['edge_lr']:.3g} ({probe['reason']}); lr = edge / {probe['factor']:.3g}; "
-        f"loss lowest after lr {probe['min_loss_lr']:.3g}"
+        f"edge {probe['edge_lr']:.3g} ({probe['reason']}); lr = edge / {probe['factor']:.3g}; loss lowest "
+        f"after lr {probe['min_loss_lr']:.3g}"
         + (f"; internal instability from lr {probe['internal_lr']:.3g}" if probe["internal_lr"] else "")
     )
     lines.append(
-        f"probe cost: {len(probe['curve'])} of {probe['steps']} planned steps of ≤ {probe['batch_size']} examples = "
+        f"probe cost: {len(probe['curve'])} of {probe['steps']} planned steps of ≤ {probe['batch_size']} "
+        "examples = "
         f"{probe['cost_steps']:.3g} training steps ({100 * probe['cost_fraction']:.1f} % of the run)"
     )
     head = probe.get("head")
     if head:
         lines.append(
-            f"head: first Adam step best at {head['first_step']:.3g} on {head['examples']} cached "
-            f"examples; head lr = {head['multiplier']:g} × that (no extra forward: features cached)"
+            f"head: first Adam step best at {head['first_step']:.3g} on {head['examples']} cached examples; "
+            f"head lr = {head['multiplier']:g} × that (no extra forward: features cached)"
         )
     return lines
 
@@ -126,8 +127,8 @@ def recommend_command(
     if out is not None:
         typer.echo(f"\nwrote {out}")
     typer.echo(
-        "\nuse it: widelora finetune --auto ...  |  setup: recommended (sweeps)  |  "
-        "wl.attach(model, setup=rec); wl.create_optimizer(model, setup=rec)"
+        "\nuse it: widelora finetune --auto ...  |  setup: recommended (sweeps)  |  wl.attach(model, "
+        "setup=rec); wl.create_optimizer(model, setup=rec)"
     )
 
 

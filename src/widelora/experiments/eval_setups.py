@@ -1,9 +1,10 @@
-"""Two setups the evaluation of `widelora.recommend` needs besides `manual` and `recommended` (issue 12, part 3):
+"""Two setups the evaluation of `widelora.recommend` needs besides `manual` and `recommended` (issue 12, part
+3):
 
-- ``recommended_tuned``: everything `recommend` chooses (init, method, LoRA+ ratio, head learning rate) with the
-  base learning rate set by the run's ``lr`` instead of the probe — so the recommended setup can be tuned on the
-  same grid as every other setup. The head's learning rate moves with it (``head_lr · lr / lr_probe``): one knob,
-  as a user tuning "the learning rate" would have.
+- ``recommended_tuned``: everything `recommend` chooses (init, method, LoRA+ ratio, head learning rate) with
+  the base learning rate set by the run's ``lr`` instead of the probe — so the recommended setup can be tuned
+  on the same grid as every other setup. The head's learning rate moves with it (``head_lr · lr / lr_probe``):
+  one knob, as a user tuning "the learning rate" would have.
 - ``lr_finder``: the run's own choices (e.g. PEFT's default: Kaiming A, AdamW) with the learning rate a
   fastai-style range test suggests (`widelora.recommend.lr_finder`, "steepest descent ÷ 10", the issue's
   wording) — what users have today when they do not sweep.
@@ -24,7 +25,8 @@ FINDER_STEPS = 100
 
 
 def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:
-    """`recommend`'s choices at the config's base learning rate (the head's rate scaled by the same factor)."""
+    """`recommend`'s choices at the config's base learning rate (the head's rate scaled by the same
+    factor)."""
     from widelora.recommend.runconfig import recommended_setup
     from widelora.train.setups import SetupChoice
 

@@ -157,7 +157,5 @@ def can_fuse(
         return False
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
         return False
-    for t in (A, B):  # the adapters may be float32 on a half-precision base: they are cast, x never is
-        if t is not None and (not t.is_floating_point() or t.device != x.device):
-            return False
-    return True
+    # the adapters may be float32 on a half-precision base: they are cast, x never is
+    return all(t is None or (t.is_floating_point() and t.device == x.device) for t in (A, B))

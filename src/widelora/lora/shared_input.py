@@ -2,9 +2,9 @@
 
 q, k and v (and gate and up) read one hidden state. Separately, each adapter multiplies that (N × in) input by
 its thin (r × in) ``A`` in the forward pass and again for ``grad_A`` and the ``A`` part of ``grad_x`` in the
-backward pass: three reads of ``x`` per product, each a thin, memory-bound GEMM. Stacked, ``x [A_q; A_k; A_v]ᵀ``,
-``grad_A = (g B)_catᵀ x`` and ``grad_x += (g B)_cat A_cat`` are one GEMM each, and the whole group is one
-autograd node, so the group's input gradient is accumulated in place (``addmm_``) into one buffer.
+backward pass: three reads of ``x`` per product, each a thin, memory-bound GEMM. Stacked, ``x [A_q; A_k;
+A_v]ᵀ``, ``grad_A = (g B)_catᵀ x`` and ``grad_x += (g B)_cat A_cat`` are one GEMM each, and the whole group is
+one autograd node, so the group's input gradient is accumulated in place (``addmm_``) into one buffer.
 
 Why detect at run time rather than by name: which siblings share an input is a property of the model's
 forward code (o_proj sits next to q/k/v with the same width but reads the attention output; cross-attention
@@ -40,7 +40,7 @@ class _SharedInputLoRA(torch.autograd.Function):
         a_cat = torch.cat([a.to(x.dtype) for a in a_list])  # (R, in): r·in numbers per member, never N-sized
         xa = torch.mm(x2, a_cat.t())  # (N, R): one GEMM for the whole group
         outs, start = [], 0
-        for w, bias, a, b, s, wt in zip(weights, biases, a_list, b_list, scales, transposed):
+        for w, bias, a, b, s, wt in zip(weights, biases, a_list, b_list, scales, transposed, strict=True):
             w_t = w if wt else w.t()
             y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)
             y.addmm_(xa[:, start : start + a.shape[0]], b.to(x.dtype).t(), alpha=s)
@@ -67,7 +67,7 @@ class _SharedInputLoRA(torch.autograd.Function):
         gb = x2.new_zeros(x2.shape[0], xa.shape[1])  # (N, R): s_j (g_j B_j) side by side
         start = 0
         slices = []
-        for g, b, a, s in zip(gs, b_list, a_list, scales):
+        for g, b, a, s in zip(gs, b_list, a_list, scales, strict=True):
             sl = slice(start, start + a.shape[0])
             slices.append(sl)
             start += a.shape[0]
@@ -75,7 +75,7 @@ class _SharedInputLoRA(torch.autograd.Function):
                 gb[:, sl] = torch.mm(g, b.to(x.dtype)).mul_(s)
         grad_x = None
         if need_x:
-            for g, w, wt in zip(gs, weights, transposed):
+            for g, w, wt in zip(gs, weights, transposed, strict=True):
                 if g is None:
                     continue
                 w_io = w.t() if wt else w  # (out, in)
@@ -85,7 +85,7 @@ class _SharedInputLoRA(torch.autograd.Function):
             grad_x = grad_x.view(x.shape)
         grad_a_cat = torch.mm(gb.t(), x2) if any(need_a) else None  # (R, in): one GEMM for the group
         grad_w, grad_bias, grad_a, grad_b = [None] * k, [None] * k, [None] * k, [None] * k
-        for j, (g, sl) in enumerate(zip(gs, slices)):
+        for j, (g, sl) in enumerate(zip(gs, slices, strict=True)):
             if need_a[j]:
                 grad_a[j] = grad_a_cat[sl].to(a_list[j].dtype)
             if g is None:
@@ -172,7 +172,7 @@ class SharedInput:
         if not all(m.fusable(x) for m in layers):
             return None
         outs = shared_input_lora(x, layers)
-        self._pending = _Pending(x, dict(zip(run[1:], outs[1:])))
+        self._pending = _Pending(x, dict(zip(run[1:], outs[1:], strict=True)))
         return outs[0]
 
 

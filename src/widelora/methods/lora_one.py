@@ -239,8 +239,8 @@ class PreconditionedAdamW(torch.optim.Optimizer):
                 raise RuntimeError("PreconditionedAdamW does not support sparse gradients")
         is_b = [self.partners.get(id(p), ("", None))[0] == "B" for _, p in entries]
         if self.sequential:  # the references: A first (with the current B), then B with the updated A
-            first = [e for e, b in zip(entries, is_b) if not b]
-            second = [e for e, b in zip(entries, is_b) if b]
+            first = [e for e, b in zip(entries, is_b, strict=True) if not b]
+            second = [e for e, b in zip(entries, is_b, strict=True) if b]
             self._apply(first, [self._scaled_grad(p) for _, p in first])
             self._apply(second, [self._scaled_grad(p) for _, p in second])
         else:  # simultaneous: every preconditioner from the pre-step values
@@ -248,7 +248,7 @@ class PreconditionedAdamW(torch.optim.Optimizer):
         return loss
 
     def _apply(self, entries: list[tuple[dict, torch.Tensor]], grads: list[torch.Tensor]) -> None:
-        for (group, p), grad in zip(entries, grads):
+        for (group, p), grad in zip(entries, grads, strict=True):
             lr, wd = group["lr"], group["weight_decay"]
             if not self.adam:
                 if wd:

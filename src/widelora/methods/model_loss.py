@@ -1,4 +1,5 @@
-"""The training loss of a model on one batch, and moving a batch to a device (used by the gradient estimate)."""
+"""The training loss of a model on one batch, and moving a batch to a device (used by the gradient
+estimate)."""
 
 from __future__ import annotations
 

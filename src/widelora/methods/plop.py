@@ -112,7 +112,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if any(p.startswith("lora_") for p in parts):
             continue
         base = _base_linear(mod)
-        if base is None or parts[-1] == "base_layer" and name.rsplit(".", 1)[0] in found:
+        if base is None or (parts[-1] == "base_layer" and name.rsplit(".", 1)[0] in found):
             continue
         if parts[-1] == "base_layer":
             parts = parts[:-1]

@@ -1,12 +1,11 @@
-"""The claims ledger, evaluated: for each claim of the claims file, the measured numbers of its experiments, the
-parts its rule checks, its verdict and the CPU time its evidence cost.
+"""The claims ledger, evaluated: for each claim of the claims file, the measured numbers of its experiments,
+the parts its rule checks, its verdict and the CPU time its evidence cost.
 
 Sweep experiments read committed exports (`widelora.report.export`) or live stores, group the trials by their
 ``setup`` label, and judge each group at its own best learning rate (`widelora.experiments.setup_comparison`:
-seed means, standard errors, seed-paired differences). Width experiments read a width study's
-``summary.json`` (fitted exponents with intervals). A source that is not there yet makes its parts *not yet
-measured*; nothing is ever filled in by hand. Rendering (markdown, figures) is `widelora.report.claims_render`.
-"""
+seed means, standard errors, seed-paired differences). Width experiments read a width study's ``summary.json``
+(fitted exponents with intervals). A source that is not there yet makes its parts *not yet measured*; nothing
+is ever filled in by hand. Rendering (markdown, figures) is `widelora.report.claims_render`."""
 
 from __future__ import annotations
 

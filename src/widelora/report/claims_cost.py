@@ -1,6 +1,6 @@
-"""What the evidence of a claim cost in CPU time: the sweep store's per-trial ``cpu_s``, and for trials that ran
-before it was recorded, an estimate from measured trials of the same protocol (never the wall clock of a shared
-machine when a better number exists)."""
+"""What the evidence of a claim cost in CPU time: the sweep store's per-trial ``cpu_s``, and for trials that
+ran before it was recorded, an estimate from measured trials of the same protocol (never the wall clock of a
+shared machine when a better number exists)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from widelora.sweep.store import TrialRecord
 
 @dataclass
 class Cost:
-    """CPU seconds of the runs behind an experiment. Trials recorded before ``cpu_s`` existed are *estimated* at
-    the median measured trial of the same protocol (model, task, steps, batch, sequence length) when one exists,
-    else timed by wall clock × threads (an upper bound on a shared machine)."""
+    """CPU seconds of the runs behind an experiment. Trials recorded before ``cpu_s`` existed are *estimated*
+    at the median measured trial of the same protocol (model, task, steps, batch, sequence length) when one
+    exists, else timed by wall clock × threads (an upper bound on a shared machine)."""
 
     seconds: float = 0.0
     runs: int = 0
@@ -32,7 +32,8 @@ class Cost:
         if self.wall_only:
             notes.append(f"{self.wall_only} timed by wall clock × threads (an upper bound)")
         extra = "; " + "; ".join(notes) if notes else ""
-        return f"{'≈ ' if self.estimated else ''}{self.seconds / 60:.1f} CPU-min ({self.runs} {self.unit}{extra})"
+        approx = "≈ " if self.estimated else ""
+        return f"{approx}{self.seconds / 60:.1f} CPU-min ({self.runs} {self.unit}{extra})"
 
 
 PROTOCOL_KEYS = ("model", "task", "steps", "batch_size", "seq_len", "eval_examples")

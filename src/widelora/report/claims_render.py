@@ -22,25 +22,25 @@ from widelora.report.verdicts import MARK, RULES
 from widelora.report.width_claims import delta_split_parts
 
 HOW_VERDICTS = (
-    "**How a verdict is computed.** Each claim is checked as parts by a stated rule (given under each claim). "
-    "Setups are compared each at its own best learning rate of the grid (seed mean ± standard error); a "
-    "difference counts when the seed-paired difference exceeds {z:g} standard errors, and a part counts only "
-    "with at least {min_seeds} seeds (fewer: shown as preliminary, marked …). A part holds (✓), is within noise "
-    "(≈) or is contradicted (✗). Every measured part holds → **holds**; none → **does not hold here**; "
-    "otherwise **holds in part**; nothing measured → **not yet measured**. CPU time is the sum of the trials' "
-    "CPU seconds as the sweep store recorded them."
+    "**How a verdict is computed.** Each claim is checked as parts by a stated rule (given under each "
+    "claim). Setups are compared each at its own best learning rate of the grid (seed mean ± standard "
+    "error); a difference counts when the seed-paired difference exceeds {z:g} standard errors, and a part "
+    "counts only with at least {min_seeds} seeds (fewer: shown as preliminary, marked …). A part holds (✓), "
+    "is within noise (≈) or is contradicted (✗). Every measured part holds → **holds**; none → **does not "
+    "hold here**; otherwise **holds in part**; nothing measured → **not yet measured**. CPU time is the sum "
+    "of the trials' CPU seconds as the sweep store recorded them."
 )
 RULE_TEXT = {
     "pending": "no experiment has been run yet",
     "width_delta_split": " ".join((delta_split_parts.__doc__ or "").split()),
     "width_feature_growth": (
-        "the log-log slope of |Z_A| (at each width's optimal learning rate, end of training, seed mean) over width "
-        "must have its 95% interval above 0; below 0 contradicts; containing 0 is within noise"
+        "the log-log slope of |Z_A| (at each width's optimal learning rate, end of training, seed mean) over "
+        "width must have its 95% interval above 0; below 0 contradicts; containing 0 is within noise"
     ),
     "width_exponent": (
-        "the fitted exponent's 95% interval must contain the prediction (a range: the estimate inside it and the "
-        "interval overlapping it) and be at most 0.5 wide (a wider one determines nothing: within noise); an "
-        "interval that excludes the prediction contradicts the claim"
+        "the fitted exponent's 95% interval must contain the prediction (a range: the estimate inside it and "
+        "the interval overlapping it) and be at most 0.5 wide (a wider one determines nothing: within "
+        "noise); an interval that excludes the prediction contradicts the claim"
     ),
 }
 
@@ -92,7 +92,8 @@ def _metric_vs_lr(e: ExperimentResult, path: Path, title: str) -> Path | None:
 
 
 def _optimal_lr_vs_width(e: ExperimentResult, path: Path, title: str) -> Path | None:
-    """Optimal learning rate vs width per init (refined optimum; per-seed grid argmins as dots; fitted line)."""
+    """Optimal learning rate vs width per init (refined optimum; per-seed grid argmins as dots; fitted
+    line)."""
     summary = e.summaries[0]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.2, 4.3))
@@ -141,7 +142,8 @@ def ledger_markdown(
     lines += [
         HOW_VERDICTS.format(z=s.z, min_seeds=s.min_seeds),
         "",
-        "| # | claim (source) | experiment | measured (seed mean ± s.e.) | verdict | what would change it | CPU time |",
+        "| # | claim (source) | experiment | measured (seed mean ± s.e.) | verdict | what would change it | "
+        "CPU time |",
         "|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(results, 1):

@@ -1,4 +1,5 @@
-"""The claims file of the ledger (e.g. docs/claims.yaml): which stored results test which claim, by which rule.
+"""The claims file of the ledger (e.g. docs/claims.yaml): which stored results test which claim, by which
+rule.
 
 Why a file: the ledger must regenerate from the repository, and a verdict must come from a stated rule, not be
 typed by hand. The file names result *sources* (a committed sweep export or width-study summary, and the live
@@ -7,9 +8,9 @@ store it is refreshed from), and per claim the experiments, the groups they comp
     settings: {z: 2, min_seeds: 3}
     sources:
       eval-minilm:
-        kind: sweep                       # sweep (an export, see widelora.report.export) | width (a study export)
-        file: results/claims/eval-minilm-topics.json     # relative to this file's folder
-        store: /work/eval/sweeps/eval-minilm-topics/results.sqlite   # optional: `--refresh` exports from it
+        kind: sweep                       # sweep (an export, see widelora.report.export) | width (a study
+        export) file: results/claims/eval-minilm-topics.json     # relative to this file's folder store:
+        /work/eval/sweeps/eval-minilm-topics/results.sqlite   # optional: `--refresh` exports from it
                                           # (width: the study folder, see widelora.report.width_claims)
         command: widelora sweep examples/sweeps/eval_minilm_topics.yaml --workers 1 --threads 1
         setting: all-MiniLM-L6-v2, Wikipedia topics, 120 steps x 16 x 32 tokens, 3 seeds
@@ -25,8 +26,8 @@ store it is refreshed from), and per claim the experiments, the groups they comp
         figure: metric_vs_lr              # metric_vs_lr | optimal_lr_vs_width | none
 
 A group may come from another source than its experiment's (``{source: other, setup: ...}``), so sweeps that
-overlap are shared instead of run twice. Every mistake raises a UserError naming the key and the valid choices.
-"""
+overlap are shared instead of run twice. Every mistake raises a UserError naming the key and the valid
+choices."""
 
 from __future__ import annotations
 

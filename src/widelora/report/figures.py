@@ -261,7 +261,7 @@ def plot_curves(res: SweepResults, path: Path) -> Path | None:
         return None
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.0), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        for ax, name in zip(axes[0], names, strict=True):
             scale = display_scale(name)
             smoothed = 1
             for i, g in enumerate(groups):

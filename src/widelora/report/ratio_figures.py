@@ -135,7 +135,7 @@ def plot_exponent_sensitivity(rows: list[dict], path: Path) -> Path:
     grids = list(dict.fromkeys(r["grid"] for r in rows))
     fig, axes = plt.subplots(1, len(inits), figsize=(4.8 * len(inits), 3.8), squeeze=False, sharey=True)
     for ax, init in zip(axes[0], inits, strict=True):
-        for k, (grid, marker) in enumerate(zip(grids, "os^", strict=False)):
+        for k, (grid, marker) in enumerate(zip(grids, "os^", strict=True)):
             sel = [r for r in rows if r["init"] == init and r["grid"] == grid and r["slope"] is not None]
             x = np.array([r["budget"] for r in sel], dtype=float) * 2 ** ((k - 1) * 0.08)  # dodge
             y = np.array([r["slope"] for r in sel])

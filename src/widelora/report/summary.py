@@ -187,7 +187,7 @@ def _distinguish(groups: list[Group]) -> None:
                 if k not in (*SEED_KEYS, X_AXIS) and len({_hashable(x.get(k)) for x in configs}) > 1
             }
         )
-        for g, c in zip(same, configs):
+        for g, c in zip(same, configs, strict=True):
             g.label = f"{g.label} [" + ", ".join(f"{k}={pretty(c.get(k))}" for k in keys) + "]"
 
 

@@ -1,5 +1,5 @@
-"""Verdicts of the claims ledger: stated rules that turn measured numbers into holds / holds in part / does not
-hold here, so that no verdict is typed by hand.
+"""Verdicts of the claims ledger: stated rules that turn measured numbers into holds / holds in part / does
+not hold here, so that no verdict is typed by hand.
 
 A claim is checked as *parts* (e.g. "Init[A]'s best learning rate is larger than Init[B]'s", "Init[A]'s best
 accuracy is higher"), each with one outcome:
@@ -10,11 +10,10 @@ accuracy is higher"), each with one outcome:
 - ``missing``: not measured yet, or fewer seeds than the ledger asks for (numbers so far are shown as
   preliminary, never counted).
 
-`combine` makes the claim's verdict from its parts: every measured part holds → *holds*; none holds → *does not
-hold here*; otherwise *holds in part*; nothing measured → *not yet measured*. Parts still missing are named
-beside the verdict. A rule (`RULES`) is a function of the compared groups and the ledger's settings, registered
-by name so that a claims file is data.
-"""
+`combine` makes the claim's verdict from its parts: every measured part holds → *holds*; none holds → *does
+not hold here*; otherwise *holds in part*; nothing measured → *not yet measured*. Parts still missing are
+named beside the verdict. A rule (`RULES`) is a function of the compared groups and the ledger's settings,
+registered by name so that a claims file is data."""
 
 from __future__ import annotations
 
@@ -217,9 +216,9 @@ def rule_larger_lr_and_better(groups: Sequence[Group], s: Settings) -> list[Part
 
 
 def rule_better_and_faster(groups: Sequence[Group], s: Settings) -> list[Part]:
-    """groups [a, b]: a beats b at its own best learning rate, and a at half the budget reaches b's full-budget
-    metric (a ≥ 2× speed-up). Half budget reads the validation evaluation logged there; full budget the
-    final held-out number (both held-out samples of the same documents)."""
+    """groups [a, b]: a beats b at its own best learning rate, and a at half the budget reaches b's
+    full-budget metric (a ≥ 2× speed-up). Half budget reads the validation evaluation logged there; full
+    budget the final held-out number (both held-out samples of the same documents)."""
     _pair(groups, 2, "better_and_faster")
     a, b = groups
     parts = rule_better(groups, s)
@@ -245,8 +244,8 @@ RULES: dict[str, RuleFn] = {
 def exponent_part(name: str, fit: dict, predicted: tuple[float, float]) -> Part:
     """A width study's fitted exponent (slope of log optimal LR on log width, with its interval) against the
     predicted exponent or range: the interval excluding it contradicts; an interval wider than
-    ``INFORMATIVE_CI_WIDTH`` determines nothing (a tie); otherwise the point estimate inside the prediction (or
-    the interval covering it) holds, and an overlap with the estimate outside is a tie (not resolved)."""
+    ``INFORMATIVE_CI_WIDTH`` determines nothing (a tie); otherwise the point estimate inside the prediction
+    (or the interval covering it) holds, and an overlap with the estimate outside is a tie (not resolved)."""
     lo_p, hi_p = sorted(predicted)
     pred = f"{lo_p:g}" if lo_p == hi_p else f"[{lo_p:g}, {hi_p:g}]"
     text = f"{name}: optimal-LR exponent matches the prediction {pred}"

@@ -27,8 +27,8 @@ def features_at_optimum(
     """{init: {"widths", "z_a", "z_b"}}: final |Z_A|, |Z_B| (seed mean) at each width's optimal grid LR.
 
     ``optima`` are the summary's rows (width, init, lr_grid, ratio); ``chunk_of(width, init)`` gives the chunk
-    with the traces. Only the first ratio of a study that varies it is read (plain AdamW when ratio 1 is first).
-    """
+    with the traces. Only the first ratio of a study that varies it is read (plain AdamW when ratio 1 is
+    first)."""
     out: dict[str, dict[str, list[float]]] = {}
     rows = list(optima)
     first_ratio = rows[0].get("ratio", 1.0) if rows else 1.0
@@ -73,9 +73,9 @@ def export_study(folder: str | Path, out: str | Path) -> Path:
 
 
 def fits_by_budget(summary: Mapping[str, Any], chunk_of: Callable[[int, str], Any]) -> dict[str, Any]:
-    """{budget: {"fits", "optima"}} for every earlier budget the study recorded (``--eval-steps``): the optimum
-    per (width, init) read the study's way at that step, and the exponent fit over widths. One run with a
-    constant learning rate thereby answers the step-budget question without retraining."""
+    """{budget: {"fits", "optima"}} for every earlier budget the study recorded (``--eval-steps``): the
+    optimum per (width, init) read the study's way at that step, and the exponent fit over widths. One run
+    with a constant learning rate thereby answers the step-budget question without retraining."""
     from dataclasses import asdict
 
     from widelora.experiments.width_results import find_optimum, fit_optima
@@ -97,8 +97,8 @@ def fits_by_budget(summary: Mapping[str, Any], chunk_of: Callable[[int, str], An
 
 
 def feature_growth_part(name: str, features: dict[str, list[float]] | None) -> Part:
-    """ "|Z_A| grows with width": the log-log slope of |Z_A| at the optimum over widths, its 95% interval above
-    zero (holds), below zero (contradicted), or containing zero (tie)."""
+    """ "|Z_A| grows with width": the log-log slope of |Z_A| at the optimum over widths, its 95% interval
+    above zero (holds), below zero (contradicted), or containing zero (tie)."""
     from widelora.theory import fit_loglog_slope
 
     text = f"{name}: |Z_A| at the optimal learning rate grows with width"
@@ -126,8 +126,8 @@ def shares_by_width(rows: Iterable[Mapping[str, Any]], init: str) -> dict[int, f
 
 def delta_split_parts(rows: list[Mapping[str, Any]] | None) -> list[Part]:
     """Theorem 2 on the toy model, at each init's optimal learning rate: (1) under Init[B] δ2's share of the
-    feature update shrinks with width (log-log slope over widths, 95% interval below 0); (2) it is below Init[A]'s
-    at every width measured (at none: contradicted; at some: a tie)."""
+    feature update shrinks with width (log-log slope over widths, 95% interval below 0); (2) it is below
+    Init[A]'s at every width measured (at none: contradicted; at some: a tie)."""
     from widelora.theory import fit_loglog_slope
 
     shrink = "Init[B]: δ2's share of the feature update shrinks with width (B undertrained)"

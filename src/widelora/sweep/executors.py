@@ -16,6 +16,7 @@ time, not wall time on a shared machine, is what an experiment costs.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -76,7 +77,7 @@ def execute_trial(
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         result = normalize_result(fn(dict(config), run_dir, metrics))
-    except Exception as exc:  # noqa: BLE001 - a trial's failure must not end the sweep
+    except Exception as exc:
         tb = traceback.format_exc(limit=-6)
         result = failed(f"{type(exc).__name__}: {exc}\n{tb}")
     result["final"]["cpu_s"] = time.process_time() - cpu_start
@@ -264,10 +265,8 @@ class LocalExecutor:
 
     def close(self) -> None:
         for q in self._queues.values():
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 q.put(None)
-            except (OSError, ValueError):
-                pass
         for p in self._procs.values():
             p.join(timeout=5)
             if p.is_alive():

@@ -58,7 +58,7 @@ def expand(base: Mapping[str, Any], axes: Mapping[str, list[Any]]) -> list[Trial
     for index, values in enumerate(itertools.product(*(axes[n] for n in names))):
         config = dict(base)
         labels: dict[str, Any] = {}
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             if name in BUNDLE_AXES:
                 bundle = dict(value)
                 labels[name] = bundle.pop("label")

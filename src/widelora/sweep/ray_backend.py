@@ -76,7 +76,7 @@ class RayExecutor:
             tid = self._refs.pop(ref)
             try:
                 result = normalize_result(self._ray.get(ref))
-            except Exception as exc:  # noqa: BLE001 - a crashed Ray worker fails only its trial
+            except Exception as exc:
                 result = failed(f"Ray task failed: {type(exc).__name__}: {exc}")
             self._drain(emit)  # metrics sent just before the task returned
             emit(("done", tid, result))

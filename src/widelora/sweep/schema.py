@@ -65,7 +65,9 @@ def connect(path: Path) -> sqlite3.Connection:
         raise FileProblem(
             path, "is a folder, not a sweep store", f"give a file such as {path / 'results.sqlite'}"
         )
-    if not _empty_or_sqlite(path):  # SQLite would take a short text file for an empty database and overwrite it
+    if not _empty_or_sqlite(
+        path
+    ):  # SQLite would take a short text file for an empty database and overwrite it
         raise FileProblem(
             path, "cannot be opened as a sweep store (file is not a database: no SQLite header)", STORE_HINT
         )

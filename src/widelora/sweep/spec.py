@@ -241,12 +241,15 @@ def _axis_values(
             f"{{min, max, num[, scale: log|linear]}}, got {value!r}"
         )
     if key in BUNDLE_AXES:
-        value = [_bundle(key, item, inode, source, valid, trial) for item, inode in zip(value, node.value)]
+        value = [
+            _bundle(key, item, inode, source, valid, trial)
+            for item, inode in zip(value, node.value, strict=True)
+        ]
         labels = [item["label"] for item in value]
         if len(set(map(str, labels))) != len(labels):
             raise SpecError(f"{source} line {line}: labels of axis {key!r} must be distinct, got {labels}")
     if key == "lr":
-        for item, inode in zip(value, node.value):
+        for item, inode in zip(value, node.value, strict=True):
             if isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
                 raise SpecError(
                     f"{source} line {_line(inode)}: lr values must be positive numbers, got {item!r}"

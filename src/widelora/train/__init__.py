@@ -1,7 +1,8 @@
-"""widelora.train: finetune real models (loop, checkpoints, HF Trainer glue, DDP) behind one stable entry point.
+"""widelora.train: finetune real models (loop, checkpoints, HF Trainer glue, DDP) behind one stable entry
+point.
 
-`run_trial(config, run_dir, on_metrics=None) -> dict` is the contract sweeps build on: it never raises for a bad
-run; it returns `{"status": "done" | "diverged" | "failed", "final": {metric: value}, "error": str | None,
+`run_trial(config, run_dir, on_metrics=None) -> dict` is the contract sweeps build on: it never raises for a
+bad run; it returns `{"status": "done" | "diverged" | "failed", "final": {metric: value}, "error": str | None,
 "checkpoint": str | None, ...}` and resumes from `run_dir`'s checkpoint when one is present.
 
 Importing this package is light (the config and presets); the loop, and `widelora.train.hf` (HF Trainer glue,
@@ -58,7 +59,8 @@ def train(
     keep_loaded: bool = False,
 ) -> dict[str, Any]:
     """Like `run_trial` but lets exceptions propagate (for scripts and tests that want the traceback).
-    `keep_loaded`: keep the loaded model and data in this process for the next run (`widelora.train.cache`)."""
+    `keep_loaded`: keep the loaded model and data in this process for the next run
+    (`widelora.train.cache`)."""
     from widelora.train import loop
     from widelora.train.cache import shared_cache
 
@@ -74,10 +76,9 @@ def run_trial(
     The process keeps the loaded base model, tokenizer and data for the next trial that uses the same ones (a
     sweep worker's start-up is paid once; each trial still gets an exact copy: `widelora.train.cache`).
 
-    `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks the
-    base; None is a value, e.g. `max_grad_norm: None` turns clipping off). `on_metrics(step, row)` receives every
-    logged row (rows have a "kind": train / eval / monitor / status).
-    """
+    `config`: a RunConfig, or a dict of RunConfig keys (missing keys take the defaults; a "preset" key picks
+    the base; None is a value, e.g. `max_grad_norm: None` turns clipping off). `on_metrics(step, row)`
+    receives every logged row (rows have a "kind": train / eval / monitor / status)."""
     try:
         return train(config, run_dir, on_metrics=on_metrics, resume=True, keep_loaded=True)
     except KeyboardInterrupt:

@@ -1,17 +1,17 @@
 """What a run loaded, kept for the next run in the same process: tokenizer, tokenized data, the base model.
 
-Why: a sweep worker runs trial after trial on the same model and data; loading the model and tokenizing the data
-again for each one made start-up a large part of a short trial. `run_trial` (the sweep's trial function) uses the
-process-wide `shared_cache()`, so a long-lived worker (`widelora.sweep`'s local workers, Ray's reused workers)
-pays the loading once. `widelora finetune` and `train()` load fresh.
+Why: a sweep worker runs trial after trial on the same model and data; loading the model and tokenizing the
+data again for each one made start-up a large part of a short trial. `run_trial` (the sweep's trial function)
+uses the process-wide `shared_cache()`, so a long-lived worker (`widelora.sweep`'s local workers, Ray's reused
+workers) pays the loading once. `widelora finetune` and `train()` load fresh.
 
-Exactness: the cache keeps the base model exactly as loaded (on the CPU) and never hands it out: each run gets a
-deep copy, so adapters, heads, trainable modules and weights moved by an init (pissa, lora_ga) in one run cannot
-reach the next, whose frozen weights equal a fresh load bit for bit (`fingerprint` checks it in the tests). The
-cost is one extra copy of the base model in host memory per worker. Keys hold everything the loaded object
-depends on: the classification head is initialized from the seed, so a classifier's key holds the seed; the data
-split and order depend on the seed too; a data file's size and modification time are part of its key.
-"""
+Exactness: the cache keeps the base model exactly as loaded (on the CPU) and never hands it out: each run gets
+a deep copy, so adapters, heads, trainable modules and weights moved by an init (pissa, lora_ga) in one run
+cannot reach the next, whose frozen weights equal a fresh load bit for bit (`fingerprint` checks it in the
+tests). The cost is one extra copy of the base model in host memory per worker. Keys hold everything the
+loaded object depends on: the classification head is initialized from the seed, so a classifier's key holds
+the seed; the data split and order depend on the seed too; a data file's size and modification time are part
+of its key."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ class StartupCache:
         ))  # fmt: skip
 
     def model(self, cfg: Any, num_labels: int | None) -> nn.Module:
-        """A fresh copy of the base model, on the CPU, in eval mode, exactly as `models.load_model` returns it."""
+        """A fresh copy of the base model, on the CPU, in eval mode, exactly as `models.load_model` returns
+        it."""
         dtype = getattr(torch, cfg.dtype)
         seed = cfg.seed if cfg.task == "classification" else None  # a causal LM's weights do not depend on it
         key = (cfg.model, cfg.task, num_labels, cfg.dtype, seed)
@@ -119,7 +120,8 @@ def shared_cache() -> StartupCache:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter's and buffer's name, dtype, shape and bytes: equal models, equal fingerprints."""
+    """A hash of every parameter's and buffer's name, dtype, shape and bytes: equal models, equal
+    fingerprints."""
     digest = hashlib.blake2b(digest_size=16)
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
     for name, t in sorted(tensors, key=lambda nt: nt[0]):

@@ -1,15 +1,15 @@
 """Checkpoints that resume bit-for-bit: trainable tensors, optimizer state, scheduler, RNG and counters.
 
-Layout of `run_dir/checkpoints/step-000042/` (written to a temp folder, then renamed; `run_dir/checkpoints/latest`
-names the newest complete one and is replaced atomically, so a crash never leaves a half-written checkpoint):
+Layout of `run_dir/checkpoints/step-000042/` (written to a temp folder, then renamed;
+`run_dir/checkpoints/latest` names the newest complete one and is replaced atomically, so a crash never leaves
+a half-written checkpoint):
 - `adapter/`             the PEFT-format adapter (`widelora.save_adapter`) — what users load elsewhere;
 - `trainable.safetensors` the raw trainable parameters (exact, for resuming);
 - `optimizer.safetensors` + `optimizer.json` the optimizer state tensors and its hyperparameters;
 - `rng.safetensors`      torch CPU (and CUDA) RNG states;
 - `state.json`           step, micro-batch counter, scheduler state, divergence tracker, metrics so far.
-No pickle anywhere. Resuming never trusts one file blindly: a missing or dangling `latest`, or a corrupt newest
-checkpoint, falls back to the newest checkpoint that reads completely (with a warning).
-"""
+No pickle anywhere. Resuming never trusts one file blindly: a missing or dangling `latest`, or a corrupt
+newest checkpoint, falls back to the newest checkpoint that reads completely (with a warning)."""
 
 from __future__ import annotations
 
@@ -235,8 +235,8 @@ def _apply(staged: _Staged, model: nn.Module, optimizer: torch.optim.Optimizer, 
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore tensors, optimizer, scheduler and RNG from `path`; returns its state.json. A checkpoint that cannot
-    be read completely is a FileProblem naming it, and leaves the run untouched."""
+    """Restore tensors, optimizer, scheduler and RNG from `path`; returns its state.json. A checkpoint that
+    cannot be read completely is a FileProblem naming it, and leaves the run untouched."""
     path = Path(path)
     try:
         staged = _read(path, model, optimizer)
@@ -251,9 +251,8 @@ def resume_latest(
 ) -> tuple[Path, dict[str, Any]] | None:
     """Restore the newest checkpoint that reads completely; None when the run has none.
 
-    A corrupt newest checkpoint is skipped with a warning; when every checkpoint is corrupt, a FileProblem names
-    them rather than silently starting again from step 0.
-    """
+    A corrupt newest checkpoint is skipped with a warning; when every checkpoint is corrupt, a FileProblem
+    names them rather than silently starting again from step 0."""
     problems = []
     for path in _candidates(run_dir):
         try:

@@ -1,10 +1,10 @@
 """`RunConfig`: every knob of one finetuning run, written once.
 
-Why one dataclass: the CLI, YAML files, presets, sweeps and the HF Trainer glue all describe a run the same way.
-Each field carries its help text, its valid choices and its check in its metadata, so `widelora finetune`'s flags
-are generated from it (`commands/finetune.py`), presets are plain data files (`train/presets/*.yaml`), and one
-validation step gives every entry point the same clear errors (a `UserError` naming the key and what is valid).
-"""
+Why one dataclass: the CLI, YAML files, presets, sweeps and the HF Trainer glue all describe a run the same
+way. Each field carries its help text, its valid choices and its check in its metadata, so `widelora
+finetune`'s flags are generated from it (`commands/finetune.py`), presets are plain data files
+(`train/presets/*.yaml`), and one validation step gives every entry point the same clear errors (a `UserError`
+naming the key and what is valid)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ REPORT_TO = ("none", "tensorboard")
 
 
 class _NotGiven:
-    """The value of an override that was not given (None is a real value: `max_grad_norm: null` = no clipping)."""
+    """The value of an override that was not given (None is a real value: `max_grad_norm: null` = no
+    clipping)."""
 
     def __repr__(self) -> str:
         return "NOT_GIVEN"
@@ -131,7 +132,8 @@ def meta(
     choices: tuple[str, ...] | None = None,
     resume_free: bool = False,
 ) -> dict[str, Any]:
-    """A RunConfig field's metadata: help text, check, choices, and whether it may change when a run resumes."""
+    """A RunConfig field's metadata: help text, check, choices, and whether it may change when a run
+    resumes."""
     return {"help": help, "check": check, "choices": choices, "resume_free": resume_free}
 
 
@@ -254,7 +256,7 @@ class RunConfig:
         "runs/finetune", "Run folder (metrics, checkpoints, adapter).", text, resume_free=True
     )
 
-    # ----------------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------------------
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

@@ -1,23 +1,24 @@
-"""Glue for Hugging Face `Trainer`: widelora's optimizer, adapter-only saving, and the feature monitor in the logs.
+"""Glue for Hugging Face `Trainer`: widelora's optimizer, adapter-only saving, and the feature monitor in the
+logs.
 
 Why: many users already train with `Trainer`. `widelora.train.hf.Trainer` builds widelora's optimizer (LoRA+,
-the preconditioned ones, a separate head learning rate) in Trainer's own `create_optimizer` hook, from the model
-Trainer actually trains (after accelerate / FSDP / DeepSpeed wrapping, where Trainer refuses a ready-made
-`optimizers=`), and with `TrainingArguments`' `learning_rate`, `weight_decay`, Adam betas and epsilon, so
-command-line overrides, hyperparameter searches and Trainer's schedulers act on it:
+the preconditioned ones, a separate head learning rate) in Trainer's own `create_optimizer` hook, from the
+model Trainer actually trains (after accelerate / FSDP / DeepSpeed wrapping, where Trainer refuses a
+ready-made `optimizers=`), and with `TrainingArguments`' `learning_rate`, `weight_decay`, Adam betas and
+epsilon, so command-line overrides, hyperparameter searches and Trainer's schedulers act on it:
 
     trainer = widelora.train.hf.Trainer(model=model, args=TrainingArguments(..., learning_rate=2e-4),
                                         train_dataset=ds, method="loraplus", optimizer_options={"ratio": 16},
                                         callbacks=[widelora.train.hf.MonitorCallback(every=10)])
 
 A plain `transformers.Trainer` (or TRL's) gets the same optimizer through
-`optimizer_cls_and_kwargs=widelora.train.hf.optimizer_cls_and_kwargs(args, method="loraplus")`, which reads the
-arguments when the optimizer is built. `optimizers(model, lr, ...)` still returns a ready-made pair for setups
-without FSDP / DeepSpeed. Checkpoints hold the adapter (`widelora.save_adapter`, so an init that moved the base
-weights — pissa, lora_ga — still reloads to the trained model); DeepSpeed ZeRO-3 / FSDP sharded states are not
-saved by it. `MonitorCallback` puts |Z_A|, |Z_B|, the δ2 share, instability flags and every parameter group's
-learning rate into Trainer's logs, so `report_to` (tensorboard, wandb, mlflow) receives them.
-"""
+`optimizer_cls_and_kwargs=widelora.train.hf.optimizer_cls_and_kwargs(args, method="loraplus")`, which reads
+the arguments when the optimizer is built. `optimizers(model, lr, ...)` still returns a ready-made pair for
+setups without FSDP / DeepSpeed. Checkpoints hold the adapter (`widelora.save_adapter`, so an init that moved
+the base weights — pissa, lora_ga — still reloads to the trained model); DeepSpeed ZeRO-3 / FSDP sharded
+states are not saved by it. `MonitorCallback` puts |Z_A|, |Z_B|, the δ2 share, instability flags and every
+parameter group's learning rate into Trainer's logs, so `report_to` (tensorboard, wandb, mlflow) receives
+them."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def check_optimizer_options(method: str, options: dict[str, Any]) -> None:
 def optimizer_from_arguments(
     model: nn.Module, args: transformers.TrainingArguments, method: str = "adamw", **options: Any
 ) -> torch.optim.Optimizer:
-    """`widelora.create_optimizer` over `model` with the learning rate, weight decay, Adam betas and epsilon of
-    `args`, read now (so a change to `args` before training starts is honoured); `options` are the method's
+    """`widelora.create_optimizer` over `model` with the learning rate, weight decay, Adam betas and epsilon
+    of `args`, read now (so a change to `args` before training starts is honoured); `options` are the method's
     own (ratio, head_lr, embedding_lr, ...)."""
     check_optimizer_options(method, options)
     return wl.create_optimizer(
@@ -81,8 +82,9 @@ def optimizer_from_arguments(
 
 
 class OptimizerFactory:
-    """transformers' optimizer-factory protocol (`Trainer(optimizer_cls_and_kwargs=(factory, kwargs))`): Trainer
-    calls `OptimizerFactory()(model, **kwargs)` inside `create_optimizer`, with the model it trains."""
+    """transformers' optimizer-factory protocol (`Trainer(optimizer_cls_and_kwargs=(factory, kwargs))`):
+    Trainer calls `OptimizerFactory()(model, **kwargs)` inside `create_optimizer`, with the model it
+    trains."""
 
     def __call__(
         self, model: nn.Module, *, args: transformers.TrainingArguments, method: str = "adamw", **options: Any
@@ -94,8 +96,8 @@ def optimizer_cls_and_kwargs(
     args: transformers.TrainingArguments, method: str = "adamw", **options: Any
 ) -> tuple[type, dict[str, Any]]:
     """For `transformers.Trainer(args=args, optimizer_cls_and_kwargs=...)`: widelora's optimizer, built when
-    training starts over the model Trainer trains, from `args`' learning rate, weight decay, betas and eps (pass
-    the same `args` object as to the Trainer)."""
+    training starts over the model Trainer trains, from `args`' learning rate, weight decay, betas and eps
+    (pass the same `args` object as to the Trainer)."""
     check_optimizer_options(method, options)
     return OptimizerFactory, {"args": args, "method": method, **options}
 
@@ -130,8 +132,8 @@ def optimizers(
 
 
 class AdapterSaving:
-    """Trainer mixin: `save_model` and checkpoints write the adapter (`widelora.save_adapter`), not the full model,
-    and `train(resume_from_checkpoint=...)` loads it back into the adapted model."""
+    """Trainer mixin: `save_model` and checkpoints write the adapter (`widelora.save_adapter`), not the full
+    model, and `train(resume_from_checkpoint=...)` loads it back into the adapted model."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -151,9 +153,10 @@ class AdapterSaving:
 
 
 class Trainer(AdapterSaving, transformers.Trainer):
-    """`transformers.Trainer` with widelora's optimizer built in `create_optimizer` from the training arguments
-    (`method`, `optimizer_options`; see the module doc), adapter checkpoints (`AdapterSaving`), and every
-    parameter group's learning rate in the logs. `optimizers=` or `optimizer_cls_and_kwargs=` still win."""
+    """`transformers.Trainer` with widelora's optimizer built in `create_optimizer` from the training
+    arguments (`method`, `optimizer_options`; see the module doc), adapter checkpoints (`AdapterSaving`), and
+    every parameter group's learning rate in the logs. `optimizers=` or `optimizer_cls_and_kwargs=` still
+    win."""
 
     def __init__(
         self,

@@ -2,14 +2,13 @@
 
 Why a hand-written loop (and not only HF Trainer, see `widelora.train.hf`): sweeps need exact resume, a
 `diverged` status instead of a traceback, identical data order for a given seed whatever the interruption, and
-hooks for the feature monitor. Under `torchrun` the same code runs DDP; each rank sees `batch_size` examples per
-micro-step and only rank 0 writes files.
+hooks for the feature monitor. Under `torchrun` the same code runs DDP; each rank sees `batch_size` examples
+per micro-step and only rank 0 writes files.
 
 Divergence (`widelora.divergence`): a non-finite loss, or a smoothed loss above `diverge_factor` × the first
 loss, ends the run as `diverged`. The loss logged at step s+1 measures the weights of checkpoint s, so a
-checkpoint is known good once the next loss stayed within the limit; on divergence the run rewinds to the newest
-known-good checkpoint and deletes the later ones (they hold blown-up weights).
-"""
+checkpoint is known good once the next loss stayed within the limit; on divergence the run rewinds to the
+newest known-good checkpoint and deletes the later ones (they hold blown-up weights)."""
 
 from __future__ import annotations
 
@@ -236,7 +235,8 @@ def _train(
 
 
 def _forward_backward(run: Run, net: nn.Module, progress: Progress) -> tuple[float, int]:
-    """One optimizer step's worth of micro-batches: gradients accumulated, the mean loss over ranks returned."""
+    """One optimizer step's worth of micro-batches: gradients accumulated, the mean loss over ranks
+    returned."""
     cfg = run.cfg
     run.optimizer.zero_grad(set_to_none=True)
     losses, tokens = [], 0

@@ -1,8 +1,8 @@
-"""A run's record: `metrics.jsonl` (one row per line, appended and flushed), `metrics.csv` (rewritten at the end)
-and `monitor.jsonl` (per-layer monitor records); only the main process writes them.
+"""A run's record: `metrics.jsonl` (one row per line, appended and flushed), `metrics.csv` (rewritten at the
+end) and `monitor.jsonl` (per-layer monitor records); only the main process writes them.
 
-Rows have a "kind": train / eval / monitor / status. On resume, rows past the checkpoint are dropped; a torn last
-line (a crash or a full disk mid-write) is dropped with a warning instead of blocking the resume forever.
+Rows have a "kind": train / eval / monitor / status. On resume, rows past the checkpoint are dropped; a torn
+last line (a crash or a full disk mid-write) is dropped with a warning instead of blocking the resume forever.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def monitor_row(records: list) -> dict[str, float]:
 
 
 def monitor_stats(monitor: Any, records: list) -> dict[str, float]:
-    """`monitor_row` plus the instability flags summarized across layers: how many layers the monitor flags for
-    internal instability (|Z_A| growing while |Z_B| stays bounded) and for output instability (|Z_B| large or
-    non-finite), judged on every record so far."""
+    """`monitor_row` plus the instability flags summarized across layers: how many layers the monitor flags
+    for internal instability (|Z_A| growing while |Z_B| stays bounded) and for output instability (|Z_B| large
+    or non-finite), judged on every record so far."""
     row = monitor_row(records)
     summary = monitor.summary()
     row["internal_instability_layers"] = sum(bool(s["internal_instability"]) for s in summary.values())

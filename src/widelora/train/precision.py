@@ -20,8 +20,8 @@ from widelora.errors import UserError
 
 
 def precision(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:
-    """Forwards under a bfloat16/float16 base run in autocast: the float32 adapters meet the base weights in the
-    base's dtype (on CPU too), while their gradients and the optimizer state stay float32."""
+    """Forwards under a bfloat16/float16 base run in autocast: the float32 adapters meet the base weights in
+    the base's dtype (on CPU too), while their gradients and the optimizer state stay float32."""
     if cfg.dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
@@ -36,13 +36,13 @@ def enable_gradient_checkpointing(model: nn.Module, model_name: str) -> None:
     """Recompute each transformer block's activations in backward instead of keeping them.
 
     Non-reentrant checkpointing: gradients reach the adapters inside a block although the block's input (the
-    frozen embeddings' output) needs none, so no `enable_input_require_grads` hook is needed, and the recomputed
-    forward replays the same RNG (dropout) so losses and gradients equal the plain run's.
-    """
+    frozen embeddings' output) needs none, so no `enable_input_require_grads` hook is needed, and the
+    recomputed forward replays the same RNG (dropout) so losses and gradients equal the plain run's."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(
             f"gradient_checkpointing=true is not valid for model {model_name!r}: its transformers class "
-            f"{type(model).__name__} does not support gradient checkpointing; set gradient_checkpointing=false"
+            f"{type(model).__name__} does not support gradient checkpointing; set "
+            "gradient_checkpointing=false"
         )
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name is deprecated)

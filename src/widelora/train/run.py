@@ -1,9 +1,9 @@
-"""A run's start-up: RunConfig → tokenized data, the model with its adapters, optimizer, schedule, batch order.
+"""A run's start-up: RunConfig → tokenized data, the model with its adapters, optimizer, schedule, batch
+order.
 
-Everything the loop needs travels in one `Run` object. The order is fixed so that a resumed run rebuilds exactly
-the same state before its checkpoint is loaded: seed, data, model, setup (the one place a recommendation may
-change the user's choices), adapters, optimizer, schedule.
-"""
+Everything the loop needs travels in one `Run` object. The order is fixed so that a resumed run rebuilds
+exactly the same state before its checkpoint is loaded: seed, data, model, setup (the one place a
+recommendation may change the user's choices), adapters, optimizer, schedule."""
 
 from __future__ import annotations
 

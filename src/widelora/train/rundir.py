@@ -1,11 +1,11 @@
-"""The run folder: never overwrite a user's files, never let two runs share one folder, name the path on failure.
+"""The run folder: never overwrite a user's files, never let two runs share one folder, name the path on
+failure.
 
-A folder is accepted when it is absent or empty, or when it holds a widelora run of the same config and the caller
-resumes (`finetune --resume`, `run_trial`). Anything else — a file, a folder of someone's files, a run of another
-config, a run whose process still holds `run.lock` — is refused with a message that says what to do. The lock is
-a file created exclusively and holding `host:pid`; a lock left by a process that died on this host is stale and
-taken over.
-"""
+A folder is accepted when it is absent or empty, or when it holds a widelora run of the same config and the
+caller resumes (`finetune --resume`, `run_trial`). Anything else — a file, a folder of someone's files, a run
+of another config, a run whose process still holds `run.lock` — is refused with a message that says what to
+do. The lock is a file created exclusively and holding `host:pid`; a lock left by a process that died on this
+host is stale and taken over."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ _HINTS = {
 
 @contextlib.contextmanager
 def file_errors(run_dir: Path) -> Iterator[None]:
-    """Turn an OSError while writing the run (full disk, read-only folder, ...) into a FileProblem with the path."""
+    """Turn an OSError while writing the run (full disk, read-only folder, ...) into a FileProblem with the
+    path."""
     try:
         yield
     except FileProblem:
@@ -59,7 +60,8 @@ def read_json(path: Path) -> Any:
 
 
 def _is_run_config(saved: Any) -> bool:
-    """A run's config.json: RunConfig keys only (an older run may lack newer keys), naming a model and a task."""
+    """A run's config.json: RunConfig keys only (an older run may lack newer keys), naming a model and a
+    task."""
     return isinstance(saved, dict) and {"model", "task"} <= set(saved) <= set(RunConfig.keys())
 
 
@@ -190,8 +192,8 @@ class RunFolder:
 
 
 def _is_stale(lock: Path, holder: str) -> bool:
-    """A lock is stale when its process, on this host, no longer runs (a lock from another host is trusted). An
-    empty lock is being written by its creator unless it is older than a few seconds."""
+    """A lock is stale when its process, on this host, no longer runs (a lock from another host is trusted).
+    An empty lock is being written by its creator unless it is older than a few seconds."""
     if not holder:
         with contextlib.suppress(OSError):
             return time.time() - lock.stat().st_mtime > 10

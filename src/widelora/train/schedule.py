@@ -24,7 +24,8 @@ def warmup_steps(cfg: ScheduleConfig, total: int) -> int:
 
 
 def make_schedule(cfg: ScheduleConfig, total: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step `s`: linear warmup from 1/(w+1), then linear/cosine/constant."""
+    """Multiplier of the base lr at optimizer step `s`: linear warmup from 1/(w+1), then
+    linear/cosine/constant."""
     warm = min(warmup_steps(cfg, total), total)
 
     def factor(s: int) -> float:
@@ -41,8 +42,9 @@ def make_schedule(cfg: ScheduleConfig, total: int) -> Callable[[int], float]:
 
 
 class BatchOrder:
-    """Micro-batch `m` → example indices for this rank. A pure function of (seed, m), so resume needs no state:
-    epoch e uses the permutation seeded by (seed, e); the last incomplete global batch of an epoch is dropped."""
+    """Micro-batch `m` → example indices for this rank. A pure function of (seed, m), so resume needs no
+    state: epoch e uses the permutation seeded by (seed, e); the last incomplete global batch of an epoch is
+    dropped."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world

@@ -1,10 +1,10 @@
 """Who decides a run's LoRA setup: the user's config (`setup: manual`) or widelora (`setup: recommended`).
 
 This is the one place in a run's start-up where a recommendation may replace the user's targets, init, method,
-learning rates and LoRA+ ratio. It runs after the model and the data are built (a recommendation may look at the
-model's widths and at a few training batches) and before the adapters are attached and the optimizer is made.
-A setup is a function registered under its name in `SETUPS`; `widelora.recommend` provides "recommended".
-"""
+learning rates and LoRA+ ratio. It runs after the model and the data are built (a recommendation may look at
+the model's widths and at a few training batches) and before the adapters are attached and the optimizer is
+made. A setup is a function registered under its name in `SETUPS`; `widelora.recommend` provides
+"recommended"."""
 
 from __future__ import annotations
 
