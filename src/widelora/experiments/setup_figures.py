@@ -56,6 +56,8 @@ def plot_setups(
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (lr of A; B runs at ratio × lr under LoRA+)")
         ax.set_ylabel(ylabel)
+        if ylabel.startswith("perplexity"):  # a collapsed run (10^3) would flatten every other point
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
