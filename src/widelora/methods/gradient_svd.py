@@ -183,3 +183,37 @@ def precheck_ranks(pairs: list[LoRAPair], factor: int, scheme: str) -> None:
     """Rank errors before any gradient is computed (the estimate can take minutes)."""
     for p in pairs:
         check_rank(p.name, p.rank, factor * p.rank, (p.fan_out, p.fan_in), scheme)
+
+
+def scheme_factors(
+    scheme: str,
+    pairs: list[LoRAPair],
+    ctx: InitContext,
+    allowed: set[str],
+    default_gamma: float,
+    rank_factor: int,
+    factor_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What every gradient-SVD init does before its own formula: check its options, gamma and the ranks
+    (before the costly estimate), draw the SVD seed, and turn each pair's gradient into (B0, A0) with
+    ``factor_fn(G, rank, gamma=, svd=, q=, niter=, seed=, name=)``."""
+    check_options(scheme, ctx.options, allowed)
+    gamma = ctx.options.get("gamma", default_gamma)
+    check_positive("gamma", gamma)
+    precheck_ranks(pairs, rank_factor, scheme)
+    seed = svd_seed(ctx)
+    opts = ctx.options
+    return gradient_factors(
+        pairs,
+        ctx,
+        lambda p, g: factor_fn(
+            g,
+            p.rank,
+            gamma=gamma,
+            svd=opts.get("svd", "auto"),
+            q=opts.get("q"),
+            niter=opts.get("niter", 4),
+            seed=seed,
+            name=p.name,
+        ),
+    )

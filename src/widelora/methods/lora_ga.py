@@ -17,12 +17,9 @@ from widelora.errors import UserError
 from widelora.lora.pairs import LoRAPair
 from widelora.methods.gradient_svd import (
     COMMON_OPTIONS,
-    check_options,
     check_positive,
     check_rank,
-    gradient_factors,
-    precheck_ranks,
-    svd_seed,
+    scheme_factors,
     truncated_svd,
 )
 from widelora.methods.init import InitContext, InitUpdate, register_init
@@ -67,26 +64,7 @@ def lora_ga_factors(
 )
 def lora_ga(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     """LoRA-GA (reference variant): A0 = V_r^T, B0 = U_[r:2r], scale m^(1/4)/sqrt(gamma); W <- W - s B0 A0."""
-    check_options("lora_ga", ctx.options, _OPTIONS)
-    gamma = ctx.options.get("gamma", 16.0)
-    check_positive("gamma", gamma)
-    precheck_ranks(pairs, 2, "lora_ga")
-    seed = svd_seed(ctx)
-    opts = ctx.options
-    factors = gradient_factors(
-        pairs,
-        ctx,
-        lambda p, g: lora_ga_factors(
-            g,
-            p.rank,
-            gamma=gamma,
-            svd=opts.get("svd", "auto"),
-            q=opts.get("q"),
-            niter=opts.get("niter", 4),
-            seed=seed,
-            name=p.name,
-        ),
-    )
+    factors = scheme_factors("lora_ga", pairs, ctx, _OPTIONS, 16.0, 2, lora_ga_factors)
     updates = {}
     for p in pairs:
         b0, a0 = factors[p.name]

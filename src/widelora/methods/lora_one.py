@@ -54,13 +54,10 @@ from widelora.lora.pairs import LoRAPair, lora_pairs
 from widelora.methods.adam import adamw_step_
 from widelora.methods.gradient_svd import (
     COMMON_OPTIONS,
-    check_options,
     check_positive,
     check_rank,
-    gradient_factors,
     numerical_rank,
-    precheck_ranks,
-    svd_seed,
+    scheme_factors,
     truncated_svd,
 )
 from widelora.methods.init import InitContext, InitUpdate, register_init
@@ -114,26 +111,7 @@ def lora_one_factors(
 )
 def lora_one(pairs: list[LoRAPair], ctx: InitContext) -> dict[str, InitUpdate]:
     """LoRA-One: ``s B0 A0 = (s / (gamma sigma_1)) [-G]_r``; W unchanged. Options: gamma, svd, q, niter."""
-    check_options("lora_one", ctx.options, _OPTIONS)
-    gamma = ctx.options.get("gamma", 128.0)
-    check_positive("gamma", gamma)
-    precheck_ranks(pairs, 1, "lora_one")
-    seed = svd_seed(ctx)
-    opts = ctx.options
-    factors = gradient_factors(
-        pairs,
-        ctx,
-        lambda p, g: lora_one_factors(
-            g,
-            p.rank,
-            gamma=gamma,
-            svd=opts.get("svd", "auto"),
-            q=opts.get("q"),
-            niter=opts.get("niter", 4),
-            seed=seed,
-            name=p.name,
-        ),
-    )
+    factors = scheme_factors("lora_one", pairs, ctx, _OPTIONS, 128.0, 1, lora_one_factors)
     return {p.name: InitUpdate(A=factors[p.name][1], B=factors[p.name][0]) for p in pairs}
 
 
