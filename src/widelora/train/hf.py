@@ -189,7 +189,8 @@ class Trainer(AdapterSaving, transformers.Trainer):
 def log_before_trackers(trainer: transformers.Trainer) -> None:
     """Move widelora's logging callbacks in front of the others, so the values they add to a log reach
     `report_to`'s callbacks (Trainer calls callbacks in order and puts user callbacks last). `hf.Trainer` does
-    this itself; call it on other Trainers (TRL's) after construction."""
+    this itself, and so does `widelora.train.trl.WideloraSetup`; call it on other Trainers after
+    construction."""
     handler = trainer.callback_handler
     ours = [c for c in handler.callbacks if isinstance(c, GroupLearningRates)]
     handler.callbacks = ours + [c for c in handler.callbacks if not isinstance(c, GroupLearningRates)]

@@ -25,7 +25,6 @@ Mix `WideloraSetup` in front of another Trainer subclass the same way (`class T(
 from __future__ import annotations
 
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,15 +35,14 @@ import widelora as wl
 from widelora.errors import UserError
 from widelora.lora.pairs import lora_pairs
 from widelora.methods.init import get_scheme
-from widelora.methods.optim import available_methods
+from widelora.train.hf import (
+    AdapterSaving,
+    GroupLearningRates,
+    check_optimizer_options,
+    log_before_trackers,
+    optimizer_from_arguments,
+)
 
-#: Optimizer settings that come from TrainingArguments and must not be given twice.
-FROM_ARGUMENTS = {
-    "lr": "learning_rate",
-    "weight_decay": "weight_decay",
-    "betas": "adam_beta1 / adam_beta2",
-    "eps": "adam_epsilon",
-}
 #: Batch keys a causal LM's forward accepts (collators add masks of their own, e.g. TRL's completion_mask).
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 
@@ -52,14 +50,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "token_
 def _check_setup(init: str | None, method: str, optimizer_options: dict, kwargs: dict) -> None:
     if init is not None:
         get_scheme(init)
-    if method not in available_methods():
-        raise UserError(f"method={method!r} is unknown; valid methods: {available_methods()}")
-    twice = sorted(set(optimizer_options) & set(FROM_ARGUMENTS))
-    if twice:
-        where = ", ".join(f"{k} -> TrainingArguments.{FROM_ARGUMENTS[k]}" for k in twice)
-        raise UserError(
-            f"optimizer_options {twice} come from the training arguments: set them there ({where})"
-        )
+    check_optimizer_options(method, optimizer_options)
     optimizers = kwargs.get("optimizers") or (None, None)
     if optimizers[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
         raise UserError(
@@ -93,6 +84,9 @@ class WideloraSetup:
         self.widelora_method = method
         self.widelora_optimizer_options = optimizer_options
         super().__init__(*args, **kwargs)
+        if not any(isinstance(c, GroupLearningRates) for c in self.callback_handler.callbacks):
+            self.add_callback(GroupLearningRates())
+        log_before_trackers(self)
         if init is not None:
             self._widelora_initialize(init, dict(init_options or {}), init_batches, seed)
 
@@ -115,30 +109,21 @@ class WideloraSetup:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """widelora's optimizer over the trained model, with the training arguments' lr, decay, betas, eps."""
         if self.optimizer is None:
-            args = self.args
-            self.optimizer = wl.create_optimizer(
+            self.optimizer = optimizer_from_arguments(
                 self.model if model is None else model,
-                lr=args.learning_rate,
-                method=self.widelora_method,
-                weight_decay=args.weight_decay,
-                betas=(args.adam_beta1, args.adam_beta2),
-                eps=args.adam_epsilon,
+                self.args,
+                self.widelora_method,
                 **self.widelora_optimizer_options,
             )
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """PEFT saves as usual, unless an init moved W: `widelora.save_adapter` then folds the move in."""
         model = self.accelerator.unwrap_model(self.model)
-        if not any(p.base_offset is not None for p in lora_pairs(model)):
+        if any(p.base_offset is not None for p in lora_pairs(model)):
+            AdapterSaving._save(self, output_dir, state_dict=state_dict)
+        else:
             super()._save(output_dir, state_dict=state_dict)
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        wl.save_adapter(model, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
 
 
 class SFTTrainer(WideloraSetup, trl.SFTTrainer):
