@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from widelora.cli import app
 from widelora.testing import models as tiny
+from widelora.testing.corpora import HAMLET, write_documents
 
 runner = CliRunner()
 
@@ -19,25 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    rng = random.Random(1)
-    words = [
-        "to",
-        "be",
-        "or",
-        "not",
-        "that",
-        "is",
-        "the",
-        "question",
-        "whether",
-        "tis",
-        "nobler",
-        "in",
-        "mind",
-    ]
-    (root / "c.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(60))
-    )
+    write_documents(root / "c.txt", random.Random(1), docs=60, words_per_doc=30, words=HAMLET)
     tiny.save_tiny_folder(root / "llama", "llama")
     return root
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import widelora as wl
 from widelora import models
 from widelora.data import prepare
+from widelora.testing.corpora import write_documents, write_two_class_csv
 from widelora.testing.models import save_tiny_folder
 from widelora.train import RunConfig, build_config, preset, run_trial, train
 from widelora.train.config import NOT_GIVEN, parse_targets
@@ -20,41 +21,13 @@ from widelora.train.evaluation import evaluate
 from widelora.train.presets import PRESETS
 from widelora.train.schedule import BatchOrder, make_schedule
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "dog",
-    "ran",
-    "far",
-    "away",
-    "from",
-    "home",
-    "while",
-    "birds",
-    "sang",
-    "songs",
-    "of",
-    "old",
-]
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     rng = random.Random(0)
-    (root / "corpus.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(25)) for _ in range(120))
-    )
-    rows = ["text,label"]
-    for _ in range(160):
-        label = rng.randrange(2)
-        rows.append(" ".join(rng.choice(WORDS[:9] if label else WORDS[9:]) for _ in range(8)) + f",{label}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    write_documents(root / "corpus.txt", rng, docs=120, words_per_doc=25)
+    write_two_class_csv(root / "labels.csv", rng, rows=160)
     save_tiny_folder(root / "llama", "llama")
     save_tiny_folder(root / "bert", "bert", task="classification")
     return root

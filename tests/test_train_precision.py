@@ -14,40 +14,16 @@ import widelora as wl
 from widelora.errors import UserError
 from widelora.lora import fused
 from widelora.testing import models
+from widelora.testing.corpora import write_documents
 from widelora.testing.models import save_tiny_folder
 from widelora.train import loop, train
 from widelora.train.precision import enable_gradient_checkpointing
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "dog",
-    "ran",
-    "far",
-    "away",
-    "from",
-    "home",
-    "while",
-    "birds",
-    "sang",
-    "songs",
-    "of",
-    "old",
-]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    rng = random.Random(0)
-    (root / "corpus.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(25)) for _ in range(120))
-    )
+    write_documents(root / "corpus.txt", random.Random(0), docs=120, words_per_doc=25)
     save_tiny_folder(root / "llama", "llama")
     return root
 

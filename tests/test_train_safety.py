@@ -18,42 +18,19 @@ from typer.testing import CliRunner
 
 from widelora.cli import app
 from widelora.errors import FileProblem, UserError
+from widelora.testing.corpora import write_documents
 from widelora.testing.faults import failing_writes
 from widelora.testing.models import save_tiny_folder
 from widelora.train import RunConfig, run_trial, train
 from widelora.train.config import SETUPS
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "dog",
-    "ran",
-    "far",
-    "away",
-    "from",
-    "home",
-    "while",
-    "birds",
-    "sang",
-    "songs",
-    "of",
-    "old",
-]
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    rng = random.Random(0)
-    (root / "corpus.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(25)) for _ in range(80))
-    )
+    write_documents(root / "corpus.txt", random.Random(0), docs=80, words_per_doc=25)
     save_tiny_folder(root / "llama", "llama")
     return root
 
