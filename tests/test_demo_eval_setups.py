@@ -76,3 +76,22 @@ def test_evaluation_setups_are_valid_run_config_setups():
     from widelora.train import config, setups
 
     assert set(config.SETUPS) == set(setups.SETUPS) >= {"recommended_tuned", "lr_finder"}
+
+
+def test_recommended_at_ratio_probes_with_the_configs_ratio():
+    """The ratio ablation: the config's ratio replaces the width rule's, and the probe measures the lr for
+    it."""
+    model = tiny_bert_classifier()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 60, (8, 10), generator=g),
+            "attention_mask": torch.ones(8, 10, dtype=torch.long),
+            "labels": torch.randint(0, 3, (8,), generator=g),
+        }
+        for _ in range(4)
+    ]
+    low = eval_setups.recommended_at_ratio(cfg(ratio=1.0, grad_accum=1, steps=100), model, batches, 100)
+    high = eval_setups.recommended_at_ratio(cfg(ratio=16.0, grad_accum=1, steps=100), model, batches, 100)
+    assert (low.ratio, high.ratio) == (1.0, 16.0) and low.method == high.method == "loraplus"
+    assert high.lr < low.lr  # B at 16x reaches the feature edge at a smaller base lr

@@ -5,6 +5,8 @@
   the base learning rate set by the run's ``lr`` instead of the probe — so the recommended setup can be tuned
   on the same grid as every other setup. The head's learning rate moves with it (``head_lr · lr / lr_probe``):
   one knob, as a user tuning "the learning rate" would have.
+- ``recommended_at_ratio``: everything `recommend` chooses, except the LoRA+ ratio, which is the config's
+  (the probe finds the lr for it) — the real-model ablation of the width-aware ratio rule.
 - ``lr_finder``: the run's own choices (e.g. PEFT's default: Kaiming A, AdamW) with the learning rate a
   fastai-style range test suggests (`widelora.recommend.lr_finder`, "steepest descent ÷ 10", the issue's
   wording) — what users have today when they do not sweep.
@@ -35,6 +37,18 @@ def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict], steps: in
     head = None if rec.head_lr is None else rec.head_lr * scale
     return SetupChoice(
         targets=rec.targets, init=rec.init, method=rec.method, lr=cfg.lr, ratio=rec.ratio, head_lr=head
+    )
+
+
+def recommended_at_ratio(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:
+    """`recommend`'s choices with the LoRA+ ratio fixed to the config's `ratio` instead of the width rule's;
+    the probe measures the learning rate for that ratio. The ablation of the ratio rule on a real model."""
+    from widelora.recommend.runconfig import recommend_for_config
+    from widelora.train.setups import SetupChoice
+
+    rec = recommend_for_config(cfg, model, batches, steps=steps, ratio=cfg.ratio)
+    return SetupChoice(
+        targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio, head_lr=rec.head_lr
     )
 
 

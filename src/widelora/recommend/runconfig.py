@@ -40,9 +40,15 @@ def batches_needed(steps: int, batch: int) -> int:
 
 
 def recommend_for_config(
-    cfg: Any, model: nn.Module, batches: list[dict], steps: int | None = None, targets_given: bool = True
+    cfg: Any,
+    model: nn.Module,
+    batches: list[dict],
+    steps: int | None = None,
+    targets_given: bool = True,
+    ratio: float | None = None,
 ) -> Recommendation:
-    """The recommendation for the run `cfg` describes, probed on `batches` (its first training batches)."""
+    """The recommendation for the run `cfg` describes, probed on `batches` (its first training batches);
+    `ratio`: a LoRA+ ratio to use instead of the width rule's (the probe then measures the lr for it)."""
     total = steps or cfg.steps or ASSUMED_STEPS
     targets = cfg.targets if targets_given else None
     if targets == "auto":
@@ -58,6 +64,7 @@ def recommend_for_config(
         targets=targets,
         rank=cfg.rank,
         alpha=cfg.alpha,
+        ratio=ratio,
         trainable=list(cfg.trainable) or None,
         seed=cfg.seed,
     )

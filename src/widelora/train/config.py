@@ -21,7 +21,13 @@ DECAYS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("causal_lm", "classification")
 EVAL_SPLITS = ("val", "test")
-SETUPS = ("manual", "recommended", "recommended_tuned", "lr_finder")  # = train.setups.SETUPS
+SETUPS = (
+    "manual",
+    "recommended",
+    "recommended_tuned",
+    "recommended_at_ratio",
+    "lr_finder",
+)  # = train.setups.SETUPS
 REPORT_TO = ("none", "tensorboard")
 
 

@@ -63,6 +63,7 @@ SETUPS: dict[str, SetupFn] = {
     "manual": manual,
     "recommended": recommended,
     "recommended_tuned": _evaluation_setup("recommended_tuned"),
+    "recommended_at_ratio": _evaluation_setup("recommended_at_ratio"),
     "lr_finder": _evaluation_setup("lr_finder"),
 }
 
