@@ -62,3 +62,10 @@ def test_cli_prints_json_and_refuses_bad_input(classifier_run, tmp_path) -> None
     assert bad.exit_code == 2 and "split='train' is not valid" in bad.output and "val+test" in bad.output
     missing = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert missing.exit_code == 2 and "has no config.json" in missing.output
+
+
+def test_reloading_a_finished_classifier_does_not_call_its_trained_head_new(classifier_run, capfd) -> None:
+    run, _ = classifier_run
+    capfd.readouterr()
+    evaluate_run(run, "test")
+    assert "is new" not in capfd.readouterr().err

@@ -94,7 +94,12 @@ def load_run(run_dir: str | os.PathLike) -> TrainedRun:
     adapter = _adapter_folder(path)
     num_labels = _num_labels(adapter) if cfg.task == "classification" else None
     model, tokenizer = models.load_model(
-        cfg.model, task=cfg.task, num_labels=num_labels, dtype=torch.float32, seed=cfg.seed
+        cfg.model,
+        task=cfg.task,
+        num_labels=num_labels,
+        dtype=torch.float32,
+        seed=cfg.seed,
+        head_replaced=cfg.task == "classification",
     )
     wl.load_adapter(model, adapter)
     model.eval()

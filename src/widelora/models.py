@@ -257,6 +257,10 @@ def _head_report_silenced() -> Iterator[None]:
             lg.removeFilter(drop)
 
 
+def _in_head(key: str) -> bool:
+    return key.split(".", 1)[0] in CLASSIFICATION_HEAD_NAMES
+
+
 def _say_what_is_new(model: nn.Module, info: dict, num_labels: int, seed: int) -> None:
     """One line for the fresh head the user asked for; any other weight the checkpoint lacked is named too.
 
@@ -289,13 +293,14 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    head_replaced: bool = False,
 ) -> tuple[nn.Module, object]:
     """Return `(model, tokenizer)` in eval mode with a pad token set.
 
     `task="classification"` builds a sequence classifier (new head initialized from `seed`, so runs are
-    reproducible) and needs `num_labels >= 2`. Hub ids go through transformers' normal download path, which
-    honours `HF_HUB_OFFLINE`.
-    """
+    reproducible) and needs `num_labels >= 2`; `head_replaced`: the caller loads a trained head right after (a
+    finished run), so the "head is new" line would mislead and is not printed. Hub ids go through
+    transformers' normal download path, which honours `HF_HUB_OFFLINE`."""
     if task not in TASKS:
         raise UserError(f"task={task!r} is not valid; valid: {list(TASKS)}")
     if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
@@ -317,6 +322,11 @@ def load_model(
                         source, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True,
                         output_loading_info=True,
                     )  # fmt: skip
+                if head_replaced:  # only weights outside the head would still be news
+                    info = {
+                        "missing_keys": [k for k in info.get("missing_keys", ()) if not _in_head(k)],
+                        "mismatched_keys": [m for m in info.get("mismatched_keys", ()) if not _in_head(m[0])],
+                    }
                 _say_what_is_new(model, info, num_labels, seed)
     _ensure_pad(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
