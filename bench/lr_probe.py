@@ -10,12 +10,20 @@ calibrated:
     headA   the same, but the head at lr_A (what LoRA+'s reference grouping does) -> accuracy
     head    head-only training on cached features (body frozen) at each head lr over the run's schedule:
             best head lr vs the head's first-step size η₁ (cheap: one no-grad forward per example)
+    protocol  the probe exactly as a sweep's `setup: recommended` runs it (the spec's base config, the run's
+            first `init_batches` batches in BatchOrder), per seed: the stop, the linear-response edge, the lr
+            of this probe version and of v1 / v2 on the same readings (the stop rule is the same), cost, CPU
+    spread  the spread over seeds of each version's edge and lr, from the stored `protocol` records
 
-Results are appended to docs/results/recommend_calibration.json (one record per run, keyed by kind/seed/lr).
+Results are appended to docs/results/recommend_calibration.json (one record per run, keyed by
+kind/seed/lr, and by spec and version for `protocol`).
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py probe --seeds 0,1
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py grid --seeds 0,1 \
         --lrs 5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py protocol --seeds 0,1,2,3,4,5,6,7 \
+        --spec examples/sweeps/eval_minilm_topics_untuned.yaml
+    .venv/bin/python bench/lr_probe.py spread --spec examples/sweeps/eval_minilm_topics_untuned.yaml
 """
 
 from __future__ import annotations
@@ -199,19 +207,105 @@ def head_run(seed: int, lrs: list[float]) -> list[dict]:
     return rows
 
 
+def protocol_run(spec: str, seed: int) -> dict:
+    """The probe of `setup: recommended` for this seed of the spec's base run, built as the run builds it."""
+    import yaml
+
+    from widelora.recommend import rules
+    from widelora.recommend.probe import PROBE_VERSION
+    from widelora.recommend.runconfig import recommend_for_config
+    from widelora.train.cache import StartupCache
+    from widelora.train.presets import build_config
+    from widelora.train.schedule import BatchOrder
+
+    base = yaml.safe_load((ROOT / spec).read_text())["base"]
+    cfg = build_config(overrides={**base, "seed": seed, "setup": "recommended"})
+    torch.manual_seed(cfg.seed)
+    cache = StartupCache()
+    data = cache.data(cfg, cache.tokenizer(cfg.model))
+    model = cache.model(cfg, data.num_labels)
+    order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed)
+    count = min(cfg.init_batches, order.per_epoch)
+    batches = [data.collate([data.train[i] for i in order.indices(m)]) for m in range(count)]
+    t0 = time.process_time()
+    rec = recommend_for_config(cfg, model, batches, steps=cfg.steps)
+    cpu = time.process_time() - t0
+    p = rec.probe
+    older = {"v1": p["edge_lr"] / 4.0}  # v1 and v2 read the same readings: the stop rule did not change
+    older["v2"] = p["edge_lr"] / rules.edge_factor(rec.width, p["reason"])[0]
+    return {
+        "kind": "protocol",
+        "spec": spec,
+        "version": PROBE_VERSION,
+        "seed": seed,
+        "lr": rec.lr,
+        "lr_source": p["lr_source"],
+        "stop_edge": p["edge_lr"],
+        "reason": p["reason"],
+        "response_lr": p["response_lr"],
+        "older_lr": older,
+        "head_lr": rec.head_lr,
+        "ratio": rec.ratio,
+        "cost_fraction": p["cost_fraction"],
+        "cpu_s": cpu,
+        "curve": [
+            {k: r[k] for k in ("lr", "loss", "out_ratio", "za_growth", "ref_loss")} for r in p["curve"]
+        ],
+    }
+
+
+def spread(spec: str) -> None:
+    """Per-seed lrs of each version and the spread of the edges over seeds (geometric sd, max / min)."""
+    rows = [r for r in json.loads(OUT.read_text()) if r["kind"] == "protocol" and r["spec"] == spec]
+    for version in sorted({r["version"] for r in rows}):
+        got = sorted((r for r in rows if r["version"] == version), key=lambda r: r["seed"])
+        series = {
+            "stop edge (v1/v2's edge)": [r["stop_edge"] for r in got],
+            "response edge": [r["response_lr"] for r in got if r["response_lr"] is not None],
+            f"lr ({version})": [r["lr"] for r in got],
+            "lr (v2)": [r["older_lr"]["v2"] for r in got],
+            "cost fraction": [r["cost_fraction"] for r in got],
+        }
+        print(f"{spec}, probe {version}, seeds {[r['seed'] for r in got]}")
+        for name, values in series.items():
+            if len(values) < 2:
+                continue
+            logs = [math.log(v) for v in values]
+            mean = sum(logs) / len(logs)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+            print(
+                f"  {name:26s} geo-mean {math.exp(mean):.3g}  sd(ln) {sd:.3f}  max/min "
+                f"{max(values) / min(values):.2f}  [{', '.join(f'{v:.3g}' for v in values)}]"
+            )
+
+
 def save(rows: list[dict]) -> None:
     existing = json.loads(OUT.read_text()) if OUT.is_file() else []
-    keys = {(r["kind"], r["seed"], r.get("lr")) for r in rows}
-    kept = [r for r in existing if (r["kind"], r["seed"], r.get("lr")) not in keys]
+
+    def key(r: dict) -> tuple:
+        return (
+            r["kind"],
+            r["seed"],
+            r.get("lr") if r["kind"] != "protocol" else None,
+            r.get("spec"),
+            r.get("version"),
+        )
+
+    keys = {key(r) for r in rows}
+    kept = [r for r in existing if key(r) not in keys]
     OUT.write_text(json.dumps(kept + rows, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["probe", "grid", "headA", "head"])
+    ap.add_argument("kind", choices=["probe", "grid", "headA", "head", "protocol", "spread"])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2")
+    ap.add_argument("--spec", default="examples/sweeps/eval_minilm_topics_untuned.yaml")
     args = ap.parse_args()
+    if args.kind == "spread":
+        spread(args.spec)
+        return
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
@@ -219,6 +313,8 @@ def main() -> None:
         t0 = time.time()
         if args.kind == "probe":
             rows = [probe_run(seed)]
+        elif args.kind == "protocol":
+            rows = [protocol_run(args.spec, seed)]
         elif args.kind == "head":
             rows = head_run(seed, lrs)
         else:

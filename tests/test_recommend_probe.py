@@ -14,7 +14,7 @@ import widelora as wl
 from widelora.lora.layer import LoRALinear
 from widelora.recommend import recommend, rules
 from widelora.recommend.head import first_step_size
-from widelora.recommend.probe import plan_probe, range_test, split_reference
+from widelora.recommend.probe import PROBE_VERSION, plan_probe, range_test, split_reference
 from widelora.recommend.snapshot import ModelSnapshot, preserved
 from widelora.testing.models import tiny_bert_classifier, tiny_llama
 
@@ -158,11 +158,26 @@ def test_a_non_finite_loss_stops_the_probe_at_that_step() -> None:
     assert len(result.readings) == 6  # it stopped: no step was spent past the edge
 
 
-def test_recommend_learning_rate_is_the_edge_over_the_width_factor() -> None:
+def _check_lr_rule(rec) -> None:
+    """The recorded lr is the rule's (rules.probe_lr) on the recorded verdict."""
+    p = rec.probe
+    assert rec.lr == pytest.approx(p["lr_edge"] / p["factor"])
+    if p["lr_source"] == "linear response":
+        assert (p["lr_edge"], p["factor"]) == (p["response_lr"], rules.RESPONSE_FACTOR)
+        assert p["reason"] == "not reached" or rec.lr <= p["edge_lr"] / rules.BREAK_CAP_FACTOR
+    elif p["lr_source"] == "reference loss":
+        assert (p["lr_edge"], p["factor"]) == (p["edge_lr"], rules.LOSS_EDGE_FACTOR)
+    else:
+        assert p["lr_edge"] == p["edge_lr"]
+
+
+def test_recommend_learning_rate_follows_the_probe_rule() -> None:
     rec = recommend(tiny_llama(), _lm_batches(), steps=200, targets=["q_proj", "v_proj"])
-    factor = rules.edge_factor(rec.width, rec.probe["reason"])[0]
-    assert rec.lr == pytest.approx(rec.probe["edge_lr"] / factor)
+    _check_lr_rule(rec)
     assert rec.ratio == rules.loraplus_ratio(32)[0] and rec.width == 32
+    cls = recommend(tiny_bert_classifier(), _class_batches(), steps=100)
+    _check_lr_rule(cls)
+    assert cls.probe["response_lr"] is not None and cls.probe["lr_source"] in ("linear response", "stop edge")
 
 
 # ------------------------------------------------------------------------------------------------- the head
@@ -247,9 +262,8 @@ def test_without_a_fresh_head_the_probe_reads_the_reference_loss_and_records_its
     rec = recommend(tiny_llama(), _lm_batches(n=4, rows=8), steps=400, targets=["q_proj", "v_proj"])
     refs = [r["ref_loss"] for r in rec.probe["curve"]]
     assert all(r is not None and math.isfinite(r) for r in refs)
-    assert rec.probe["version"].startswith("v2") and rec.probe["cost_fraction"] <= 0.10 + 1e-9
-    factor = rules.edge_factor(rec.width, rec.probe["reason"])[0]
-    assert rec.lr == pytest.approx(rec.probe["edge_lr"] / factor)
+    assert rec.probe["version"] == PROBE_VERSION == "v3-fit" and rec.probe["cost_fraction"] <= 0.10 + 1e-9
+    _check_lr_rule(rec)
     cls = recommend(tiny_bert_classifier(), _class_batches(), steps=100)
     assert all(
         r["ref_loss"] is None for r in cls.probe["curve"]

@@ -22,7 +22,8 @@ def _curve_lines(probe: dict) -> list[str]:
         za = "-" if row["za_growth"] is None else f"{row['za_growth']:.3g}"
         lines.append(f"{row['lr']:>9.3g}  {row['loss']:>7.4g}  {out:>10}  {za:>12}")
     lines.append(
-        f"edge {probe['edge_lr']:.3g} ({probe['reason']}); lr = edge / {probe['factor']:.3g}; loss lowest "
+        f"stop {probe['edge_lr']:.3g} ({probe['reason']}); lr = {probe.get('lr_source', 'edge')} "
+        f"{probe.get('lr_edge', probe['edge_lr']):.3g} / {probe['factor']:.3g}; loss lowest "
         f"after lr {probe['min_loss_lr']:.3g}"
         + (f"; internal instability from lr {probe['internal_lr']:.3g}" if probe["internal_lr"] else "")
     )

@@ -180,13 +180,12 @@ def recommend(
                 reference=reference,
             )
     verdict = result.verdict
-    factor, why = rules.edge_factor(width, verdict.reason)
-    rec.lr = verdict.edge_lr / factor
+    chosen = rules.probe_lr(width, verdict)
+    rec.lr = chosen.lr
     summary = result.summary()
-    summary["factor"] = factor
-    summary["version"] = PROBE_VERSION
+    summary.update(factor=chosen.factor, lr_edge=chosen.edge, lr_source=chosen.source, version=PROBE_VERSION)
     reasons["lr"] = (
-        f"probe edge {verdict.edge_lr:.3g} ({verdict.reason}); {why}. Probe cost: "
+        f"probe stopped at {verdict.edge_lr:.3g} ({verdict.reason}); {chosen.why}. Probe cost: "
         f"{summary['cost_steps']:.3g} training steps ({100 * summary['cost_fraction']:.1f} % of the run)"
     )
     if heads:

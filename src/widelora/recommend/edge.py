@@ -20,14 +20,29 @@ A state is bad when any of these holds (the first one found names the reason):
   `warmup_readings` readings (so a noisy first batch cannot stop the probe); not read when the reference loss
   is, which measures the same thing without the batch noise.
 
+Where the stop says *whether* the ramp went too far, the **linear response** says where the output edge is
+(`response_edge`, probe v3). While A has not moved (|Z_A| within `linear_za_growth` of its start), Adam's
+sign-like steps move B by an amount set by the learning rate alone, so |Z_B| / |W x| = lr / E with one
+constant E for the whole early ramp: a power law of slope 1 in log-log. Every reading in that regime is an
+estimate of E; their median is the fit, and `output_ratio` × E is the lr at which the law makes the adapter's
+output reach the layer's — the theory's output edge (η_B · Z_A = Θ(|W x|), widelora.recommend.rules). The
+last readings before the stop, where |Z_A| grows and the growth turns superlinear, depend on the few batches
+the ramp happened to see there (the crossing they mark spread ×2.3 over 12 seeds of the MiniLM protocol; the
+fit ×1.3, docs/results/recommend.md); the median leaves them out without a second threshold.
+
 Internal instability (Z_A growing while Z_B stays bounded) is *not* a stop: under Init[A] it is the price of
 efficient feature learning (Theorem 1). Its onset (|Z_A| grown by `internal_growth`×) is reported.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from dataclasses import asdict, dataclass
+
+#: Readings in the linear regime the response fit needs (two give a median; one would be a single batch).
+MIN_RESPONSE_READINGS = 2
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,12 @@ class Reading:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the rule found: the edge, why the probe stopped, and the curve's landmarks."""
+    """What the rule found: the edge, why the probe stopped, and the curve's landmarks.
+
+    `edge_lr`: where the stop happened (the crossing, the last good update, or the ramp's end);
+    `response_lr`: the linear-response edge fitted on the readings before the stop (None when fewer than
+    `MIN_RESPONSE_READINGS` readings are in the linear regime, or there is no monitor).
+    """
 
     edge_lr: float
     reason: (
@@ -58,6 +78,7 @@ class Verdict:
     min_loss_lr: float
     internal_lr: float | None
     smoothed: list[float]
+    response_lr: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +95,7 @@ class StopRule:
     output_ratio: float = 1.0
     internal_growth: float = 2.0
     ref_rise: float = 0.01
+    linear_za_growth: float = 1.1
 
     def __post_init__(self) -> None:
         if not (self.rise > 0 and math.isfinite(self.rise)):
@@ -86,6 +108,8 @@ class StopRule:
             raise ValueError("output_ratio must be > 0 and internal_growth > 1")
         if not (self.ref_rise > 0 and math.isfinite(self.ref_rise)):
             raise ValueError(f"ref_rise={self.ref_rise!r} must be a positive number")
+        if not (self.linear_za_growth >= 1 and math.isfinite(self.linear_za_growth)):
+            raise ValueError(f"linear_za_growth={self.linear_za_growth!r} must be a number >= 1")
 
     def bad(
         self, reading: Reading, smoothed: float, running_min: float, index: int, ref_min: float = math.inf
@@ -116,18 +140,16 @@ class StopRule:
             smoothed.append(s)
             why = self.bad(r, s, running_min, i, ref_min)
             if why is not None:
-                if (
-                    i <= 1
-                ):  # the start (or the first, smallest update) is already bad: the edge is below the range
-                    return Verdict(
-                        readings[0].lr, f"below range ({why})", r.step, min_lr, internal_lr, smoothed
-                    )
+                response = self.response_edge(readings[:i])
+                if i <= 1:  # the start (or the first, smallest update) is already bad: below the range
+                    why = f"below range ({why})"
+                    return Verdict(readings[0].lr, why, r.step, min_lr, internal_lr, smoothed, response)
                 edge = readings[i - 2].lr
                 if why == "output instability":
                     edge = self._crossing(
                         readings[i - 2].lr, readings[i - 1].lr, readings[i - 1].out_ratio, r.out_ratio, edge
                     )
-                return Verdict(edge, why, r.step, min_lr, internal_lr, smoothed)
+                return Verdict(edge, why, r.step, min_lr, internal_lr, smoothed, response)
             if s < running_min:
                 running_min, min_lr = s, (readings[i - 1].lr if i else r.lr)
             if r.ref_loss is not None:
@@ -141,7 +163,28 @@ class StopRule:
             min_lr,
             internal_lr,
             smoothed,
+            self.response_edge(readings),
         )
+
+    def response_edge(self, readings: list[Reading]) -> float | None:
+        """The lr at which the linear response |Z_B| / |W x| = lr / E reaches `output_ratio` (module
+        docstring), fitted on `readings` (those before the stop); None without enough linear-regime readings.
+
+        Reading k describes the state after the update at readings[k-1].lr, so each pair (lr_{k-1}, r_k)
+        with r_k > 0 finite and |Z_A| grown by at most `linear_za_growth` gives log E = log lr - log r;
+        the fit is their median (slope fixed at 1, robust to the superlinear tail).
+        """
+        logs = [
+            math.log(prev.lr) - math.log(cur.out_ratio)
+            for prev, cur in itertools.pairwise(readings)
+            if cur.out_ratio is not None
+            and math.isfinite(cur.out_ratio)
+            and cur.out_ratio > 0
+            and (cur.za_growth is None or cur.za_growth <= self.linear_za_growth)
+        ]
+        if len(logs) < MIN_RESPONSE_READINGS:
+            return None
+        return self.output_ratio * math.exp(statistics.median(logs))
 
     def _crossing(
         self, lr_good: float, lr_bad: float, out_good: float | None, out_bad: float, default: float

@@ -48,7 +48,14 @@ REFERENCE_ROWS = 4
 #: Cost of a forward-only row relative to a training row (forward + backward ≈ 3 forwards).
 FORWARD_COST = 1.0 / 3.0
 #: Recorded with every recommendation, so results of different probes are never pooled.
-PROBE_VERSION = "v2 (feature edge / 8; reference-loss edge / 2)"
+PROBE_VERSION = "v3-fit"
+#: What each version did (docs/results/recommend.md): results of different versions are never pooled.
+PROBE_VERSIONS = {
+    "v1": "feature edge (|Z_B| crossing |W x|, interpolated) / 4",
+    "v2": "feature edge / 8; reference-loss edge / 2 without a fresh head",
+    "v3-fit": "linear-response edge (median fit of |Z_B|/|W x| ∝ lr before A moves) / 64, capped at a "
+    "break / 4; reference-loss edge / 2 without a fresh head",
+}
 
 
 def hf_loss(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -26,6 +26,9 @@ constant.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from widelora.recommend.edge import Verdict
 
 # ---------------------------------------------------------------------------------------------- the constants
 #: Exponent of the optimal base learning rate of Init[A], η* ∝ n^-a: measured by the width study (500 steps,
@@ -36,11 +39,19 @@ RATIO_ANCHOR = 16.0
 WIDTH_ANCHOR = 4096
 #: Bounds: below 1 LoRA+ would slow B below A (never what the theory asks); above 64 nobody has measured.
 RATIO_BOUNDS = (1.0, 64.0)
-#: lr = feature edge / this; width-independent (see `edge_factor`). Calibrated on MiniLM-L6 topics, the
-#: evaluation protocol (120 steps): the probe's edges 1.24e-2 / 2.84e-2 / 1.96e-2 (seeds 0-2) against the
-#: recommended setup's grid-best lr 1.6e-3 / 3.2e-3 / 1.6e-3 (edge / best = 7.8 / 8.9 / 12.3); accuracy is
-#: flat below the optimum and collapses above it, so the factor errs low (docs/results/recommend.md). v1 used
-#: 4 (one seed of a 60-step run), which put seed 1 at 7.1e-3 and cost it 3.7 points.
+#: lr = linear-response edge / this (probe v3; widelora.recommend.edge.StopRule.response_edge). On the
+#: MiniLM topics protocol (120 steps) the response edge was 8.45e-2 / 8.81e-2 / 8.41e-2 on seeds 0-2 and the
+#: tuned grids' optimum (parabola through the best three points in log lr) 1.8e-3 / 2.6e-3 / 1.7e-3:
+#: edge / optimum = 47 / 34 / 49 (geometric mean 43). Accuracy is flat below the optimum (-1 point at half of
+#: it) and collapses above (a factor 4-8 up), so under a ×2 uncertainty of that ratio on an unseen task the
+#: expected accuracy peaks at 64, not 43 (docs/results/recommend.md, "The safety factor of probe v3").
+RESPONSE_FACTOR = 64.0
+#: When the probe stopped at a break (the crossing, a non-finite value or a loss rise), the lr stays at least
+#: this factor below it: v1's factor, whose one bad choice (seed 1, 7.1e-3) cost 3.7 points but collapsed no
+#: run. A cap for tasks whose blow-up comes early, not an estimate: it never binds on 12 MiniLM seeds.
+BREAK_CAP_FACTOR = 4.0
+#: lr = stop edge / this when the linear response could not be fitted (fewer than two readings in the linear
+#: regime): probe v2's factor (edge / grid optimum 7.8 / 8.9 / 12.3 on the MiniLM protocol's seeds 0-2).
 EDGE_FACTOR = 8.0
 #: lr = reference-loss edge / this: the loss on a fixed batch turns up once a step overshoots, at about 2/λ
 #: for curvature λ, and the best constant step is 1/λ — a classical factor, not a fitted one.
@@ -96,10 +107,49 @@ def edge_factor(width: int, reason: str = "output instability") -> tuple[float, 
             "of a step that overshoots (~2/curvature); the best constant step is half of it"
         )
     why = (
-        f"edge / {EDGE_FACTOR:g}: the optimum sits a width-independent factor below the edge (width study: "
-        "edge/optimum flat in n); the factor is calibrated on MiniLM topics against a learning-rate grid"
+        f"edge / {EDGE_FACTOR:g} (no linear response to fit): the optimum sits a width-independent factor "
+        "below the edge (width study: edge/optimum flat in n), calibrated on MiniLM topics against a grid"
     )
     return EDGE_FACTOR, why
+
+
+@dataclass(frozen=True)
+class ProbeLR:
+    """The base learning rate a probe verdict gives: `edge` / `factor`, and which edge that was."""
+
+    lr: float
+    edge: float
+    factor: float
+    source: str  # linear response | reference loss | stop edge
+    why: str
+
+
+def probe_lr(width: int, verdict: Verdict) -> ProbeLR:
+    """The base learning rate from the probe's verdict (probe v3).
+
+    - The reference loss turned up (no fresh head): its edge / 2 (`edge_factor`).
+    - Otherwise, when the linear response could be fitted: response edge / RESPONSE_FACTOR, and never above
+      a break the probe met (stop edge / BREAK_CAP_FACTOR).
+    - Otherwise: the stop edge / EDGE_FACTOR (probe v2's rule).
+    """
+    _check_width(width)
+    if verdict.reason == "reference-loss rise":
+        factor, why = edge_factor(width, verdict.reason)
+        return ProbeLR(verdict.edge_lr / factor, verdict.edge_lr, factor, "reference loss", why)
+    if verdict.response_lr is not None:
+        lr, edge, factor = verdict.response_lr / RESPONSE_FACTOR, verdict.response_lr, RESPONSE_FACTOR
+        why = (
+            f"linear-response edge {edge:.3g} / {factor:g}: the lr at which the adapters' sign-step response "
+            "|Z_B| ∝ lr, fitted on the ramp before A moves, would equal the layer's own output |W x|; the "
+            "factor is the MiniLM grids' edge/optimum (43) leaning low, since above the optimum runs collapse"
+        )
+        if verdict.reason != "not reached" and verdict.edge_lr / BREAK_CAP_FACTOR < lr:
+            lr, edge, factor = verdict.edge_lr / BREAK_CAP_FACTOR, verdict.edge_lr, BREAK_CAP_FACTOR
+            why += f"; capped at the probe's stop edge / {BREAK_CAP_FACTOR:g} ({verdict.reason})"
+            return ProbeLR(lr, edge, factor, "stop edge", why)
+        return ProbeLR(lr, edge, factor, "linear response", why)
+    factor, why = edge_factor(width, verdict.reason)
+    return ProbeLR(verdict.edge_lr / factor, verdict.edge_lr, factor, "stop edge", why)
 
 
 def fallback_lr(width: int) -> tuple[float, str]:
