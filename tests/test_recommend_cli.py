@@ -13,6 +13,7 @@ import widelora as wl
 from widelora.cli import app
 from widelora.lora.pairs import lora_pairs
 from widelora.recommend import Recommendation
+from widelora.recommend.probe import PROBE_VERSION
 from widelora.testing import models as tiny
 from widelora.testing.corpora import HAMLET, write_documents
 
@@ -160,6 +161,7 @@ def test_finetune_auto_runs_with_the_probed_setup(files, tmp_path) -> None:
     setup = json.loads((out / "result.json").read_text())["setup"]
     assert setup["method"] == "loraplus" and setup["init"] == "init_a" and setup["lr"] != 1e-4
     assert setup["targets"] == ["q_proj", "v_proj"]
+    assert setup["probe"] == PROBE_VERSION  # the run says which probe chose its lr
 
 
 def test_an_epoch_based_auto_run_budgets_its_probe_by_its_real_length(files, tmp_path, monkeypatch) -> None:

@@ -36,8 +36,9 @@ def recommended_tuned(cfg: Any, model: nn.Module, batches: list[dict], steps: in
     scale = cfg.lr / rec.lr
     head = None if rec.head_lr is None else rec.head_lr * scale
     return SetupChoice(
-        targets=rec.targets, init=rec.init, method=rec.method, lr=cfg.lr, ratio=rec.ratio, head_lr=head
-    )
+        targets=rec.targets, init=rec.init, method=rec.method, lr=cfg.lr, ratio=rec.ratio, head_lr=head,
+        probe=rec.probe,
+    )  # fmt: skip
 
 
 def recommended_at_ratio(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:
@@ -48,8 +49,9 @@ def recommended_at_ratio(cfg: Any, model: nn.Module, batches: list[dict], steps:
 
     rec = recommend_for_config(cfg, model, batches, steps=steps, ratio=cfg.ratio)
     return SetupChoice(
-        targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio, head_lr=rec.head_lr
-    )
+        targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio,
+        head_lr=rec.head_lr, probe=(rec.probe or {}).get("version"),
+    )  # fmt: skip
 
 
 def lr_finder(cfg: Any, model: nn.Module, batches: list[dict], steps: int) -> Any:

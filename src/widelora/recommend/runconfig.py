@@ -95,5 +95,11 @@ def recommended_setup(cfg: Any, model: nn.Module, batches: list[dict], steps: in
     if int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "progress", False):
         print(rec.table(), flush=True)
     return SetupChoice(
-        targets=rec.targets, init=rec.init, method=rec.method, lr=rec.lr, ratio=rec.ratio, head_lr=rec.head_lr
+        targets=rec.targets,
+        init=rec.init,
+        method=rec.method,
+        lr=rec.lr,
+        ratio=rec.ratio,
+        head_lr=rec.head_lr,
+        probe=(rec.probe or {}).get("version"),
     )

@@ -18,7 +18,8 @@ from widelora.train.config import RunConfig
 
 @dataclass(frozen=True)
 class SetupChoice:
-    """What a setup decides. `head_lr`: learning rate of trainable non-adapter modules (None: `lr`)."""
+    """What a setup decides. `head_lr`: learning rate of trainable non-adapter modules (None: `lr`); `probe`:
+    the version of the lr probe that decided (widelora.recommend.probe.PROBE_VERSION; None: no probe)."""
 
     targets: list[str] | str
     init: str
@@ -26,6 +27,7 @@ class SetupChoice:
     lr: float
     ratio: float
     head_lr: float | None = None
+    probe: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
