@@ -249,7 +249,8 @@ def protocol_run(spec: str, seed: int) -> dict:
         "cost_fraction": p["cost_fraction"],
         "cpu_s": cpu,
         "curve": [
-            {k: r[k] for k in ("lr", "loss", "out_ratio", "za_growth", "ref_loss")} for r in p["curve"]
+            {k: r[k] for k in ("lr", "loss", "out_ratio", "out_q", "za_growth", "ref_loss")}
+            for r in p["curve"]
         ],
     }
 

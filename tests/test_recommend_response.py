@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from widelora.recommend import rules
 from widelora.recommend.edge import Reading, StopRule, Verdict
+from widelora.recommend.probe import upper_quartile
 
 edges = st.floats(min_value=1e-4, max_value=1.0)
 #: A ramp as (steps from its start to the edge, factor per step): at least 3, so >= 2 readings are linear.
@@ -65,6 +67,22 @@ def test_a_superlinear_tail_before_the_stop_does_not_move_the_fit(edge: float, b
     assert StopRule().response_edge(readings[:stop]) == pytest.approx(edge, rel=1e-9)
 
 
+def test_the_fit_reads_the_layers_upper_quartile_not_one_fast_layer() -> None:
+    """One adapter responding 3× faster than the rest moves the maximum (and the stop), not the fit."""
+    readings = _power_law(1e-2, 1e-5, 2.0, 9)
+    fast = [Reading(r.step, r.lr, r.loss, 3 * r.out_ratio, 1.0, out_q=r.out_ratio) for r in readings]
+    rule = StopRule()
+    assert rule.response_edge(fast) == pytest.approx(1e-2)
+    assert rule.scan(fast).edge_lr < 0.5e-2  # the maximum crossed |W x| a factor 3 earlier
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1e6), min_size=1, max_size=40))
+def test_upper_quartile_is_numpys_75th_percentile(values: list[float]) -> None:
+    assert upper_quartile(values) == pytest.approx(float(np.quantile(values, 0.75)), rel=1e-12, abs=1e-300)
+    assert upper_quartile([*values, math.inf]) == math.inf
+
+
 def test_readings_after_a_moves_are_left_out_of_the_fit() -> None:
     """|Z_A| grown past `linear_za_growth`: the sign-step law no longer holds there, whatever |Z_B| does."""
     readings = _power_law(1e-2, 1e-5, 2.0, 8)
@@ -99,12 +117,14 @@ def test_probe_lr_divides_the_response_edge_by_the_calibrated_factor() -> None:
 
 
 def test_probe_lr_never_goes_above_a_break_over_the_cap() -> None:
-    """A task whose blow-up comes early: the crossing / 4 is below response / 64, so it decides."""
+    """A task whose blow-up comes early: the crossing / 4 is below response / 76, so it decides."""
     for reason in ("output instability", "non-finite", "loss rise"):
         got = rules.probe_lr(384, _verdict(reason, 1e-2, 1.0))
         assert got.source == "stop edge" and got.lr == pytest.approx(1e-2 / rules.BREAK_CAP_FACTOR)
     # ... but the end of the ramp is not a break
-    assert rules.probe_lr(384, _verdict("not reached", 1e-2, 1.0)).lr == pytest.approx(1.0 / 64)
+    assert rules.probe_lr(384, _verdict("not reached", 1e-2, 1.0)).lr == pytest.approx(
+        1.0 / rules.RESPONSE_FACTOR
+    )
 
 
 def test_probe_lr_keeps_the_reference_loss_rule_and_the_v2_fallback() -> None:

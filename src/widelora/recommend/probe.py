@@ -53,8 +53,8 @@ PROBE_VERSION = "v3-fit"
 PROBE_VERSIONS = {
     "v1": "feature edge (|Z_B| crossing |W x|, interpolated) / 4",
     "v2": "feature edge / 8; reference-loss edge / 2 without a fresh head",
-    "v3-fit": "linear-response edge (median fit of |Z_B|/|W x| ∝ lr before A moves) / 64, capped at a "
-    "break / 4; reference-loss edge / 2 without a fresh head",
+    "v3-fit": "linear-response edge (median fit of the layers' upper-quartile |Z_B|/|W x| ∝ lr before A "
+    "moves) / 76, capped at a break / 4; reference-loss edge / 2 without a fresh head",
 }
 
 
@@ -235,10 +235,8 @@ def range_test(
                 loss.backward()
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            records = monitor.step(k)
-            readings.append(
-                Reading(k, lr, value, *_monitor_values(records, base_out, z_a0), ref_loss=ref_loss)
-            )
+            out_ratio, za_growth, out_q = _monitor_values(monitor.step(k), base_out, z_a0)
+            readings.append(Reading(k, lr, value, out_ratio, za_growth, ref_loss=ref_loss, out_q=out_q))
             if rule.scan(readings).stop_step is not None:
                 break
     finally:
@@ -286,9 +284,10 @@ def _base_output_hook(pair, store: dict[str, float]):
 
 
 def _monitor_values(records: list, base_out: dict[str, float], z_a0: dict[str, float]):
-    """(max |Z_B| / |W x|₀, mean |Z_A| / |Z_A|₀) over the recorded layers; (None, None) without records."""
+    """(max and upper quartile of |Z_B| / |W x|₀, mean |Z_A| / |Z_A|₀) over the recorded layers; Nones without
+    records."""
     if not records:
-        return None, None
+        return None, None, None
     out_ratios, growth = [], []
     for r in records:
         z_a0.setdefault(r.layer, r.z_a)
@@ -297,4 +296,16 @@ def _monitor_values(records: list, base_out: dict[str, float], z_a0: dict[str, f
         if z_a0[r.layer] > 0:
             growth.append(r.z_a / z_a0[r.layer] if math.isfinite(r.z_a) else math.inf)
     out_ratio = max(out_ratios) if out_ratios else None
-    return out_ratio, (sum(growth) / len(growth) if growth else None)
+    out_q = upper_quartile(out_ratios) if out_ratios else None
+    return out_ratio, (sum(growth) / len(growth) if growth else None), out_q
+
+
+def upper_quartile(values: list[float]) -> float:
+    """The 75th percentile, linear between order statistics (numpy's default); inf when any value is."""
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    ordered = sorted(values)
+    pos = 0.75 * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
