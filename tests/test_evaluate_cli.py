@@ -6,11 +6,14 @@ import json
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from widelora.cli import app
 from widelora.testing.models import save_tiny_folder
-from widelora.train.reevaluate import evaluate_run
+from widelora.train.evaluation import EvalSums
+from widelora.train.reevaluate import evaluate_run, evaluate_run_splits
 
 runner = CliRunner()
 
@@ -64,8 +67,72 @@ def test_cli_prints_json_and_refuses_bad_input(classifier_run, tmp_path) -> None
     assert missing.exit_code == 2 and "has no config.json" in missing.output
 
 
-def test_reloading_a_finished_classifier_does_not_call_its_trained_head_new(classifier_run, capfd) -> None:
+def test_out_writes_the_printed_numbers_to_a_file(classifier_run, tmp_path) -> None:
+    run, result = classifier_run
+    target = tmp_path / "nested" / "numbers.json"
+    ok = runner.invoke(app, ["evaluate", str(run), "--out", str(target)])
+    assert ok.exit_code == 0, ok.output
+    saved = json.loads(target.read_text())
+    assert saved["split"] == "test" and saved["accuracy"] == result.get("final", result)["accuracy"]
+    assert f"accuracy {saved['accuracy']:.4g}" in ok.output
+
+
+def test_an_unfinished_run_is_refused_not_evaluated_on_a_checkpoint(classifier_run, tmp_path) -> None:
+    import shutil
+
     run, _ = classifier_run
-    capfd.readouterr()
-    evaluate_run(run, "test")
-    assert "is new" not in capfd.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("adapter"))
+    assert (unfinished / "checkpoints").is_dir()  # a checkpoint is there, but it is not the final model
+    out = runner.invoke(app, ["evaluate", str(unfinished)])
+    assert out.exit_code == 2 and "has not finished" in out.output and "adapter/" in out.output
+
+
+def test_several_splits_at_once_equal_each_split_alone(classifier_run) -> None:
+    run, _ = classifier_run
+    together = evaluate_run_splits(run, ("test", "val", "val+test"))
+    for split, numbers in together.items():
+        alone = evaluate_run(run, split)
+        assert numbers["accuracy"] == alone["accuracy"] and numbers["examples"] == alone["examples"]
+        assert numbers["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-7)
+    with pytest.raises(ValueError, match="split='train' is not valid"):
+        evaluate_run_splits(run, ("test", "train"))
+
+
+@given(st.lists(st.tuples(st.floats(0, 1e3), st.integers(1, 50)), min_size=1, max_size=6))
+def test_pooled_sums_give_the_mean_over_every_example(parts) -> None:
+    """Pooling splits from their sums equals one pass over all their examples (loss and accuracy)."""
+    pooled = EvalSums()
+    for loss, n in parts:
+        pooled = pooled + EvalSums(loss * n, n, n // 2)
+    count = sum(n for _, n in parts)
+    numbers = pooled.numbers("classification")
+    assert numbers["eval_loss"] == pytest.approx(sum(loss * n for loss, n in parts) / count)
+    assert numbers["accuracy"] == sum(n // 2 for _, n in parts) / count
+
+
+def test_an_empty_evaluation_is_a_user_error() -> None:
+    with pytest.raises(ValueError, match="evaluation set is empty"):
+        EvalSums().numbers("causal_lm")
+
+
+def test_a_language_models_test_perplexity_is_the_one_it_recorded(tmp_path) -> None:
+    from widelora.train import train
+
+    topic = ["river", "hill", "town"]
+    lines = [json.dumps({"text": f"line {i} says the {topic[i % 3]} is near"}) for i in range(60)]
+    (tmp_path / "text.jsonl").write_text("\n".join(lines) + "\n")
+    folder = save_tiny_folder(tmp_path / "model", task="causal_lm")
+    config = {
+        "model": str(folder), "task": "causal_lm", "dataset": str(tmp_path / "text.jsonl"),
+        "targets": ["q_proj", "v_proj"], "rank": 2, "seq_len": 16, "batch_size": 4, "steps": 4, "lr": 3e-2,
+        "eval_examples": 100, "progress": False,
+    }  # fmt: skip
+    result = train(config, tmp_path / "run")
+    assert result["status"] == "done", result
+    final = result.get("final", result)
+    again = evaluate_run(tmp_path / "run", "test")
+    assert again["perplexity"] == pytest.approx(final["perplexity"], rel=1e-6)
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+    both = evaluate_run(tmp_path / "run", "val+test")
+    assert both["examples"] > again["examples"] and "accuracy" not in both
