@@ -38,6 +38,8 @@ FINDER = "LR finder (fastai)"
 
 
 HELDOUT_METRIC = "heldout_accuracy"  # validation ∪ test, from bench/heldout_eval.py's heldout.json files
+#: The metrics a comparison can be judged on (--metric), with their direction; the default is the store's own.
+METRIC_GOALS = {"accuracy": "max", HELDOUT_METRIC: "max", "eval_loss": "min", "perplexity": "min"}
 
 
 def pooled_heldout(res: Any) -> int:
@@ -56,10 +58,12 @@ def pooled_heldout(res: Any) -> int:
 
 
 def load(
-    stores: list[str], heldout: bool = False
+    stores: list[str], judged_on: str | None = None
 ) -> tuple[str, str, dict[str, SetupResult], dict[str, SetupResult], dict[str, Any]]:
     """Setups from every store at full budget and at half budget (the validation evaluation at steps / 2);
-    `heldout`: judge on the pooled validation ∪ test accuracy instead of the test accuracy."""
+    `judged_on`: a final metric of METRIC_GOALS instead of the store's own (HELDOUT_METRIC: the pooled
+    validation ∪ test accuracy instead of the test accuracy)."""
+    heldout = judged_on == HELDOUT_METRIC
     full: dict[str, SetupResult] = {}
     half: dict[str, SetupResult] = {}
     metric = goal = ""
@@ -69,13 +73,14 @@ def load(
         metric, goal = res.metric, res.goal
         if heldout and not str(path).endswith(".json"):  # an export already carries heldout_accuracy
             info["trials_without_heldout"] = info.get("trials_without_heldout", 0) + pooled_heldout(res)
-        if heldout:
-            metric = HELDOUT_METRIC
+        if judged_on:
+            metric, goal = judged_on, METRIC_GOALS[judged_on]
         base = res.spec.get("base", {})
         steps, every = base.get("steps"), base.get("eval_every")
         full.update(collect(res.trials, metric))
         if steps and every and steps % 2 == 0 and (steps // 2) % every == 0:
-            half.update(collect(res.trials, res.metric, curves=res.curves, at_step=steps // 2))  # validation
+            logged = res.metric if heldout or not judged_on else judged_on  # the curves hold no pooled value
+            half.update(collect(res.trials, logged, curves=res.curves, at_step=steps // 2))  # validation
         info.setdefault("loss_curves", {}).update(loss_curves(res))
         info.setdefault("final_loss", {}).update(collect(res.trials, "eval_loss"))
         secs = [t.seconds for t in res.trials if t.seconds is not None]
@@ -290,12 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--heldout",
         action="store_true",
-        help="judge on validation ∪ test pooled (bench/heldout_eval.py must have run on the stores)",
+        help=f"the same as --metric {HELDOUT_METRIC}",
+    )
+    ap.add_argument(
+        "--metric",
+        choices=sorted(METRIC_GOALS),
+        help=f"judge on this final metric instead of the store's; {HELDOUT_METRIC}: validation ∪ test pooled "
+        "(bench/heldout_eval.py must have run on the stores)",
     )
     args = ap.parse_args(argv)
+    judged_on = HELDOUT_METRIC if args.heldout else args.metric
     if args.export:
         print("exported:", ", ".join(str(p) for p in export(args.stores, args.export)))
-    metric, goal, full, half, info = load(args.stores, heldout=args.heldout)
+    metric, goal, full, half, info = load(args.stores, judged_on)
     relative = goal == "min"  # perplexity-like: gaps in % of the baseline
     scale = 100.0 if metric.endswith("accuracy") else 1.0
     floor = 2.0 if relative else 0.01  # issue 12: 1 accuracy point or 2 % of perplexity
@@ -341,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.figure:
         ylabel = f"{metric}{' (%)' if scale == 100 else ''}"
-        panels = [("full budget (test split)", full)] + (
+        split = "validation ∪ test" if judged_on == HELDOUT_METRIC else "test split"
+        panels = [(f"full budget ({split})", full)] + (
             [("half budget (validation split)", half)] if half else []
         )
         plot_setups(panels, ylabel, scale, args.figure)
