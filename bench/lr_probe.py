@@ -14,6 +14,9 @@ calibrated:
             first `init_batches` batches in BatchOrder), per seed: the stop, the linear-response edge, the lr
             of this probe version and of v1 / v2 on the same readings (the stop rule is the same), cost, CPU
     spread  the spread over seeds of each version's edge and lr, from the stored `protocol` records
+    factor  the safety factor from the tuned grid (--grid: a store or export of `recommend (tuned)`) and the
+            stored `protocol` records: per seed edge / optimum, expected accuracy against the factor under a
+            log-normal error of the lr, and the factor of least worst-case regret
 
 Results are appended to docs/results/recommend_calibration.json (one record per run, keyed by
 kind/seed/lr, and by spec and version for `protocol`).
@@ -24,6 +27,8 @@ kind/seed/lr, and by spec and version for `protocol`).
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lr_probe.py protocol --seeds 0,1,2,3,4,5,6,7 \
         --spec examples/sweeps/eval_minilm_topics_untuned.yaml
     .venv/bin/python bench/lr_probe.py spread --spec examples/sweeps/eval_minilm_topics_untuned.yaml
+    .venv/bin/python bench/lr_probe.py factor \
+        --grid docs/results/recommend_eval/eval-minilm-topics-recommend.json
 """
 
 from __future__ import annotations
@@ -280,6 +285,59 @@ def spread(spec: str) -> None:
             )
 
 
+#: Multiplicative errors of the lr (sd of its log) the factor is chosen against: none (in sample) to ×e.
+SIGMAS = (0.0, 0.2, 0.35, 0.5, 0.69, 1.0)
+
+
+def factor(spec: str, grid: str, setup: str = "recommend (tuned)") -> None:
+    """The factor F in lr = response edge / F: per seed, the grid's optimum (a parabola through its best three
+    points in log lr) against the probe's response edge; then the expected accuracy E_σ(F) of lr = edge / F ×
+    e^(σ z), z ~ N(0, 1), read off each seed's grid curve (linear in log lr, clamped at its ends); the rule
+    picks the F whose worst regret max_σ [max_F' E_σ(F') − E_σ(F)] is least."""
+    import numpy as np
+
+    from widelora.report.export import open_results
+
+    curves: dict[int, dict[float, float]] = {}
+    for t in open_results(ROOT / grid).trials:
+        if t.labels.get("setup") == setup and t.status == "done":
+            curves.setdefault(int(t.config["seed"]), {})[float(t.config["lr"])] = 100 * t.final["accuracy"]
+    rows = [r for r in json.loads(OUT.read_text()) if r["kind"] == "protocol" and r["spec"] == spec]
+    edges = {r["seed"]: r["response_lr"] for r in rows if r["seed"] in curves and r["response_lr"]}
+    seeds = sorted(edges)
+    ratios = []
+    for s in seeds:
+        lrs, acc = zip(*sorted(curves[s].items()), strict=True)
+        x, i = np.log(lrs), int(np.argmax(acc))
+        c = np.polyfit(x[i - 1 : i + 2], acc[i - 1 : i + 2], 2)
+        optimum = math.exp(-c[1] / (2 * c[0]))
+        ratios.append(edges[s] / optimum)
+        print(
+            f"seed {s}: response edge {edges[s]:.3g}, optimum {optimum:.3g}, edge / optimum {ratios[-1]:.1f}"
+        )
+    print(f"geometric mean edge / optimum: {math.exp(np.mean(np.log(ratios))):.1f}")
+    z = np.linspace(-3, 3, 61)
+    w = np.exp(-0.5 * z**2) / np.exp(-0.5 * z**2).sum()
+    factors = np.exp(np.linspace(math.log(16), math.log(256), 161))
+
+    def expected(f: float, sigma: float) -> float:
+        got = []
+        for s in seeds:
+            lrs, acc = zip(*sorted(curves[s].items()), strict=True)
+            lr = edges[s] / f * np.exp(sigma * z)
+            got.append(float((w * np.interp(np.log(lr), np.log(lrs), acc)).sum()))
+        return float(np.mean(got))
+
+    table = np.array([[expected(f, sg) for f in factors] for sg in SIGMAS])
+    regret = (table.max(1, keepdims=True) - table).max(0)
+    best = int(np.argmin(regret))
+    print(f"least worst-case regret: F = {factors[best]:.1f} (worst regret {regret[best]:.2f} points)")
+    for f in sorted({27.0, 38.0, 53.0, 64.0, 76.0, 90.0, 107.0, 128.0}):
+        k = int(np.argmin(abs(factors - f)))
+        cells = "  ".join(f"σ={sg:g}: {table[j, k]:.1f}" for j, sg in enumerate(SIGMAS))
+        print(f"  F {f:5.0f}: {cells}  worst regret {regret[k]:.2f}")
+
+
 def save(rows: list[dict]) -> None:
     existing = json.loads(OUT.read_text()) if OUT.is_file() else []
 
@@ -299,13 +357,17 @@ def save(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["probe", "grid", "headA", "head", "protocol", "spread"])
+    ap.add_argument("kind", choices=["probe", "grid", "headA", "head", "protocol", "spread", "factor"])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2")
     ap.add_argument("--spec", default="examples/sweeps/eval_minilm_topics_untuned.yaml")
+    ap.add_argument("--grid", default="docs/results/recommend_eval/eval-minilm-topics-recommend.json")
     args = ap.parse_args()
     if args.kind == "spread":
         spread(args.spec)
+        return
+    if args.kind == "factor":
+        factor(args.spec, args.grid)
         return
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]

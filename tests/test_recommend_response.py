@@ -117,7 +117,7 @@ def test_probe_lr_divides_the_response_edge_by_the_calibrated_factor() -> None:
 
 
 def test_probe_lr_never_goes_above_a_break_over_the_cap() -> None:
-    """A task whose blow-up comes early: the crossing / 4 is below response / 76, so it decides."""
+    """A task whose blow-up comes early: the crossing / 4 is below response / 77, so it decides."""
     for reason in ("output instability", "non-finite", "loss rise"):
         got = rules.probe_lr(384, _verdict(reason, 1e-2, 1.0))
         assert got.source == "stop edge" and got.lr == pytest.approx(1e-2 / rules.BREAK_CAP_FACTOR)

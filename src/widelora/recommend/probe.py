@@ -54,7 +54,7 @@ PROBE_VERSIONS = {
     "v1": "feature edge (|Z_B| crossing |W x|, interpolated) / 4",
     "v2": "feature edge / 8; reference-loss edge / 2 without a fresh head",
     "v3-fit": "linear-response edge (median fit of the layers' upper-quartile |Z_B|/|W x| ∝ lr before A "
-    "moves) / 76, capped at a break / 4; reference-loss edge / 2 without a fresh head",
+    "moves) / 77, capped at a break / 4; reference-loss edge / 2 without a fresh head",
 }
 
 
