@@ -136,3 +136,44 @@ def test_a_language_models_test_perplexity_is_the_one_it_recorded(tmp_path) -> N
     assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
     both = evaluate_run(tmp_path / "run", "val+test")
     assert both["examples"] > again["examples"] and "accuracy" not in both
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_heldout_eval_checks_the_recorded_test_numbers_and_resumes(classifier_run, tmp_path, capsys) -> None:
+    import shutil
+
+    from widelora.sweep import ResultStore
+    from widelora.sweep.grid import Trial
+
+    heldout_eval = _bench_module("heldout_eval")
+    run, result = classifier_run
+    final = result.get("final", result)
+    recorded = {"good": final, "bad": {**final, "accuracy": final["accuracy"] + 0.01}}  # a rebuild gone wrong
+    store = tmp_path / "results.sqlite"
+    with ResultStore(store) as st:
+        st.add_trials([Trial(name, {}, {"seed": 0, "setup": name}, i) for i, name in enumerate(recorded)])
+        for name, numbers in recorded.items():
+            shutil.copytree(run, tmp_path / "runs" / name)
+            st.claim([name], "driver")
+            st.finish(name, "done", numbers)
+
+    assert heldout_eval.main([str(store)]) == 1  # the "bad" trial's recorded accuracy is not what it scores
+    out = capsys.readouterr().out
+    assert "2 evaluated" in out and "MISMATCH bad" in out and "MISMATCH good" not in out
+    saved = json.loads((tmp_path / "runs" / "good" / "heldout.json").read_text())
+    assert saved["test_vs_recorded"]["matches"] and saved["by_split"]["test"]["accuracy"] == final["accuracy"]
+    assert saved["examples"] == saved["by_split"]["test"]["examples"] + saved["by_split"]["val"]["examples"]
+
+    heldout_eval.main([str(store)])  # resumes: nothing is evaluated again, the mismatch is still reported
+    out = capsys.readouterr().out
+    assert "0 evaluated, 2 already had" in out and "MISMATCH bad" in out
